@@ -1,0 +1,37 @@
+// Device helpers shared by the raw CUDA kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace stabkernels::cuda {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// NaN-propagating max/min (fmaxf/fminf drop NaN; torch.amax keeps it).
+template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || a > b) ? a : b; }
+template <typename A> __device__ __forceinline__ A nan_min(A a, A b) { return (a != a || a < b) ? a : b; }
+
+// Calls f with a typed null pointer selecting the storage type for `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(static_cast<const float*>(nullptr));
+    case kFloat64: return f(static_cast<const double*>(nullptr));
+    case kFloat16: return f(static_cast<const __half*>(nullptr));
+    case kBFloat16: return f(static_cast<const __nv_bfloat16*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace stabkernels::cuda

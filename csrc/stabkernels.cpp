@@ -1,0 +1,19 @@
+// The compiled extension stabkernels._C: one place that declares every compiled op's schema.
+// Implementations register per dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/glue.cpp (CUDA).
+// The public, backend-selecting ops live in Python under torch.ops.stabkernels.*; these are the raw
+// kernels they call, under torch.ops.stabkernels_C.*.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing stabkernels._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(stabkernels_C, m) {
+  // spread (SPEC 2): per-row max - min of an (N, C) tensor, any strides; fp32 result (fp64 for fp64).
+  m.def("row_spread(Tensor x) -> Tensor");
+}

@@ -1,0 +1,32 @@
+"""Input validation shared by every op: errors that name the argument and the problem."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math dtype for a storage dtype: float64 for float64, float32 otherwise (SPEC 6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_float_tensor(x, name: str, ndim: int | None = None) -> None:
+    """A dense tensor of a supported float dtype (and the given number of dimensions)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.dtype not in FLOAT_DTYPES:
+        kind = "complex" if x.dtype.is_complex else "integer/bool" if not x.dtype.is_floating_point else "unsupported"
+        raise TypeError(
+            f"{name} must be float32, float64, float16 or bfloat16, got {kind} dtype {x.dtype}"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_same_device(tensors, names) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{', '.join(names)} must be on one device, got {sorted(map(str, devices))}")

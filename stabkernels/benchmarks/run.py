@@ -1,0 +1,95 @@
+"""``python -m stabkernels bench``: every family's kernel benchmarks against their torch baselines on this
+machine; prints a table and writes ``<out>/<machine>.csv``."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import re
+import sys
+
+import torch
+
+from .cases import FAMILIES, Case
+from .timing import measure
+
+COLUMNS = ["op", "backend", "shape", "dtype", "device", "median_ms", "GB_per_s", "speedup", "baseline"]
+
+
+def machine_name() -> str:
+    """A file-name slug for this machine: the GPU's name, else the CPU model and core count."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
+            if m:
+                name = m.group(1)
+        except OSError:
+            pass
+        name = f"{name}-{os.cpu_count()}cores"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def progress(i: int, n: int, label: str, width: int = 30) -> None:
+    done = int(width * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def run_case(case: Case, device: str, min_time: float) -> list[dict]:
+    fns = {"baseline": case.baseline, **case.candidates}
+    t = measure(fns, device=device, min_time=min_time)
+    base = t["baseline"].median_s
+    rows = []
+    for name, timing in t.items():
+        rows.append({
+            "op": case.op, "backend": "torch-baseline" if name == "baseline" else name, "shape": case.shape,
+            "dtype": case.dtype, "device": device, "median_ms": round(timing.median_s * 1e3, 4),
+            "GB_per_s": round(case.nbytes / timing.median_s / 1e9, 2),
+            "speedup": round(base / timing.median_s, 3), "baseline": case.baseline_name,
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["op", "backend", "shape", "dtype", "median_ms", "GB_per_s", "speedup"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(f"{c:<{widths[c]}}" for c in cols)]
+    lines += ["  ".join(f"{str(r[c]):<{widths[c]}}" for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stabkernels bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="CI-size shapes, short timing")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the CSV")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--min-time", type=float, default=None, help="seconds per candidate (default 0.4, quick 0.05)")
+    args = p.parse_args(argv)
+    min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.4)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        p.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    cases = [c for f in families for c in FAMILIES[f](args.device, args.quick)]
+    rows = []
+    for i, case in enumerate(cases):
+        progress(i, len(cases), f"{case.op} {case.shape} {case.dtype}")
+        rows += run_case(case, args.device, min_time)
+    progress(len(cases), len(cases), "done")
+    print(format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{machine_name()}{'-quick' if args.quick else ''}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,7 @@
+"""Triton kernels, one module per family. Imported lazily by the backends (never at package import), so a
+missing or broken triton never breaks ``import stabkernels``. Set ``TRITON_INTERPRET=1`` before these
+modules are imported to run the kernels on CPU tensors in Triton's interpreter.
+
+Interpreter facts the kernels respect (see BUILD_NOTES): bf16 is upcast to fp32 right after ``tl.load``;
+no libdevice; single-config launches.
+"""
