@@ -16,4 +16,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(stabkernels_C, m) {
   // spread (SPEC 2): per-row max - min of an (N, C) tensor, any strides; fp32 result (fp64 for fp64).
   m.def("row_spread(Tensor x) -> Tensor");
+  // spectral (SPEC 1.1): grouped power iteration over 2-D matrices; updates the unit vectors us/vs in place
+  // and returns sigma_1 per matrix (float64 if any matrix is float64, else float32).
+  m.def("power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, int iters, float eps) -> Tensor");
+  // Sum of squares of each tensor of a list (float64 if any is float64, else float32).
+  m.def("sq_norms(Tensor[] tensors) -> Tensor");
 }

@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <limits>
+#include <vector>
 #include <type_traits>
 
 namespace stabkernels::cpu {
@@ -48,6 +49,54 @@ inline A nan_min(A a, A b) {
 // Rows per parallel_for chunk so that each chunk touches at least ~32K elements.
 inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
+}
+
+}  // namespace stabkernels::cpu
+
+namespace stabkernels::cpu {
+
+// A slice [begin, end) of tensor `index` in a list: the unit of parallel work for grouped ops, so that one
+// parallel region covers many tensors of different sizes with balanced chunks.
+struct Chunk {
+  int64_t index, begin, end;
+};
+
+// Splits each extent into chunks of about `target` units (at least one unit each).
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& extents, int64_t target) {
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < static_cast<int64_t>(extents.size()); ++i) {
+    const int64_t n = extents[i], step = std::max<int64_t>(1, target);
+    for (int64_t b = 0; b < n; b += step) chunks.push_back({i, b, std::min(n, b + step)});
+  }
+  return chunks;
+}
+
+// Dispatches on the storage dtype of `t` (float32/float64/float16/bfloat16), naming the type scalar_t.
+#define STABKERNELS_DISPATCH_FLOAT(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (t).scalar_type(), name, __VA_ARGS__)
+
+// The result dtype of a grouped reduction: float64 if any input is float64, else float32.
+inline at::ScalarType grouped_acc_dtype(at::TensorList ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+// Sum of v[i] * w[i] over n elements with acc_t<T> math (w in acc_t<T>, v in storage T).
+template <typename T>
+inline acc_t<T> dot_acc(const T* v, const acc_t<T>* w, int64_t n) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = vec_width<T>();
+  V s0(A(0)), s1(A(0));
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    s0 = at::vec::fmadd(load_acc(v + j), V::loadu(w + j), s0);
+    s1 = at::vec::fmadd(load_acc(v + j + W), V::loadu(w + j + W), s1);
+  }
+  A s = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, s0 + s1);
+  for (; j < n; ++j) s += static_cast<A>(v[j]) * w[j];
+  return s;
 }
 
 }  // namespace stabkernels::cpu

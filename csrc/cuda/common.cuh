@@ -22,6 +22,20 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || a > b) ? a : b; }
 template <typename A> __device__ __forceinline__ A nan_min(A a, A b) { return (a != a || a < b) ? a : b; }
 
+// Sum over a block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+template <typename A>
+__device__ A block_sum(A v) {
+  __shared__ A warp_sums[32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  A total = lane < warps ? warp_sums[lane] : A(0);
+  for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  return total;
+}
+
 // Calls f with a typed null pointer selecting the storage type for `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

@@ -6,10 +6,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <map>
+#include <vector>
+
 #include "kernels.h"
 
 namespace stabkernels::cuda {
 namespace {
+
+using Column = std::vector<int64_t>;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -23,6 +28,119 @@ DType dtype_of(const at::Tensor& t) {
 
 void check(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// Copies int64 columns (pointer/shape tables) to the device in one transfer; column c starts at
+// data + offsets[c]. The returned tensor owns the memory and must outlive the launches that read it.
+at::Tensor device_table(const std::vector<Column>& columns, const at::Device& device,
+                        std::vector<const int64_t*>& starts) {
+  int64_t total = 0;
+  for (const auto& c : columns) total += static_cast<int64_t>(c.size());
+  at::Tensor host = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* p = host.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> offsets;
+  for (const auto& c : columns) {
+    offsets.push_back(p - host.mutable_data_ptr<int64_t>());
+    p = std::copy(c.begin(), c.end(), p);
+  }
+  at::Tensor dev = host.to(device, /*non_blocking=*/true);
+  starts.clear();
+  for (int64_t off : offsets) starts.push_back(dev.const_data_ptr<int64_t>() + off);
+  return dev;
+}
+
+// Indices of `ts` grouped by storage dtype, in order: one launch per group.
+std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList ts) {
+  std::map<at::ScalarType, std::vector<int64_t>> groups;
+  for (int64_t i = 0; i < static_cast<int64_t>(ts.size()); ++i) groups[ts[i].scalar_type()].push_back(i);
+  return groups;
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::ScalarType grouped_acc(at::TensorList ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+int64_t addr(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.const_data_ptr()); }
+
+at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::TensorList vs, int64_t iters,
+                                double eps) {
+  TORCH_CHECK(us.size() == mats.size() && vs.size() == mats.size(), "power_iteration_: list lengths differ");
+  const int64_t T = static_cast<int64_t>(mats.size());
+  TORCH_CHECK(T > 0, "power_iteration_: empty list");
+  const c10::cuda::CUDAGuard guard(mats[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor sigma = at::zeros({T}, mats[0].options().dtype(grouped_acc(mats)));
+  for (const auto& [dtype, idx] : by_dtype(mats)) {
+    const auto acc = acc_of(dtype);
+    Column w, u, v, rows, cols, s0, s1, x_off, y_off, blk_mat, blk_row;
+    int64_t xs = 0, ys = 0;
+    for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
+      const auto& W = mats[idx[j]];
+      TORCH_CHECK(W.dim() == 2 && W.is_cuda() && W.device() == mats[0].device(), "power_iteration_: mats[", idx[j],
+                  "] must be a 2-D tensor on ", mats[0].device());
+      const auto& U = us[idx[j]];
+      const auto& V = vs[idx[j]];
+      TORCH_CHECK(U.is_contiguous() && V.is_contiguous() && U.scalar_type() == acc && V.scalar_type() == acc &&
+                      U.numel() == W.size(0) && V.numel() == W.size(1),
+                  "power_iteration_: us/vs[", idx[j], "] must be contiguous ", acc, " vectors matching mats[",
+                  idx[j], "]");
+      w.push_back(addr(W)), u.push_back(addr(U)), v.push_back(addr(V));
+      rows.push_back(W.size(0)), cols.push_back(W.size(1)), s0.push_back(W.stride(0)), s1.push_back(W.stride(1));
+      x_off.push_back(xs), y_off.push_back(ys);
+      xs += W.size(0), ys += W.size(1);
+      for (int64_t r = 0; r < W.size(0); r += kPowerIterationRows) blk_mat.push_back(j), blk_row.push_back(r);
+    }
+    std::vector<const int64_t*> c;
+    at::Tensor table = device_table({w, u, v, rows, cols, s0, s1, x_off, y_off, blk_mat, blk_row}, mats[0].device(), c);
+    at::Tensor active = at::ones({static_cast<int64_t>(idx.size())}, mats[0].options().dtype(at::kInt));
+    PowerIterationTables t{c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
+                           active.mutable_data_ptr<int32_t>()};
+    at::Tensor x_buf = at::empty({xs}, mats[0].options().dtype(acc));
+    at::Tensor y_buf = at::empty({ys}, mats[0].options().dtype(acc));
+    at::Tensor sig = at::zeros({static_cast<int64_t>(idx.size())}, mats[0].options().dtype(acc));
+    for (int64_t it = 0; it < iters; ++it) {
+      y_buf.zero_();
+      check(power_iteration_pass(dtype_of(mats[idx[0]]), t, static_cast<int64_t>(blk_mat.size()),
+                                 x_buf.mutable_data_ptr(), y_buf.mutable_data_ptr(), stream),
+            "power_iteration_");
+      check(power_iteration_finish(acc == at::kDouble ? kFloat64 : kFloat32, t, static_cast<int64_t>(idx.size()),
+                                   x_buf.const_data_ptr(), y_buf.const_data_ptr(), sig.mutable_data_ptr(), eps,
+                                   stream),
+            "power_iteration_");
+    }
+    sigma.index_copy_(0, at::tensor(idx, at::kLong).to(sigma.device()), sig.to(sigma.scalar_type()));
+  }
+  return sigma;
+}
+
+at::Tensor sq_norms_cuda(at::TensorList tensors) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(T > 0, "sq_norms: empty list");
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int64_t kChunk = 1 << 16;
+  at::Tensor out = at::zeros({T}, tensors[0].options().dtype(grouped_acc(tensors)));
+  for (const auto& [dtype, idx] : by_dtype(tensors)) {
+    std::vector<at::Tensor> flat;
+    Column ptrs, numels, chunk_tensor, chunk_start;
+    for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
+      flat.push_back(tensors[idx[j]].contiguous());
+      ptrs.push_back(addr(flat.back())), numels.push_back(flat.back().numel());
+      for (int64_t s = 0; s < flat.back().numel(); s += kChunk) chunk_tensor.push_back(j), chunk_start.push_back(s);
+    }
+    std::vector<const int64_t*> c;
+    at::Tensor table = device_table({ptrs, numels, chunk_tensor, chunk_start}, tensors[0].device(), c);
+    at::Tensor part = at::zeros({static_cast<int64_t>(idx.size())}, tensors[0].options().dtype(acc_of(dtype)));
+    check(sq_norms(dtype_of(flat[0]), c[0], c[1], c[2], c[3], static_cast<int64_t>(chunk_tensor.size()), kChunk,
+                   part.mutable_data_ptr(), stream),
+          "sq_norms");
+    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), part.to(out.scalar_type()));
+  }
+  return out;
 }
 
 at::Tensor row_spread_cuda(const at::Tensor& x) {
@@ -40,6 +158,8 @@ at::Tensor row_spread_cuda(const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(stabkernels_C, CUDA, m) {
   m.impl("row_spread", &row_spread_cuda);
+  m.impl("power_iteration_", &power_iteration_cuda);
+  m.impl("sq_norms", &sq_norms_cuda);
 }
 
 }  // namespace stabkernels::cuda

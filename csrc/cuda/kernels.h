@@ -13,4 +13,38 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 cudaError_t row_spread(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t stride_row,
                        int64_t stride_col, void* out, cudaStream_t stream);
 
+// Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor.
+// Pointers travel as int64 addresses so that one int64 tensor built on the host holds every table.
+struct PowerIterationTables {
+  const int64_t* w;      // matrix data
+  const int64_t* u;      // u vectors (acc type), updated
+  const int64_t* v;      // v vectors (acc type), read by the pass, updated by finish
+  const int64_t* rows;   // m
+  const int64_t* cols;   // n
+  const int64_t* s0;     // row stride
+  const int64_t* s1;     // column stride
+  const int64_t* x_off;  // offset of the matrix's x (m entries) in x_buf
+  const int64_t* y_off;  // offset of the matrix's y (n entries) in y_buf
+  const int64_t* blk_mat;  // per row block: matrix index
+  const int64_t* blk_row;  // per row block: first row
+  int32_t* active;         // 0 once a matrix turned out zero or non-finite
+};
+
+// Rows per block of the power-iteration pass (the host builds blk_mat/blk_row with this step).
+constexpr int64_t kPowerIterationRows = 32;
+
+// One pass over every matrix: x = W v into x_buf; y += W^T x into y_buf (zeroed by the caller).
+cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
+                                 void* y_buf, cudaStream_t stream);
+// Per matrix: sigma = |y| / |x|, u = x / |x|, v = y / |y| (zero: sigma 0; non-finite: NaN; both deactivate).
+// `acc` is kFloat32 or kFloat64 (the buffers' and vectors' type); sigma has that type too.
+cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, int64_t num_mats, const void* x_buf,
+                                   const void* y_buf, void* sigma, double eps, cudaStream_t stream);
+
+// Sum of squares per tensor (contiguous), in chunks of `chunk` elements; out (acc type, zeroed) gets
+// atomic adds.
+cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
+                     const int64_t* chunk_start, int64_t num_chunks, int64_t chunk, void* out,
+                     cudaStream_t stream);
+
 }  // namespace stabkernels::cuda

@@ -1,0 +1,131 @@
+// Spectral family on CUDA: grouped power iteration and grouped sums of squares, one launch per pass over
+// every matrix (tensor) of a storage dtype, walking pointer/shape tables.
+#include "common.cuh"
+
+namespace stabkernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRows = static_cast<int>(kPowerIterationRows);
+
+// One block = kRows rows of one matrix. Warps compute the rows' dot products with v (lanes stride along
+// the row, coalesced); then every thread sweeps columns, summing W[r, j] x[r] over the block's rows (the
+// rows come back from L2, not DRAM) and adds the partial sums to y with atomics.
+template <typename T>
+__global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf, typename Acc<T>::type* y_buf) {
+  using A = typename Acc<T>::type;
+  __shared__ A xs[kRows];
+  const int64_t i = t.blk_mat[blockIdx.x];
+  if (t.active[i] == 0) return;
+  const int64_t r0 = t.blk_row[blockIdx.x], m = t.rows[i], n = t.cols[i], s0 = t.s0[i], s1 = t.s1[i];
+  const T* w = reinterpret_cast<const T*>(t.w[i]);
+  const A* v = reinterpret_cast<const A*>(t.v[i]);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < kRows; r += kThreads / 32) {
+    const int64_t row = r0 + r;
+    A d = 0;
+    if (row < m)
+      for (int64_t j = lane; j < n; j += 32) d += to_acc(w[row * s0 + j * s1]) * v[j];
+    for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+    if (lane == 0) {
+      xs[r] = row < m ? d : A(0);
+      if (row < m) x_buf[t.x_off[i] + row] = d;
+    }
+  }
+  __syncthreads();
+  const int rows_here = static_cast<int>(m - r0 < kRows ? m - r0 : kRows);
+  A* y = y_buf + t.y_off[i];
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    A acc = 0;
+    for (int r = 0; r < rows_here; ++r) acc += to_acc(w[(r0 + r) * s0 + j * s1]) * xs[r];
+    atomicAdd(y + j, acc);
+  }
+}
+
+template <typename A>
+__global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y_buf, A* sigma, double eps) {
+  const int64_t i = blockIdx.x;
+  if (t.active[i] == 0) return;
+  const int64_t m = t.rows[i], n = t.cols[i];
+  const A* x = x_buf + t.x_off[i];
+  const A* y = y_buf + t.y_off[i];
+  A sx = 0, sy = 0;
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sx += x[j] * x[j];
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sy += y[j] * y[j];
+  const A nx = sqrt(block_sum(sx)), ny = sqrt(block_sum(sy));
+  const bool finite = isfinite(nx) && isfinite(ny);
+  if (!finite || nx <= eps || ny <= 0) {
+    if (threadIdx.x == 0) {
+      sigma[i] = finite ? A(0) : A(NAN);  // vectors stay as they were
+      t.active[i] = 0;
+    }
+    return;
+  }
+  A* u = reinterpret_cast<A*>(t.u[i]);
+  A* v = reinterpret_cast<A*>(t.v[i]);
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) u[j] = x[j] / nx;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v[j] = y[j] / ny;
+  if (threadIdx.x == 0) sigma[i] = ny / nx;
+}
+
+template <typename T>
+__global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
+                                const int64_t* chunk_start, int64_t chunk, typename Acc<T>::type* out) {
+  using A = typename Acc<T>::type;
+  const int64_t i = chunk_tensor[blockIdx.x];
+  const int64_t begin = chunk_start[blockIdx.x];
+  const int64_t end = begin + chunk < numels[i] ? begin + chunk : numels[i];
+  const T* p = reinterpret_cast<const T*>(ptrs[i]);
+  A s = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const A a = to_acc(p[j]);
+    s += a * a;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(out + i, s);
+}
+
+}  // namespace
+
+cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
+                                 void* y_buf, cudaStream_t stream) {
+  if (num_blocks == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using A = typename Acc<T>::type;
+    pass_kernel<T><<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(t, static_cast<A*>(x_buf),
+                                                                                static_cast<A*>(y_buf));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, int64_t num_mats, const void* x_buf,
+                                   const void* y_buf, void* sigma, double eps, cudaStream_t stream) {
+  if (num_mats == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_mats);
+  if (acc == kFloat64) {
+    finish_kernel<double><<<blocks, kThreads, 0, stream>>>(t, static_cast<const double*>(x_buf),
+                                                           static_cast<const double*>(y_buf),
+                                                           static_cast<double*>(sigma), eps);
+  } else {
+    finish_kernel<float><<<blocks, kThreads, 0, stream>>>(t, static_cast<const float*>(x_buf),
+                                                          static_cast<const float*>(y_buf),
+                                                          static_cast<float*>(sigma), eps);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
+                     const int64_t* chunk_start, int64_t num_chunks, int64_t chunk, void* out,
+                     cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using A = typename Acc<T>::type;
+    sq_norms_kernel<T><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+        ptrs, numels, chunk_tensor, chunk_start, chunk, static_cast<A*>(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace stabkernels::cuda

@@ -1,0 +1,269 @@
+"""PSS: spectral smoothing of weight matrices on trigger steps, wrapped around any optimizer (SPEC 1).
+
+Parts of PSS are a reconstruction (the paper's method text is not public): the EMA constant of the trigger,
+how k is chosen and the smoothing rules. Each is an option here; see :func:`stabkernels.spectral_smooth_`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .. import spectral
+from ._wrapper import OptimizerWrapper
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` (what ``clip_grad_norm_`` computes), one fused pass per
+    device; a 0-d float32 tensor (float64 if a gradient is float64) on the first gradient's device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            by_device.setdefault(g.device, []).append(g._values() if g.is_sparse else g)
+    if not by_device:
+        return torch.zeros(())
+    parts = [spectral.sq_norms(gs, backend=backend).sum() for gs in by_device.values()]
+    first = parts[0].device
+    return torch.stack([p.to(first, torch.float64) for p in parts]).sum().sqrt().to(parts[0].dtype)
+
+
+def _is_embedding_weight(module: nn.Module, name: str) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and name == "weight"
+
+
+@dataclass
+class PSSReport:
+    """What one :meth:`PSS.step` did."""
+
+    step: int
+    grad_norm: float
+    ema: float | None  # the EMA the ratio test compared against (before this step's update)
+    triggered: bool = False
+    reason: str | None = None  # "ratio", "every" or "manual"
+    skipped_nonfinite: bool = False  # non-finite gradient norm: no smoothing (and no step, by default)
+    sigma: torch.Tensor | None = None  # per selected matrix, before smoothing (trigger steps only)
+    stable_rank: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    sigma_after: torch.Tensor | None = None
+    changed: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class PSS(OptimizerWrapper):
+    """Parametric Singularity Smoothing around any ``torch.optim`` optimizer (SPEC 1).
+
+    After each ``step()`` of the wrapped optimizer, the ratio test G_t > trigger * EMA_{t-1} on the global
+    gradient norm G_t (SPEC 1.2; the EMA is not updated on a triggered step, and no ratio trigger fires in the
+    first ``warmup`` steps) decides whether to smooth the top singular values of the selected weight
+    matrices in place (:func:`stabkernels.spectral_smooth_`). ``every=N`` also smooths every N steps;
+    :meth:`smooth_now` smooths on demand. Untriggered steps cost one fused pass over the gradients (pass a norm
+    you already have, e.g. from ``clip_grad_norm_``, as ``step(grad_norm=...)`` to skip even that); on CUDA
+    the trigger decision reads one number on the host per step.
+
+    A non-finite gradient norm never smooths; with ``skip_nonfinite=True`` (default) the wrapped optimizer's
+    step is skipped as well, so weights and optimizer state stay untouched; ``last.skipped_nonfinite`` says so.
+
+    Args:
+        optimizer: any torch optimizer (its param_groups and state are shared, so LR schedulers and
+            GradScaler work on the wrapper).
+        params: which matrices to smooth: None (every parameter of the optimizer with ndim >= 2), an
+            ``nn.Module`` (its ndim >= 2 parameters except embedding weights), an iterable of tensors, or a
+            callable ``param -> bool`` filtering the optimizer's parameters.
+        trigger: tau of the ratio test (2.5, the paper's). ``None`` disables the ratio test.
+        ema: alpha of the gradient-norm EMA (0.1; reconstruction).
+        warmup: steps without ratio trigger while the EMA forms.
+        every: also smooth every ``every`` steps (None: never).
+        rule, max_rank, min_rank, cap, window: the smoothing rule (:func:`stabkernels.spectral_smooth_`).
+        power_iters: warm-started power iterations per smoothing (15 from a random start the first time).
+        oversample, subspace_iters: the randomized SVD's sketch (:func:`stabkernels.top_singular`).
+        warm_subspace: start each sketch from the previous trigger's singular vectors.
+        seed: the generator for random starts and sketches (saved in the state dict).
+    """
+
+    state_kind = "PSS"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params=None, trigger: float | None = 2.5,
+                 ema: float = 0.1, warmup: int = 10, every: int | None = None, rule: str = "clip",
+                 max_rank: int = 8, power_iters: int = 1, *, min_rank: int = 1, cap: float | None = None,
+                 window: int = 3, oversample: int = 8, subspace_iters: int = 2, warmup_iters: int = 15,
+                 warm_subspace: bool = True, skip_nonfinite: bool = True, seed: int = 0, backend: str = "auto"):
+        super().__init__(optimizer)
+        if trigger is not None and not trigger > 0:
+            raise ValueError(f"trigger must be > 0 or None, got {trigger}")
+        if not 0 < ema <= 1:
+            raise ValueError(f"ema must be in (0, 1], got {ema}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1 or None, got {every}")
+        if rule not in spectral.RULES:
+            raise ValueError(f"rule must be one of {spectral.RULES}, got {rule!r}")
+        if rule == "cap" and cap is None:
+            raise ValueError("rule='cap' needs cap=<absolute value>")
+        if power_iters < 1:
+            raise ValueError(f"power_iters must be >= 1, got {power_iters}")
+        self.trigger, self.ema_alpha, self.warmup, self.every = trigger, ema, warmup, every
+        self.smooth_options = dict(rule=rule, max_rank=max_rank, min_rank=min_rank, cap=cap, window=window,
+                                   oversample=oversample, iters=subspace_iters, power_iters=power_iters)
+        self.warmup_iters, self.warm_subspace = warmup_iters, warm_subspace
+        self.skip_nonfinite, self.backend = skip_nonfinite, backend
+        self.matrices = self._select(params)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.ema: float | None = None
+        self.trigger_count = 0
+        self._vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._subspace: dict[int, torch.Tensor] = {}
+        self.last: PSSReport | None = None
+
+    def _select(self, params) -> list[torch.Tensor]:
+        owned = self.params()
+        owned_ids = {id(p) for p in owned}
+        if params is None:
+            chosen = [p for p in owned if p.dim() >= 2]
+        elif isinstance(params, nn.Module):
+            skip = {id(p) for mod in params.modules() for n, p in mod.named_parameters(recurse=False)
+                    if _is_embedding_weight(mod, n)}
+            wanted = {id(p) for p in params.parameters() if p.dim() >= 2 and id(p) not in skip}
+            chosen = [p for p in owned if id(p) in wanted]
+        elif callable(params) and not isinstance(params, torch.Tensor):
+            chosen = [p for p in owned if p.dim() >= 2 and params(p)]
+        else:
+            chosen = list(params)
+            for i, p in enumerate(chosen):
+                if not isinstance(p, torch.Tensor) or p.dim() < 2:
+                    raise ValueError(f"params[{i}] must be a tensor with ndim >= 2, got "
+                                     f"{getattr(p, 'shape', type(p).__name__)}")
+                if id(p) not in owned_ids:
+                    raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the wrapped "
+                                     "optimizer")
+        return chosen
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, grad_norm: float | torch.Tensor | None = None):
+        """Runs the wrapped optimizer's step, then the trigger test and, if it fires, the smoothing."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = float(global_grad_norm(self.params(), self.backend) if grad_norm is None else grad_norm)
+        self.steps += 1
+        report = PSSReport(step=self.steps, grad_norm=g, ema=self.ema)
+        if not math.isfinite(g):
+            report.skipped_nonfinite = True
+            if not self.skip_nonfinite:
+                self.optimizer.step()
+            self.last = report
+            return loss
+        self.optimizer.step()
+        ratio = (self.trigger is not None and self.ema is not None and self.steps > self.warmup
+                 and g > self.trigger * self.ema)
+        if not ratio:  # a spike stays out of the average
+            self.ema = g if self.ema is None else (1 - self.ema_alpha) * self.ema + self.ema_alpha * g
+        if ratio or (self.every is not None and self.steps % self.every == 0):
+            self._smooth(report, "ratio" if ratio else "every")
+        self.last = report
+        return loss
+
+    @torch.no_grad()
+    def smooth_now(self) -> PSSReport:
+        """Smooths the selected matrices now, whatever the trigger says; returns (and stores) the report."""
+        report = PSSReport(step=self.steps, grad_norm=float("nan"), ema=self.ema)
+        self._smooth(report, "manual")
+        self.last = report
+        return report
+
+    def _smooth(self, report: PSSReport, reason: str) -> None:
+        report.triggered, report.reason = True, reason
+        self.trigger_count += 1
+        if not self.matrices:
+            return
+        n = len(self.matrices)
+        sigma = torch.zeros(n, dtype=torch.float64)
+        sr, sigma_after = torch.zeros_like(sigma), torch.zeros_like(sigma)
+        k, changed = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.bool)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, w in enumerate(self.matrices):
+            by_device.setdefault(w.device, []).append(i)
+        for idx in by_device.values():
+            mats = [self.matrices[i] for i in idx]
+            self._ensure_vectors(idx)
+            us = [self._vectors[i][0] for i in idx]
+            vs = [self._vectors[i][1] for i in idx]
+            init = [self._subspace.get(i) for i in idx] if self.warm_subspace else None
+            rep = spectral.spectral_smooth_(mats, us, vs, generator=self.generator, init=init,
+                                            backend=self.backend, **self.smooth_options)
+            if self.warm_subspace:
+                for i, V in zip(idx, rep.V):
+                    if V is not None:
+                        self._subspace[i] = V
+            sigma[idx] = rep.sigma_before.double().cpu()
+            sr[idx] = rep.stable_rank.double().cpu()
+            sigma_after[idx] = rep.sigma_after.double().cpu()
+            k[idx], changed[idx] = rep.k, rep.changed
+        report.sigma, report.stable_rank, report.k = sigma, sr, k
+        report.sigma_after, report.changed = sigma_after, changed
+
+    def _ensure_vectors(self, idx: list[int]) -> None:
+        new = [i for i in idx if i not in self._vectors]
+        if not new:
+            return
+        mats = [self.matrices[i] for i in new]
+        us, vs = spectral.init_power_vectors(mats, self.generator)
+        spectral.power_iteration_(mats, us, vs, self.warmup_iters, backend=self.backend)
+        for i, u, v in zip(new, us, vs):
+            self._vectors[i] = (u, v)
+
+    # ----------------------------------------------------------------------------------------------
+    def _wrapper_state(self) -> dict:
+        return {
+            "steps": self.steps, "ema": self.ema, "trigger_count": self.trigger_count,
+            "generator": self.generator.get_state(),
+            "vectors": {i: (u.clone(), v.clone()) for i, (u, v) in self._vectors.items()},
+            "subspace": {i: V.clone() for i, V in self._subspace.items()},
+            "num_matrices": len(self.matrices),
+        }
+
+    def _load_wrapper_state(self, state: dict) -> None:
+        if state["num_matrices"] != len(self.matrices):
+            raise ValueError(f"state dict is for {state['num_matrices']} smoothed matrices, this PSS selects "
+                             f"{len(self.matrices)}")
+        self.steps, self.ema, self.trigger_count = state["steps"], state["ema"], state["trigger_count"]
+        self.generator.set_state(state["generator"])
+        self._vectors = {}
+        for i, (u, v) in state["vectors"].items():
+            w = self.matrices[int(i)]
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            self._vectors[int(i)] = (u.to(w.device, acc).clone(), v.to(w.device, acc).clone())
+        self._subspace = {int(i): V.to(self.matrices[int(i)].device) for i, V in state["subspace"].items()}
+
+    def __repr__(self) -> str:
+        return (f"PSS({self.optimizer!r}, matrices={len(self.matrices)}, trigger={self.trigger}, "
+                f"ema={self.ema_alpha}, warmup={self.warmup}, every={self.every}, {self.smooth_options})")
+
+
+class PSSAdamW(PSS):
+    """``torch.optim.AdamW`` wrapped in :class:`PSS`, for one-line use::
+
+        opt = PSSAdamW(model, lr=3e-4, weight_decay=0.1)      # a module: embeddings are not smoothed
+        opt = PSSAdamW(model.parameters(), lr=3e-4)           # or parameters: every ndim >= 2 one
+
+    AdamW's arguments (lr, betas, eps, weight_decay, amsgrad, foreach, fused, ...) go to AdamW, everything
+    else to :class:`PSS`.
+    """
+
+    _ADAMW_ARGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                   "differentiable", "fused")
+
+    def __init__(self, params, lr: float = 1e-3, **kwargs):
+        adamw_kwargs = {k: kwargs.pop(k) for k in self._ADAMW_ARGS if k in kwargs}
+        select = kwargs.pop("select", None)
+        if isinstance(params, nn.Module):
+            select = params if select is None else select
+            params = params.parameters()
+        super().__init__(torch.optim.AdamW(params, lr=lr, **adamw_kwargs), select, **kwargs)
