@@ -21,4 +21,18 @@ TORCH_LIBRARY(stabkernels_C, m) {
   m.def("power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, int iters, float eps) -> Tensor");
   // Sum of squares of each tensor of a list (float64 if any is float64, else float32).
   m.def("sq_norms(Tensor[] tensors) -> Tensor");
+  // Fused optimizer updates (SPEC 2.4, 3.1). Each advances the moments once, optionally writes the unit
+  // proposal u (the step at lr = 1) into `updates` (math dtype), optionally applies
+  // p <- p - lr * step_scale * u, and returns sum(u^2) per tensor.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, "
+      "bool apply) -> Tensor");
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
+      "Tensor step_scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool first, bool apply) -> Tensor");
+  // p <- p * (1 - lr * weight_decay) - lr * u, lr a 0-d tensor (kept on the device).
+  m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay) -> ()");
 }

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
 #include <map>
 #include <vector>
 
@@ -143,6 +145,113 @@ at::Tensor sq_norms_cuda(at::TensorList tensors) {
   return out;
 }
 
+// Doubles travel in the int64 tables bit for bit.
+Column double_bits(std::initializer_list<double> values) {
+  Column out;
+  for (double d : values) {
+    int64_t bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    out.push_back(bits);
+  }
+  return out;
+}
+
+// Tables of one dtype group of a fused update; `lists` in UpdateTables order (p, g, m, v, vm, u), an empty
+// list giving zero addresses. The trailing column holds `consts` as double bits.
+struct UpdateLaunch {
+  at::Tensor table;
+  UpdateTables t;
+  int64_t chunks;
+  const double* consts;
+};
+
+UpdateLaunch update_launch(const std::vector<int64_t>& idx, std::vector<at::TensorList> lists, const Column& consts,
+                           const at::Device& device) {
+  std::vector<Column> cols(6);
+  Column numel, chunk_tensor, chunk_start;
+  for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
+    for (size_t l = 0; l < 6; ++l)
+      cols[l].push_back(l < lists.size() && !lists[l].empty() ? addr(lists[l][idx[j]]) : 0);
+    const int64_t n = lists[0][idx[j]].numel();
+    numel.push_back(n);
+    for (int64_t s = 0; s < n; s += kUpdateChunk) chunk_tensor.push_back(j), chunk_start.push_back(s);
+  }
+  cols.push_back(numel), cols.push_back(chunk_tensor), cols.push_back(chunk_start), cols.push_back(consts);
+  std::vector<const int64_t*> c;
+  UpdateLaunch out;
+  out.table = device_table(cols, device, c);
+  out.t = UpdateTables{c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]};
+  out.chunks = static_cast<int64_t>(chunk_tensor.size());
+  out.consts = reinterpret_cast<const double*>(c[9]);
+  return out;
+}
+
+void check_update_lists(const char* op, at::TensorList params) {
+  TORCH_CHECK(!params.empty(), op, ": empty parameter list");
+  for (const auto& p : params)
+    TORCH_CHECK(p.is_cuda() && p.is_contiguous() && p.device() == params[0].device(), op,
+                ": parameters must be contiguous CUDA tensors on one device");
+}
+
+at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
+                          const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
+                          bool apply) {
+  check_update_lists("adam_step_", params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
+  const double bc2s = std::sqrt(1 - std::pow(beta2, static_cast<double>(step)));
+  const Column consts = double_bits({lr, beta1, beta2, eps, weight_decay, bc1, bc2s});
+  at::Tensor scale = step_scale.to(params[0].device(), at::kDouble).reshape({1});
+  at::Tensor out = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(grouped_acc(params)));
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    auto l = update_launch(idx, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates}, consts,
+                           params[0].device());
+    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size())}, params[0].options().dtype(acc_of(dtype)));
+    check(adam_step(dtype_of(params[idx[0]]), l.t, l.chunks, l.consts, scale.const_data_ptr<double>(),
+                    sums.mutable_data_ptr(), AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty()}, stream),
+          "adam_step_");
+    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), sums.to(out.scalar_type()));
+  }
+  return out;
+}
+
+at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
+                         const at::Tensor& step_scale, double lr, double momentum, double dampening,
+                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
+  check_update_lists("sgd_step_", params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Column consts = double_bits({lr, momentum, dampening, weight_decay});
+  at::Tensor scale = step_scale.to(params[0].device(), at::kDouble).reshape({1});
+  at::Tensor out = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(grouped_acc(params)));
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    auto l = update_launch(idx, {params, grads, bufs, {}, {}, updates}, consts, params[0].device());
+    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size())}, params[0].options().dtype(acc_of(dtype)));
+    check(sgd_step(dtype_of(params[idx[0]]), l.t, l.chunks, l.consts, scale.const_data_ptr<double>(),
+                   sums.mutable_data_ptr(),
+                   SgdFlags{momentum != 0, nesterov, maximize, first, apply, !updates.empty()}, stream),
+          "sgd_step_");
+    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), sums.to(out.scalar_type()));
+  }
+  return out;
+}
+
+void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr, double weight_decay) {
+  check_update_lists("apply_update_", params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor scale = lr.to(params[0].device(), at::kDouble).reshape({1});
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    auto l = update_launch(idx, {params, {}, {}, {}, {}, updates}, {}, params[0].device());
+    check(apply_update(dtype_of(params[idx[0]]), l.t, l.chunks, scale.const_data_ptr<double>(), weight_decay,
+                       stream),
+          "apply_update_");
+  }
+}
+
 at::Tensor row_spread_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "row_spread: expected an (N, C>0) tensor");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -160,6 +269,9 @@ TORCH_LIBRARY_IMPL(stabkernels_C, CUDA, m) {
   m.impl("row_spread", &row_spread_cuda);
   m.impl("power_iteration_", &power_iteration_cuda);
   m.impl("sq_norms", &sq_norms_cuda);
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("apply_update_", &apply_update_cuda);
 }
 
 }  // namespace stabkernels::cuda

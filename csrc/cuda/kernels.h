@@ -47,4 +47,36 @@ cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, co
                      const int64_t* chunk_start, int64_t num_chunks, int64_t chunk, void* out,
                      cudaStream_t stream);
 
+// Fused optimizer updates: tables of per-tensor addresses (0 where a list is absent) and element chunks.
+struct UpdateTables {
+  const int64_t* p;
+  const int64_t* g;
+  const int64_t* m;   // Adam: exp_avg;  SGD: momentum buffer
+  const int64_t* v;   // Adam: exp_avg_sq
+  const int64_t* vm;  // Adam: max_exp_avg_sq (amsgrad)
+  const int64_t* u;   // unit proposals (acc type), or 0
+  const int64_t* numel;
+  const int64_t* chunk_tensor;
+  const int64_t* chunk_start;
+};
+constexpr int64_t kUpdateChunk = 1 << 14;
+
+struct AdamFlags {
+  bool decoupled, amsgrad, maximize, apply, write_u;
+};
+struct SgdFlags {
+  bool momentum, nesterov, maximize, first, apply, write_u;
+};
+
+// consts (device, double): Adam {lr, beta1, beta2, eps, wd, bc1, bc2_sqrt}; SGD {lr, momentum, dampening, wd}.
+// scale (device, double): the step scale (Adam/SGD) or the learning rate (apply_update).
+// sums (acc type, zeroed): sum of u^2 per tensor.
+cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
+                      const double* scale, void* sums, AdamFlags flags, cudaStream_t stream);
+cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
+                     const double* scale, void* sums, SgdFlags flags, cudaStream_t stream);
+// p <- p * (1 - lr * weight_decay) - lr * u, lr = *scale.
+cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
+                         double weight_decay, cudaStream_t stream);
+
 }  // namespace stabkernels::cuda

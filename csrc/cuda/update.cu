@@ -1,0 +1,130 @@
+// Fused optimizer updates on CUDA: one launch per storage dtype over every parameter, in chunks of
+// kUpdateChunk elements; hyper-parameters and the step scale are read from device memory (no host sync,
+// capturable in a CUDA graph). Arithmetic as in csrc/cpu/update.cpp (torch.optim's order of operations).
+#include "common.cuh"
+
+namespace stabkernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void adam_kernel(UpdateTables t, const double* consts, const double* scale,
+                            typename Acc<T>::type* sums, AdamFlags f) {
+  using A = typename Acc<T>::type;
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const A lr = consts[0], b1 = consts[1], b2 = consts[2], eps = consts[3], wd = consts[4], bc1 = consts[5],
+          bc2s = consts[6];
+  const A step_lr = lr * static_cast<A>(*scale), decay = A(1) - lr * wd;
+  T* p = reinterpret_cast<T*>(t.p[i]);
+  const T* g = reinterpret_cast<const T*>(t.g[i]);
+  T* m = reinterpret_cast<T*>(t.m[i]);
+  T* v = reinterpret_cast<T*>(t.v[i]);
+  T* vm = reinterpret_cast<T*>(t.vm[i]);
+  A* u_out = reinterpret_cast<A*>(t.u[i]);
+  A acc = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+    A pj = to_acc(p[j]), gj = to_acc(g[j]), mj = to_acc(m[j]), vj = to_acc(v[j]);
+    if (f.maximize) gj = -gj;
+    if (f.apply && f.decoupled) pj = pj * decay;
+    if (!f.decoupled) gj = gj + pj * wd;
+    mj = mj + (gj - mj) * (A(1) - b1);
+    vj = vj * b2 + gj * (A(1) - b2) * gj;
+    A vh = vj;
+    if (f.amsgrad) {
+      vh = max(to_acc(vm[j]), vj);
+      vm[j] = from_acc<T>(vh);
+    }
+    const A u = (mj / bc1) / (sqrt(vh) / bc2s + eps);
+    m[j] = from_acc<T>(mj);
+    v[j] = from_acc<T>(vj);
+    if (f.write_u) u_out[j] = u;
+    if (f.apply) p[j] = from_acc<T>(pj - step_lr * u);
+    acc += u * u;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+}
+
+template <typename T>
+__global__ void sgd_kernel(UpdateTables t, const double* consts, const double* scale, typename Acc<T>::type* sums,
+                           SgdFlags f) {
+  using A = typename Acc<T>::type;
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const A lr = consts[0], mu = consts[1], damp = consts[2], wd = consts[3];
+  const A step_lr = lr * static_cast<A>(*scale);
+  T* p = reinterpret_cast<T*>(t.p[i]);
+  const T* g = reinterpret_cast<const T*>(t.g[i]);
+  T* b = reinterpret_cast<T*>(t.m[i]);
+  A* u_out = reinterpret_cast<A*>(t.u[i]);
+  A acc = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+    const A pj = to_acc(p[j]);
+    A gj = to_acc(g[j]);
+    if (f.maximize) gj = -gj;
+    gj = gj + pj * wd;
+    A u = gj;
+    if (f.momentum) {
+      const A bj = f.first ? gj : to_acc(b[j]) * mu + gj * (A(1) - damp);
+      b[j] = from_acc<T>(bj);
+      u = f.nesterov ? gj + bj * mu : bj;
+    }
+    if (f.write_u) u_out[j] = u;
+    if (f.apply) p[j] = from_acc<T>(pj - step_lr * u);
+    acc += u * u;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+}
+
+template <typename T>
+__global__ void apply_kernel(UpdateTables t, const double* scale, double weight_decay) {
+  using A = typename Acc<T>::type;
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const A lr = static_cast<A>(*scale), decay = A(1) - lr * static_cast<A>(weight_decay);
+  T* p = reinterpret_cast<T*>(t.p[i]);
+  const A* u = reinterpret_cast<const A*>(t.u[i]);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) p[j] = from_acc<T>(to_acc(p[j]) * decay - lr * u[j]);
+}
+
+}  // namespace
+
+#define STABKERNELS_LAUNCH_TYPED(dtype, ...)                                  \
+  dispatch_dtype(dtype, [&](auto tag) {                                       \
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;      \
+    using A = typename Acc<T>::type;                                          \
+    (void)sizeof(A);                                                          \
+    __VA_ARGS__;                                                              \
+    return cudaGetLastError();                                                \
+  })
+
+cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
+                      const double* scale, void* sums, AdamFlags flags, cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  return STABKERNELS_LAUNCH_TYPED(
+      dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, consts, scale, static_cast<A*>(sums), flags));
+}
+
+cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
+                     const double* scale, void* sums, SgdFlags flags, cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  return STABKERNELS_LAUNCH_TYPED(
+      dtype, sgd_kernel<T><<<blocks, kThreads, 0, stream>>>(t, consts, scale, static_cast<A*>(sums), flags));
+}
+
+cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
+                         double weight_decay, cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  return STABKERNELS_LAUNCH_TYPED(dtype, apply_kernel<T><<<blocks, kThreads, 0, stream>>>(t, scale, weight_decay));
+}
+
+}  // namespace stabkernels::cuda

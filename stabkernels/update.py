@@ -1,0 +1,282 @@
+"""Fused optimizer updates shared by the optimizers (SPEC 2.4 and 3.1).
+
+``adam_step_`` and ``sgd_step_`` advance the optimizer state of every parameter in one pass (one launch per
+dtype group on GPU, one parallel region on CPU) and can
+
+* write the *unit proposal* u, the step the optimizer would take at lr = 1, into ``updates`` and return
+  sum(u^2) per tensor (the radius controller needs ||u|| and the direction u / ||u||), and/or
+* apply ``p <- p - lr * step_scale * u`` in the same pass, with ``step_scale`` a 0-d tensor that may live on
+  the device (S-Adam's damping), so no host synchronisation is needed.
+
+``apply_update_`` applies a stored proposal with a device-side learning rate (the radius controller's
+effective lr). Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD`` (single-tensor implementations)
+operation by operation, so the results agree with torch to fp32 rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from ._checks import acc_dtype, check_float_tensor
+from ._library import define_op
+
+
+def _grouped_dtype(tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _sums_fake(params, *args):
+    return params[0].new_empty(len(params), dtype=_grouped_dtype(params))
+
+
+def _scale(step_scale: Tensor) -> Tensor:
+    return step_scale.to(torch.float64).reshape(())
+
+
+# --------------------------------------------------------------------------------------------------
+# adam_step_
+
+_adam_op = define_op(
+    "adam_step_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, float lr, float beta1, "
+    "float beta2, float eps, float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, "
+    "bool apply, str backend) -> Tensor",
+    _sums_fake,
+)
+
+
+@_backend.register("adam_step_", "torch")
+def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, beta1,
+                        beta2, eps, weight_decay, step, decoupled, amsgrad, maximize, apply):
+    """Reference: torch.optim.Adam/AdamW's single-tensor step, per tensor, math in fp32 (fp64)."""
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    sums = []
+    for i, p in enumerate(params):
+        A = acc_dtype(p.dtype)
+        g = grads[i].to(A)
+        g = -g if maximize else g
+        pa, m, v = p.to(A), exp_avgs[i].to(A), exp_avg_sqs[i].to(A)
+        if apply and decoupled:
+            pa = pa * (1 - lr * weight_decay)
+        if not decoupled and weight_decay != 0:
+            g = g + pa * weight_decay
+        m = m.lerp(g, 1 - beta1)
+        v = v * beta2 + g * (1 - beta2) * g
+        vh = v
+        if amsgrad:
+            vh = torch.maximum(max_exp_avg_sqs[i].to(A), v)
+            max_exp_avg_sqs[i].copy_(vh)
+        u = (m / bc1) / (vh.sqrt() / bc2_sqrt + eps)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if updates:
+            updates[i].copy_(u)
+        if apply:
+            p.copy_(pa - (lr * _scale(step_scale).to(A)) * u)
+        sums.append(u.double().pow(2).sum())
+    return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
+
+
+@_backend.register("adam_step_", "cpp")
+@_backend.register("adam_step_", "cuda")
+def _adam_compiled(*args):
+    return torch.ops.stabkernels_C.adam_step_(*args)
+
+
+@_backend.register("adam_step_", "triton")
+def _adam_triton(*args):
+    from .triton import update as kernels
+
+    return kernels.adam_step_(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# sgd_step_
+
+_sgd_op = define_op(
+    "sgd_step_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
+    "Tensor step_scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+    "bool maximize, bool first, bool apply, str backend) -> Tensor",
+    _sums_fake,
+)
+
+
+@_backend.register("sgd_step_", "torch")
+def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr, momentum, dampening,
+                       weight_decay, nesterov, maximize, first, apply):
+    """Reference: torch.optim.SGD's single-tensor step, per tensor (a first step copies g into the buffer)."""
+    sums = []
+    for i, p in enumerate(params):
+        A = acc_dtype(p.dtype)
+        g = grads[i].to(A)
+        g = -g if maximize else g
+        pa = p.to(A)
+        if weight_decay != 0:
+            g = g + pa * weight_decay
+        u = g
+        if momentum != 0:
+            b = g if first else momentum_buffers[i].to(A) * momentum + g * (1 - dampening)
+            momentum_buffers[i].copy_(b)
+            u = g + b * momentum if nesterov else b
+        if updates:
+            updates[i].copy_(u)
+        if apply:
+            p.copy_(pa - (lr * _scale(step_scale).to(A)) * u)
+        sums.append(u.double().pow(2).sum())
+    return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
+
+
+@_backend.register("sgd_step_", "cpp")
+@_backend.register("sgd_step_", "cuda")
+def _sgd_compiled(*args):
+    return torch.ops.stabkernels_C.sgd_step_(*args)
+
+
+@_backend.register("sgd_step_", "triton")
+def _sgd_triton(*args):
+    from .triton import update as kernels
+
+    return kernels.sgd_step_(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# apply_update_
+
+_apply_op = define_op(
+    "apply_update_",
+    "(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, str backend) -> ()",
+    lambda params, updates, lr, weight_decay, backend: None,
+)
+
+
+@_backend.register("apply_update_", "torch")
+def apply_update_reference(params, updates, lr, weight_decay):
+    """Reference: p <- p * (1 - lr * weight_decay) - lr * u."""
+    for p, u in zip(params, updates):
+        A = acc_dtype(p.dtype)
+        a = _scale(lr).to(A)
+        p.copy_(p.to(A) * (1 - a * weight_decay) - a * u)
+
+
+@_backend.register("apply_update_", "cpp")
+@_backend.register("apply_update_", "cuda")
+def _apply_compiled(*args):
+    torch.ops.stabkernels_C.apply_update_(*args)
+
+
+@_backend.register("apply_update_", "triton")
+def _apply_triton(*args):
+    from .triton import update as kernels
+
+    kernels.apply_update_(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+
+
+def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) -> torch.device:
+    """Validates that every list matches ``params`` tensor by tensor (shape, dtype, device, contiguity)."""
+    params = list(params)
+    if not params:
+        raise ValueError(f"{op}: params is empty")
+    device = params[0].device
+    for i, p in enumerate(params):
+        check_float_tensor(p, f"params[{i}]")
+        if p.device != device:
+            raise ValueError(f"{op}: params must be on one device, params[{i}] is on {p.device}, not {device}")
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{i}] must be contiguous")
+
+    def check(name, ts, want_dtype):
+        if len(ts) != len(params):
+            raise ValueError(f"{op}: {name} has {len(ts)} tensors for {len(params)} params")
+        for i, (t, p) in enumerate(zip(ts, params)):
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                raise ValueError(f"{op}: {name}[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            dt = want_dtype(p)
+            if t.dtype != dt or t.device != device or not t.is_contiguous():
+                raise ValueError(f"{op}: {name}[{i}] must be a contiguous {dt} tensor on {device}, got {t.dtype} "
+                                 f"on {t.device}{'' if t.is_contiguous() else ' (non-contiguous)'}")
+
+    for name, ts in named_lists.items():
+        check(name, ts, lambda p: p.dtype)
+    for name, ts in dict(acc_lists).items():
+        check(name, ts, lambda p: acc_dtype(p.dtype))
+    return device
+
+
+def _scale_tensor(step_scale, device) -> Tensor:
+    if step_scale is None:
+        return torch.ones((), device=device)
+    if not isinstance(step_scale, Tensor):
+        return torch.tensor(float(step_scale), device=device)
+    if step_scale.numel() != 1:
+        raise ValueError(f"step_scale must hold one number, got shape {tuple(step_scale.shape)}")
+    return step_scale
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], *, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0, decoupled: bool = True, amsgrad: bool = False, maximize: bool = False,
+               max_exp_avg_sqs: Sequence[Tensor] | None = None, updates: Sequence[Tensor] | None = None,
+               step_scale: Tensor | float | None = None, apply: bool = True, backend: str = "auto") -> Tensor:
+    """One Adam (``decoupled=False``) or AdamW step over every parameter, fused.
+
+    Moments are advanced once (m, v and, with ``amsgrad``, the running max of v); u = (m / bc1) /
+    (sqrt(v_hat) / sqrt(bc2) + eps) is the unit proposal. ``updates`` (same shapes, math dtype) receive u;
+    with ``apply`` the parameters move: p <- p (1 - lr wd) [AdamW] - lr * step_scale * u, where
+    ``step_scale`` is a 0-d tensor (kept on the device) or a number. Returns sum(u^2) per parameter
+    (float32, float64 if a parameter is float64). ``step`` is the step number after this step (>= 1)."""
+    beta1, beta2 = betas
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("adam_step_: amsgrad needs max_exp_avg_sqs")
+    device = _check_lists("adam_step_", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                                                 **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
+                          acc_lists={"updates": updates} if updates else {})
+    if step < 1:
+        raise ValueError(f"adam_step_: step must be >= 1, got {step}")
+    b = _backend.resolve("adam_step_", backend, device)
+    return _adam_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                    list(max_exp_avg_sqs) if amsgrad else [], list(updates or []), _scale_tensor(step_scale, device),
+                    float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+                    bool(decoupled), bool(amsgrad), bool(maximize), bool(apply), b)
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None, *,
+              lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, maximize: bool = False, first: bool = False,
+              updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
+              apply: bool = True, backend: str = "auto") -> Tensor:
+    """One SGD step (torch.optim.SGD semantics) over every parameter, fused.
+
+    g' = g + wd p; with momentum b = g' on the ``first`` step, else mu b + (1 - dampening) g';
+    u = g' + mu b (Nesterov) or b (or g' without momentum). ``updates`` receive u; with ``apply``,
+    p <- p - lr * step_scale * u. Returns sum(u^2) per parameter."""
+    lists = {"grads": grads}
+    if momentum != 0:
+        if momentum_buffers is None:
+            raise ValueError("sgd_step_: momentum needs momentum_buffers")
+        lists["momentum_buffers"] = momentum_buffers
+    device = _check_lists("sgd_step_", params, lists, acc_lists={"updates": updates} if updates else {})
+    b = _backend.resolve("sgd_step_", backend, device)
+    return _sgd_op(list(params), list(grads), list(momentum_buffers) if momentum != 0 else [], list(updates or []),
+                   _scale_tensor(step_scale, device), float(lr), float(momentum), float(dampening),
+                   float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply), b)
+
+
+def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tensor | float,
+                  weight_decay: float = 0.0, *, backend: str = "auto") -> None:
+    """p <- p (1 - lr * weight_decay) - lr * u for every parameter, fused; ``lr`` may be a 0-d device tensor
+    (the radius controller's effective learning rate), so applying it needs no host synchronisation."""
+    device = _check_lists("apply_update_", params, {}, acc_lists={"updates": updates})
+    b = _backend.resolve("apply_update_", backend, device)
+    _apply_op(list(params), list(updates), _scale_tensor(lr, device), float(weight_decay), b)

@@ -1,0 +1,176 @@
+"""Fused optimizer updates against torch.optim (the ground truth) and the float64 reference, per backend."""
+import copy
+
+import pytest
+import torch
+
+from stabkernels import update
+from stabkernels.update import adam_step_reference
+
+from .helpers import backend_params
+
+ADAM_BACKENDS = backend_params("adam_step_")
+SGD_BACKENDS = backend_params("sgd_step_")
+APPLY_BACKENDS = backend_params("apply_update_")
+SHAPES = [(37,), (5, 9), (3, 4, 5), (1,)]
+
+
+def make_params(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in SHAPES]
+
+
+def grads_for(params, step, seed=10):
+    g = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for p in params]
+
+
+ADAM_CONFIGS = [
+    dict(cls=torch.optim.AdamW, weight_decay=0.1),
+    dict(cls=torch.optim.Adam, weight_decay=0.05),  # coupled L2
+    dict(cls=torch.optim.AdamW, weight_decay=0.0, amsgrad=True),
+    dict(cls=torch.optim.Adam, weight_decay=0.0, maximize=True, betas=(0.8, 0.99), eps=1e-6),
+]
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("cfg", ADAM_CONFIGS, ids=lambda c: f"{c['cls'].__name__}-{'-'.join(k for k in c if k != 'cls')}")
+def test_adam_step_matches_torch_optim(backend, device, cfg):
+    cfg = dict(cfg)
+    cls = cfg.pop("cls")
+    ours, theirs = make_params(device), make_params(device)
+    opt = cls(theirs, lr=0.01, foreach=False, **cfg)
+    m = [torch.zeros_like(p) for p in ours]
+    v = [torch.zeros_like(p) for p in ours]
+    vmax = [torch.zeros_like(p) for p in ours]
+    for step in range(1, 6):
+        for p, g in zip(theirs, grads_for(theirs, step)):
+            p.grad = g
+        opt.step()
+        update.adam_step_(ours, grads_for(ours, step), m, v, step=step, lr=0.01,
+                          betas=cfg.get("betas", (0.9, 0.999)), eps=cfg.get("eps", 1e-8),
+                          weight_decay=cfg["weight_decay"], decoupled=cls is torch.optim.AdamW,
+                          amsgrad=cfg.get("amsgrad", False), maximize=cfg.get("maximize", False),
+                          max_exp_avg_sqs=vmax, backend=backend)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m, [opt.state[p]["exp_avg"] for p in theirs]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+def test_adam_unit_proposal_and_its_norm(backend, device):
+    """u is the step torch takes at lr = 1 (AdamW without decay); sums are sum(u^2); p is untouched
+    without apply; step_scale multiplies the applied step."""
+    ours, ref = make_params(device), make_params(device)
+    opt = torch.optim.AdamW(ref, lr=1.0, weight_decay=0.0, foreach=False)
+    m = [torch.zeros_like(p) for p in ours]
+    v = [torch.zeros_like(p) for p in ours]
+    for step in range(1, 4):
+        before = [p.clone() for p in ref]
+        for p, g in zip(ref, grads_for(ref, step)):
+            p.grad = g
+        opt.step()
+        u = [torch.empty_like(p) for p in ours]
+        keep = [p.clone() for p in ours]
+        sums = update.adam_step_(ours, grads_for(ours, step), m, v, step=step, lr=1.0, updates=u, apply=False,
+                                 backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(keep, ours))
+        for uu, b, a in zip(u, before, ref):
+            torch.testing.assert_close(uu, b - a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sums, torch.stack([x.pow(2).sum() for x in u]), rtol=1e-5, atol=0)
+        update.apply_update_(ours, u, torch.tensor(1.0, device=device), backend=backend)
+    # step_scale: the applied step is lr * scale * u
+    p1, p2 = make_params(device), make_params(device)
+    z = lambda ps: [torch.zeros_like(p) for p in ps]  # noqa: E731
+    g = grads_for(p1, 1)
+    update.adam_step_(p1, g, z(p1), z(p1), step=1, lr=0.2, step_scale=torch.tensor(0.25, device=device),
+                      backend=backend)
+    update.adam_step_(p2, g, z(p2), z(p2), step=1, lr=0.05, backend=backend)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+SGD_CONFIGS = [
+    dict(momentum=0.0),
+    dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.5, maximize=True, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("backend,device", SGD_BACKENDS)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_sgd_step_matches_torch_optim(backend, device, cfg):
+    ours, theirs = make_params(device), make_params(device)
+    opt = torch.optim.SGD(theirs, lr=0.05, foreach=False, **cfg)
+    bufs = [torch.zeros_like(p) for p in ours]
+    for step in range(1, 5):
+        for p, g in zip(theirs, grads_for(theirs, step)):
+            p.grad = g
+        opt.step()
+        update.sgd_step_(ours, grads_for(ours, step), bufs, lr=0.05, first=step == 1, backend=backend, **cfg)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_adam_step_dtypes_against_float64_reference(backend, device, dtype):
+    ours = make_params(device, dtype)
+    ref = [p.double() for p in ours]
+    state = [[torch.zeros_like(p) for p in ours] for _ in range(3)]
+    ref_state = [[torch.zeros_like(p) for p in ref] for _ in range(3)]
+    u = [torch.empty_like(p, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for p in ours]
+    u_ref = [torch.empty_like(p) for p in ref]
+    scale = torch.tensor(0.7, device=device)
+    for step in (1, 2):
+        g = grads_for(ours, step)
+        s = update.adam_step_(ours, g, state[0], state[1], step=step, lr=0.01, weight_decay=0.1, amsgrad=True,
+                              max_exp_avg_sqs=state[2], updates=u, step_scale=scale, backend=backend)
+        s_ref = adam_step_reference(ref, [x.double() for x in g], *ref_state, u_ref, scale, 0.01, 0.9, 0.999,
+                                    1e-8, 0.1, step, True, True, False, True)
+        # the reference sees the same rounded inputs each step
+        for a, b in zip(ref + sum(ref_state, []), ours + sum(state, [])):
+            a.copy_(b)
+    # compare the last step: moments stored in dtype, u in the math dtype
+    tol = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(u, u_ref):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    torch.testing.assert_close(s.double(), s_ref.double(), rtol=tol, atol=0)
+
+
+def test_update_errors_name_the_problem():
+    p = make_params("cpu")
+    g = grads_for(p, 1)
+    z = [torch.zeros_like(x) for x in p]
+    with pytest.raises(ValueError, match=r"grads has 3 tensors for 4 params"):
+        update.adam_step_(p, g[:3], z, z, step=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] must have the shape"):
+        update.adam_step_(p, g, [z[0], z[0], z[2], z[3]], z, step=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[0\] must be a contiguous torch.float32"):
+        update.adam_step_(p, [g[0].double()] + g[1:], z, z, step=1, lr=0.1)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        update.adam_step_(p, g, z, z, step=0, lr=0.1)
+    with pytest.raises(ValueError, match="amsgrad needs"):
+        update.adam_step_(p, g, z, z, step=1, lr=0.1, amsgrad=True)
+    with pytest.raises(ValueError, match="momentum needs"):
+        update.sgd_step_(p, g, None, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"params\[1\] must be contiguous"):
+        update.sgd_step_([p[0], torch.randn(4, 3).t()], g[:1] + [torch.randn(3, 4)], None, lr=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_opcheck(backend):
+    from stabkernels import backend as B
+    if B.why_unavailable(backend, "cpu"):
+        pytest.skip(B.why_unavailable(backend, "cpu"))
+    p = make_params("cpu")
+    g = grads_for(p, 1)
+    z = lambda: [torch.zeros_like(x) for x in p]  # noqa: E731
+    torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
+                          (p, g, z(), z(), z(), z(), torch.tensor(1.0), 0.1, 0.9, 0.999, 1e-8, 0.01, 2, True, True,
+                           False, True, backend))
+    torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
+                          (p, g, z(), z(), torch.tensor(1.0), 0.1, 0.9, 0.0, 0.0, True, False, False, True, backend))
+    torch.library.opcheck(torch.ops.stabkernels.apply_update_.default, (p, z(), torch.tensor(0.5), 0.1, backend))
