@@ -16,6 +16,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(stabkernels_C, m) {
   // spread (SPEC 2): per-row max - min of an (N, C) tensor, any strides; fp32 result (fp64 for fp64).
   m.def("row_spread(Tensor x) -> Tensor");
+  // Per-row spread of z' = h_dot W^T + h W_dot^T + b_dot (an output head's tangent logits), without
+  // materialising the (N, V) tangent; fp32 result (fp64 for fp64 inputs).
+  m.def("tangent_spread_linear(Tensor h, Tensor h_dot, Tensor weight, Tensor? weight_dot, Tensor? bias_dot) -> Tensor");
   // spectral (SPEC 1.1): grouped power iteration over 2-D matrices; updates the unit vectors us/vs in place
   // and returns sigma_1 per matrix (float64 if any matrix is float64, else float32).
   m.def("power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, int iters, float eps) -> Tensor");

@@ -1,9 +1,11 @@
 """stabkernels: fused kernels for training stability in PyTorch.
 
 Families (see the README and SPEC):
-  * logit spread: :func:`row_spread`
+  * logit spread: :func:`row_spread`, :func:`tangent_spread_linear`, :func:`softmax_radius`,
+    :func:`tangent_logits`
   * spectral: :func:`power_iteration_`, :func:`stable_rank`, :func:`top_singular`, :func:`spectral_smooth_`,
     :func:`sq_norms`
+  * fused optimizer updates: :func:`adam_step_`, :func:`sgd_step_`, :func:`apply_update_`
 
 Every op takes ``backend="auto" | "torch" | "cpp" | "triton" | "cuda"``; :func:`info` reports which
 backends serve each op on this machine.
@@ -14,7 +16,9 @@ from ._info import info
 from .backend import BackendUnavailable
 from .spectral import (init_power_vectors, power_iteration_, spectral_smooth_, sq_norms, stable_rank,
                        top_singular)
-from .spread import row_spread
+from .spread import row_spread, softmax_radius, tangent_spread_linear
+from .tangent import tangent_features, tangent_logits
+from .update import adam_step_, apply_update_, sgd_step_
 from . import diagnostics, optim
 from .diagnostics import spectral_report
 
@@ -22,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "backend", "info", "__version__",
     # logit spread
-    "row_spread",
+    "row_spread", "softmax_radius", "tangent_features", "tangent_logits", "tangent_spread_linear",
+    # fused optimizer updates
+    "adam_step_", "apply_update_", "sgd_step_",
     # spectral
     "init_power_vectors", "power_iteration_", "spectral_report", "spectral_smooth_", "sq_norms", "stable_rank",
     "top_singular",

@@ -13,6 +13,11 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 cudaError_t row_spread(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t stride_row,
                        int64_t stride_col, void* out, cudaStream_t stream);
 
+// hi[r] = max(hi[r], max_j tile[r, j] + bias[j]) and lo likewise (NaN-propagating), for a (rows, cols)
+// tile with leading dimension ld; bias may be null. `acc` is kFloat32 or kFloat64 (tile, bias, hi, lo).
+cudaError_t row_minmax_fold(DType acc, const void* tile, int64_t rows, int64_t cols, int64_t ld, const void* bias,
+                            void* hi, void* lo, cudaStream_t stream);
+
 // Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor.
 // Pointers travel as int64 addresses so that one int64 tensor built on the host holds every table.
 struct PowerIterationTables {

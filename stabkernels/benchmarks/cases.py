@@ -20,6 +20,8 @@ class Case:
     candidates: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline_name: str = "torch"
     note: str = ""
+    peak_mb: dict[str, float] = field(default_factory=dict)  # extra peak memory per candidate ("baseline" too)
+    statistic: str = "median"  # "mean" where calls alternate cheap and expensive ones (every=N)
 
 
 def kernel_backends(op: str, device: str) -> list[str]:
@@ -96,7 +98,107 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
                candidates={"pss-untriggered": quiet.step, "pss-triggered": fired.step})
 
 
+def peak_extra_mb(setup: str, statement: str) -> float:
+    """Peak resident memory a statement adds, in MB, measured in a fresh process (CPU tensors have no
+    allocator statistics): RSS before the statement against the process's peak RSS after it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, torch, stabkernels
+        {setup}
+        def rss_kb():
+            with open('/proc/self/statm') as f:
+                return int(f.read().split()[1]) * resource.getpagesize() // 1024
+        before = rss_kb()
+        {statement}
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return max(0.0, float(out.stdout.strip().splitlines()[-1]))
+
+
+def radius_cases(device: str, quick: bool) -> Iterator[Case]:
+    from torch import nn
+    from torch.nn import functional as F
+
+    from .. import spread
+    from ..optim import RadiusAdamW, RadiusController
+
+    # tangent_spread_linear against materialise-then-reduce (time and extra peak memory)
+    n, d, v = (256, 128, 1024) if quick else (2048, 768, 8192)
+    g = torch.Generator().manual_seed(0)
+    h, hd = (torch.randn(n, d, generator=g).to(device) for _ in range(2))
+    w, wd = (torch.randn(v, d, generator=g).to(device) * 0.02 for _ in range(2))
+    bd = torch.randn(v, generator=g).to(device)
+
+    def materialise():
+        z = torch.addmm(bd, hd, w.T)
+        z.addmm_(h, wd.T)
+        return (z.amax(1) - z.amin(1)).max()
+
+    case = Case(op="tangent_spread_linear", shape=f"N{n}xd{d}xV{v}", dtype="float32",
+                nbytes=(2 * n * d + 2 * v * d + v) * 4, baseline=materialise,
+                baseline_name="addmm into (N, V), addmm_, (z.amax(1) - z.amin(1)).max()",
+                candidates={b: (lambda b=b: spread.tangent_spread_linear(h, hd, w, wd, bd, backend=b))
+                            for b in kernel_backends("tangent_spread_linear", device)})
+    if device == "cpu":
+        setup = (f"g = torch.Generator().manual_seed(0); h, hd = (torch.randn({n}, {d}, generator=g) for _ in range(2)); "
+                 f"w, wd = (torch.randn({v}, {d}, generator=g) * 0.02 for _ in range(2)); bd = torch.randn({v}, generator=g)")
+        case.peak_mb["baseline"] = peak_extra_mb(
+            setup, "z = torch.addmm(bd, hd, w.T); z.addmm_(h, wd.T); r = (z.amax(1) - z.amin(1)).max(); del z")
+        for b in case.candidates:
+            case.peak_mb[b] = peak_extra_mb(
+                setup, f"r = stabkernels.tangent_spread_linear(h, hd, w, wd, bd, backend='{b}')")
+    yield case
+
+    # a full training step of a small CNN: plain Adam against the controller (wrapper and fused; fd and jvp)
+    batch = 32 if quick else 128
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).to(device)
+
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    def train_step(model, opt, with_inputs):
+        def fn():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step(x) if with_inputs else opt.step()
+        return fn
+
+    m0 = cnn()
+    candidates = {}
+    for method in ("fd", "jvp"):
+        m1, m2 = cnn(), cnn()
+        candidates[f"RadiusController-{method}"] = train_step(
+            m1, RadiusController(torch.optim.Adam(m1.parameters(), lr=1e-3), m1, method=method, capture_inputs=False),
+            True)
+        candidates[f"RadiusAdamW-{method}"] = train_step(
+            m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method,
+                            capture_inputs=False), True)
+        # the two knobs that trade measurement for time: a radius every other step, half the batch
+        for label, kw in ((f"every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
+            m3 = cnn()
+            candidates[f"RadiusAdamW-{method}-{label}"] = train_step(
+                m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method=method,
+                                capture_inputs=False, **kw), True)
+    nparams = sum(p.numel() for p in m0.parameters())
+    yield Case(op="train_step_small_cnn", shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
+               nbytes=nparams * 4, baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),
+               baseline_name="forward + backward + torch.optim.Adam.step()", candidates=candidates,
+               statistic="mean")
+
+
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
+    "radius": radius_cases,
 }

@@ -14,7 +14,8 @@ import torch
 from .cases import FAMILIES, Case
 from .timing import measure
 
-COLUMNS = ["op", "backend", "shape", "dtype", "device", "median_ms", "GB_per_s", "speedup", "baseline"]
+COLUMNS = ["op", "backend", "shape", "dtype", "device", "time_ms", "statistic", "GB_per_s", "speedup",
+           "peak_extra_MB", "baseline"]
 
 
 def machine_name() -> str:
@@ -45,20 +46,23 @@ def progress(i: int, n: int, label: str, width: int = 30) -> None:
 def run_case(case: Case, device: str, min_time: float) -> list[dict]:
     fns = {"baseline": case.baseline, **case.candidates}
     t = measure(fns, device=device, min_time=min_time)
-    base = t["baseline"].median_s
+    stat = (lambda x: x.mean_s) if case.statistic == "mean" else (lambda x: x.median_s)  # noqa: E731
+    base = stat(t["baseline"])
     rows = []
     for name, timing in t.items():
         rows.append({
             "op": case.op, "backend": "torch-baseline" if name == "baseline" else name, "shape": case.shape,
-            "dtype": case.dtype, "device": device, "median_ms": round(timing.median_s * 1e3, 4),
-            "GB_per_s": round(case.nbytes / timing.median_s / 1e9, 2),
-            "speedup": round(base / timing.median_s, 3), "baseline": case.baseline_name,
+            "dtype": case.dtype, "device": device, "time_ms": round(stat(timing) * 1e3, 4),
+            "statistic": case.statistic, "GB_per_s": round(case.nbytes / stat(timing) / 1e9, 2),
+            "speedup": round(base / stat(timing), 3),
+            "peak_extra_MB": round(case.peak_mb[name], 1) if name in case.peak_mb else "",
+            "baseline": case.baseline_name,
         })
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["op", "backend", "shape", "dtype", "median_ms", "GB_per_s", "speedup"]
+    cols = ["op", "backend", "shape", "dtype", "time_ms", "statistic", "GB_per_s", "speedup", "peak_extra_MB"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(f"{c:<{widths[c]}}" for c in cols)]
     lines += ["  ".join(f"{str(r[c]):<{widths[c]}}" for c in cols) for r in rows]

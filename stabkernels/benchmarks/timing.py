@@ -13,6 +13,7 @@ import torch
 @dataclass
 class Timing:
     median_s: float
+    mean_s: float
     min_s: float
     rounds: int
 
@@ -44,4 +45,4 @@ def measure(fns: dict[str, Callable[[], object]], *, device: str = "cpu", min_ti
         r += 1
         if r >= min_rounds and min(sum(s) for s in samples.values()) >= min_time:
             break
-    return {n: Timing(statistics.median(s), min(s), len(s)) for n, s in samples.items()}
+    return {n: Timing(statistics.median(s), statistics.fmean(s), min(s), len(s)) for n, s in samples.items()}

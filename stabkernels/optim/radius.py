@@ -1,0 +1,448 @@
+"""The softmax convergence-radius step controller ("Ghosts of Softmax", SPEC 2.4).
+
+Every step, the update the optimizer proposes is measured against the radius rho of the cross-entropy's
+Taylor expansion along that update's own direction, and its length is capped at r * rho:
+``cap`` mode (the paper's): eta_eff = min(eta, r rho / ||u||); ``set`` mode: eta_eff = r rho / ||u||.
+The moments advance once; only the step length changes.
+
+- :class:`RadiusController` wraps ``torch.optim.SGD``, ``Adam`` or ``AdamW``: it computes the unit proposal
+  u exactly as the wrapped optimizer will (on copies of its state), sets each group's lr for this one step,
+  calls the wrapped ``step()``, and restores the lr (LR schedulers keep working).
+- :class:`RadiusAdamW` and :class:`RadiusSGD` do the same with fused kernels: one pass advances the moments
+  and writes u with its norm, a second applies the step; rho, ||u|| and eta_eff stay 0-d device tensors
+  (no ``.item()`` on the step path).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import spread, tangent, update
+from ._wrapper import OptimizerWrapper
+
+MODES = ("cap", "set")
+
+
+@dataclass
+class RadiusReport:
+    """One controller step. Tensors are 0-d (on the parameters' device for the fused optimizers)."""
+
+    step: int
+    rho: Tensor  # radius along the step direction (inf: zero proposal)
+    unit_norm: Tensor  # ||u||, the proposal at lr = 1 (all groups)
+    tau: Tensor  # length of the proposed step at the groups' lr: || (lr_g u_g)_g ||
+    ratio: Tensor  # tau / rho, the normalised step before control (the paper's r)
+    scale: Tensor  # eta_eff / eta, the same for every group
+    lr: list  # effective lr per group
+    recomputed: bool  # the radius was measured this step (else the last rho was reused: every > 1)
+
+    def as_floats(self) -> dict:
+        """The numbers as Python floats (reads the device)."""
+        f = lambda t: float(t) if isinstance(t, Tensor) else t  # noqa: E731
+        return {"step": self.step, "rho": f(self.rho), "unit_norm": f(self.unit_norm), "tau": f(self.tau),
+                "ratio": f(self.ratio), "scale": f(self.scale), "lr": [f(x) for x in self.lr]}
+
+
+class RadiusProbe:
+    """Measures the radius along a direction for one model: captures the last training forward's inputs
+    (so ``step()`` without arguments works under Trainer-style loops), selects the sample set and computes
+    the tangent logits (JVP, finite differences, or the fused output-head spread)."""
+
+    def __init__(self, model: nn.Module, method: str = "jvp", samples: int | None = None,
+                 logits_fn: Callable | None = None, *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None,
+                 capture_inputs: bool = True, backend: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in tangent.METHODS:
+            raise ValueError(f"method must be one of {tangent.METHODS}, got {method!r}")
+        if head is not None and method != "jvp":
+            raise ValueError("the fused output-head path (head=...) uses method='jvp'")
+        if samples is not None and samples < 1:
+            raise ValueError(f"samples must be >= 1 or None, got {samples}")
+        spread._check_reduce(reduce)
+        if reduce == "none":
+            raise ValueError("reduce must aggregate over samples: 'max' or a quantile")
+        self.model, self.method, self.samples, self.logits_fn = model, method, samples, logits_fn
+        self.reduce, self.eps, self.head, self.backend = reduce, eps, head, backend
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.captured = None
+        self._probing = False
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True) if capture_inputs else None
+
+    def _capture(self, module, args, kwargs):
+        if module.training and not self._probing:
+            self.captured = (args, kwargs)
+
+    def remove_hook(self) -> None:
+        """Stops capturing forward inputs (then ``step(inputs)`` must be given the sample set)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def sample_set(self, inputs):
+        if inputs is None:
+            if self.captured is None:
+                raise RuntimeError("no inputs: pass the batch to step(inputs), or run a training forward of the "
+                                   "model first (its inputs are captured)")
+            args, kwargs = self.captured
+            inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        if self.samples is None:
+            return inputs
+        take = lambda t: t[: self.samples] if isinstance(t, Tensor) and t.dim() > 0 else t  # noqa: E731
+        if isinstance(inputs, dict):
+            return {k: take(v) for k, v in inputs.items()}
+        if isinstance(inputs, (tuple, list)):
+            return type(inputs)(take(v) for v in inputs)
+        return take(inputs)
+
+    def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
+        """rho along the unit direction ``direction * scale`` ({id(param): tensor}); 0-d tensor."""
+        named = {self.names[i]: t for i, t in direction.items() if i in self.names}
+        if not named:
+            raise ValueError("none of the optimizer's parameters belongs to the model")
+        self._probing = True
+        try:
+            if self.head is not None:
+                h, h_dot = tangent.tangent_features(self.model, inputs, named, self.head, self.logits_fn)
+                w_dot, b_dot = tangent.head_direction(self.model, self.head, named)
+                acc = h_dot.dtype
+                spreads = spread.tangent_spread_linear(
+                    h.to(acc), h_dot, self.head.weight.detach().to(acc),
+                    None if w_dot is None else w_dot.to(acc), None if b_dot is None else b_dot.to(acc),
+                    "none", backend=self.backend)
+                delta = spread._reduce_spreads(spreads, self.reduce)
+                return math.pi / (delta * scale).clamp_min(spread.RADIUS_GUARD)
+            # the unit direction is scale * u, so a step eps along it is a step eps * scale along u
+            eps = self.eps * scale if self.method == "fd" else self.eps
+            a = tangent.tangent_logits(self.model, inputs, named, self.method, eps, self.logits_fn)
+            return spread.softmax_radius(a * scale, reduce=self.reduce, backend=self.backend)
+        finally:
+            self._probing = False
+
+
+def _control_scale(rho: Tensor, tau: Tensor, r: float, mode: str) -> Tensor:
+    """eta_eff / eta: min(1, r rho / tau) (cap) or r rho / tau (set); 1 for a zero step; 0 (no move) when
+    rho is not finite, e.g. NaN logits."""
+    ratio = r * rho / tau.clamp_min(1e-30)
+    scale = ratio.clamp_max(1.0) if mode == "cap" else ratio
+    scale = torch.where(tau > 0, scale, torch.ones_like(scale))
+    return torch.where(torch.isnan(rho), torch.zeros_like(scale), scale)
+
+
+def _check_controller_args(r, mode, every):
+    if not r > 0:
+        raise ValueError(f"r must be > 0, got {r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+
+
+class _RadiusMixin:
+    """The control loop shared by the wrapper and the fused optimizers."""
+
+    def _init_radius(self, model, r, mode, method, samples, every, logits_fn, **probe_kwargs):
+        _check_controller_args(r, mode, every)
+        self.r, self.mode, self.every = r, mode, every
+        self.probe = RadiusProbe(model, method, samples, logits_fn, **probe_kwargs)
+        self.steps = 0
+        self._rho: Tensor | None = None
+        self.last: RadiusReport | None = None
+
+    def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """(rho, tau, unit_norm, recomputed) for per-group proposals {id: u}, lrs and sum(u^2) per group."""
+        sq = torch.stack([s.sum().double() for s in sums])
+        lrs = torch.tensor(group_lrs, dtype=torch.float64, device=sq.device)
+        tau = (lrs.square() * sq).sum().sqrt()
+        unit_norm = sq.sum().sqrt()
+        recompute = self._rho is None or self.steps % self.every == 0
+        if recompute:
+            same_lr = len(set(group_lrs)) == 1
+            direction = {}
+            for (ids, us), lr in zip(proposals, group_lrs):
+                for i, u in zip(ids, us):
+                    direction[i] = u if same_lr else u * lr
+            scale = (lrs[0] if same_lr else torch.ones((), dtype=torch.float64, device=sq.device)) / tau
+            scale = torch.where(tau > 0, scale, torch.zeros_like(scale))
+            with torch.no_grad():
+                rho = self.probe.radius(self.probe.sample_set(inputs), direction, scale.float())
+            self._rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
+        return self._rho, tau, unit_norm, recompute
+
+    def _radius_state(self) -> dict:
+        return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu()}
+
+    def _load_radius_state(self, state: dict, device) -> None:
+        self.steps = state["steps"]
+        self._rho = None if state["rho"] is None else state["rho"].to(device)
+
+
+class RadiusController(_RadiusMixin, OptimizerWrapper):
+    """Caps every step of a ``torch.optim.SGD``/``Adam``/``AdamW`` at r times the softmax convergence radius
+    along the step (SPEC 2.4)::
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ctrl = RadiusController(opt, model)
+        for x, y in loader:
+            ctrl.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            ctrl.step(x)            # or ctrl.step(): the last training forward's inputs are captured
+
+    Args:
+        optimizer: SGD (momentum, dampening, Nesterov, weight decay, maximize), Adam or AdamW (amsgrad,
+            maximize). Anything else raises ``TypeError``.
+        model: the module whose logits define the radius (evaluated functionally in eval mode; parameters,
+            buffers and train/eval flags are left exactly as they were).
+        r: the normalised step bound (1: the paper's).
+        mode: ``"cap"`` (eta_eff = min(eta, r rho / ||u||)) or ``"set"`` (eta_eff = r rho / ||u||).
+        method: ``"jvp"`` (exact) or ``"fd"`` (finite differences, ``eps`` along the unit direction).
+        samples: radius from the first ``samples`` rows of the inputs (None: all).
+        every: measure the radius every ``every`` steps, reusing the last rho in between.
+        logits_fn: maps the model's output to logits.
+        reduce: ``"max"`` spread (the paper's) or a quantile q of the per-sample spreads.
+        head: the model's final ``nn.Linear``: use the fused output-head spread, never building the (N, V)
+            tangent (large vocabularies).
+        capture_inputs: capture the inputs of each training-mode forward of ``model`` for ``step()`` without
+            arguments (a forward pre-hook; ``remove_hook()`` turns it off).
+
+    ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
+    moments still advance); a zero proposal steps normally.
+    """
+
+    state_kind = "RadiusController"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, r: float = 1.0, mode: str = "cap",
+                 method: str = "jvp", samples: int | None = None, every: int = 1, logits_fn: Callable | None = None,
+                 *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
+                 backend: str = "auto"):
+        super().__init__(optimizer)
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            self.kind = "adam"
+        elif isinstance(optimizer, torch.optim.SGD):
+            self.kind = "sgd"
+        else:
+            raise TypeError(f"RadiusController supports torch.optim.SGD, Adam and AdamW, got "
+                            f"{type(optimizer).__name__}")
+        for g in optimizer.param_groups:
+            if g.get("differentiable") or isinstance(g["lr"], Tensor):
+                raise ValueError("RadiusController needs float learning rates and differentiable=False")
+        self.backend = backend
+        self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
+                          capture_inputs=capture_inputs, backend=backend)
+
+    def remove_hook(self) -> None:
+        self.probe.remove_hook()
+
+    # -- the unit proposal, exactly as the wrapped optimizer will compute it (on copies of its state)
+    def _proposal(self, group) -> tuple[list[int], list[Tensor], Tensor]:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return [], [], torch.zeros(1)
+        grads = [p.grad for p in params]
+        acc = lambda p: torch.float64 if p.dtype == torch.float64 else torch.float32  # noqa: E731
+        us = [torch.empty_like(p, dtype=acc(p)) for p in params]
+        if self.kind == "adam":
+            st = [self.optimizer.state.get(p, {}) for p in params]
+            zeros = lambda key: [s[key].clone() if key in s else torch.zeros_like(p)  # noqa: E731
+                                 for s, p in zip(st, params)]
+            step = int(st[0]["step"]) + 1 if "step" in st[0] else 1
+            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+            sums = update.adam_step_(params, grads, zeros("exp_avg"), zeros("exp_avg_sq"), step=step, lr=1.0,
+                                     betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                     decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
+                                     max_exp_avg_sqs=zeros("max_exp_avg_sq") if group["amsgrad"] else None,
+                                     updates=us, apply=False, backend=self.backend)
+        else:
+            bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+            first = any(b is None for b in bufs)
+            if first and not all(b is None for b in bufs):
+                raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
+            bufs = [torch.zeros_like(p) if b is None else b.clone() for b, p in zip(bufs, params)]
+            sums = update.sgd_step_(params, grads, bufs, lr=1.0, momentum=group["momentum"],
+                                    dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                    nesterov=group["nesterov"], maximize=group["maximize"], first=first,
+                                    updates=us, apply=False, backend=self.backend)
+        return [id(p) for p in params], us, sums
+
+    @torch.no_grad()
+    def step(self, inputs=None, closure: Callable | None = None):
+        """Measures the radius along this step's proposal on ``inputs`` (or the captured ones), sets each
+        group's lr to eta_eff for this step, runs the wrapped optimizer's step, restores the lrs."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = [g for g in self.param_groups if g["lr"] != 0]
+        proposals = [self._proposal(g) for g in groups]
+        live = [(g, p) for g, p in zip(groups, proposals) if p[0]]
+        self.steps += 1
+        if not live:
+            self.optimizer.step()
+            return loss
+        rho, tau, unit_norm, recomputed = self._measure(
+            inputs, [(p[0], p[1]) for _, p in live], [g["lr"] for g, _ in live], [p[2] for _, p in live])
+        scale = _control_scale(rho, tau, self.r, self.mode)
+        c = float(scale)
+        saved = [g["lr"] for g in self.param_groups]
+        try:
+            for g in self.param_groups:
+                g["lr"] = g["lr"] * c
+            self.optimizer.step()
+            lrs = [g["lr"] for g in self.param_groups]
+        finally:
+            for g, lr in zip(self.param_groups, saved):
+                g["lr"] = lr
+        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
+        return loss
+
+    def _wrapper_state(self) -> dict:
+        return self._radius_state()
+
+    def _load_wrapper_state(self, state: dict) -> None:
+        self._load_radius_state(state, self.params()[0].device)
+
+
+class _FusedRadiusOptimizer(_RadiusMixin, torch.optim.Optimizer):
+    """Base of RadiusAdamW / RadiusSGD: a torch Optimizer whose state layout matches torch's own optimizer
+    (exp_avg, exp_avg_sq, step / momentum_buffer), plus scratch buffers for the proposal."""
+
+    def __init__(self, params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs):
+        super().__init__(params, defaults)
+        self.backend = probe_kwargs.get("backend", "auto")
+        self._init_radius(model, r, mode, method, samples, every, logits_fn, **probe_kwargs)
+        self._scratch: dict[int, Tensor] = {}
+
+    def remove_hook(self) -> None:
+        self.probe.remove_hook()
+
+    def _buffers(self, params):
+        out = []
+        for p in params:
+            u = self._scratch.get(id(p))
+            if u is None or u.shape != p.shape:
+                u = torch.empty_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                self._scratch[id(p)] = u
+            out.append(u)
+        return out
+
+    def _propose(self, group, params) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, inputs=None, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = []
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if params and g["lr"] != 0:
+                live.append((g, params, self._buffers(params)))
+        self.steps += 1
+        if not live:
+            return loss
+        sums = [self._propose(g, ps) for g, ps, _ in live]
+        rho, tau, unit_norm, recomputed = self._measure(
+            inputs, [([id(p) for p in ps], us) for _, ps, us in live], [g["lr"] for g, _, _ in live], sums)
+        scale = _control_scale(rho, tau, self.r, self.mode)
+        lrs = []
+        for g, ps, us in live:
+            lr_eff = (scale * g["lr"]).to(ps[0].device)
+            update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
+            lrs.append(lr_eff)
+        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
+        return loss
+
+    def _decoupled_decay(self, group) -> float:
+        return 0.0
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["radius"] = self._radius_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        radius = state_dict.pop("radius", None)
+        super().load_state_dict(state_dict)
+        if radius is not None:
+            self._load_radius_state(radius, self.param_groups[0]["params"][0].device)
+
+
+class RadiusAdamW(_FusedRadiusOptimizer):
+    """AdamW with the radius controller, fused (SPEC 2.4): pass 1 advances the moments and writes the unit
+    proposal u with sum(u^2); the radius is measured along u; pass 2 applies
+    p <- p (1 - eta_eff wd) - eta_eff u with eta_eff a device tensor. Same numbers as
+    ``RadiusController(torch.optim.AdamW(...))`` to fp32 rounding; its state dict has AdamW's layout.
+
+    ``model``, ``r``, ``mode``, ``method``, ``samples``, ``every``, ``logits_fn`` and the keyword options are
+    :class:`RadiusController`'s. Memory: one fp32 buffer per parameter for u (scratch, not checkpointed)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, model: nn.Module, r: float = 1.0, mode: str = "cap", method: str = "jvp",
+                 samples: int | None = None, every: int = 1, logits_fn: Callable | None = None, maximize: bool = False,
+                 **probe_kwargs):
+        if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
+
+    def _propose(self, group, params):
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):
+            if not s:
+                s["step"] = torch.zeros((), dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(p)
+                s["exp_avg_sq"] = torch.zeros_like(p)
+                if group["amsgrad"]:
+                    s["max_exp_avg_sq"] = torch.zeros_like(p)
+            s["step"] += 1
+        return update.adam_step_(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            step=int(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled=True, amsgrad=group["amsgrad"],
+            maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
+            else None, updates=self._buffers(params), apply=False, backend=self.backend)
+
+    def _decoupled_decay(self, group) -> float:
+        return group["weight_decay"]
+
+
+class RadiusSGD(_FusedRadiusOptimizer):
+    """SGD (momentum, dampening, Nesterov, coupled weight decay) with the radius controller, fused; state
+    layout of ``torch.optim.SGD`` (momentum_buffer). See :class:`RadiusAdamW`."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, model: nn.Module, r: float = 1.0,
+                 mode: str = "cap", method: str = "jvp", samples: int | None = None, every: int = 1,
+                 logits_fn: Callable | None = None, maximize: bool = False, **probe_kwargs):
+        if not lr >= 0 or not momentum >= 0 or not weight_decay >= 0:
+            raise ValueError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize)
+        super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
+
+    def _propose(self, group, params):
+        momentum = group["momentum"]
+        first = False
+        bufs = None
+        if momentum != 0:
+            states = [self.state[p] for p in params]
+            first = any("momentum_buffer" not in s for s in states)
+            for p, s in zip(params, states):
+                if "momentum_buffer" not in s:
+                    s["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [s["momentum_buffer"] for s in states]
+        return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=momentum,
+                                dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                nesterov=group["nesterov"], maximize=group["maximize"], first=first,
+                                updates=self._buffers(params), apply=False, backend=self.backend)

@@ -1,0 +1,142 @@
+"""Tangent logits of a model along a direction in parameter space (SPEC 2.3).
+
+``tangent_logits`` evaluates a_k(x; v) = grad_theta z_k(x) . v for a batch, by forward-mode AD (one JVP,
+about 1.5 forwards) or by finite differences, always functionally: parameters and buffers are never
+written, and the model runs in eval mode (so BatchNorm uses, and does not update, its running statistics;
+dropout is off), after which every module's train/eval flag is restored exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+METHODS = ("jvp", "fd")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True):
+    """Puts every module in eval mode and restores each module's own flag afterwards (a model in training
+    may hold modules deliberately in eval mode, e.g. frozen BatchNorm)."""
+    if not enabled:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def as_direction(model: nn.Module, direction) -> dict[str, Tensor]:
+    """``direction`` as {parameter name: tensor}. Accepts such a dict, or a sequence aligned with
+    ``model.parameters()`` (None entries: the parameter does not move)."""
+    named = dict(model.named_parameters())
+    if isinstance(direction, Mapping):
+        out = {}
+        for name, t in direction.items():
+            if name not in named:
+                raise ValueError(f"direction names {name!r}, which is not a parameter of the model")
+            if t is not None:
+                out[name] = t
+    else:
+        items = list(direction)
+        if len(items) != len(named):
+            raise ValueError(f"direction has {len(items)} tensors, the model has {len(named)} parameters")
+        out = {n: t for n, t in zip(named, items) if t is not None}
+    for name, t in out.items():
+        p = named[name]
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            raise ValueError(f"direction[{name!r}] must have the parameter's shape {tuple(p.shape)}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if not out:
+        raise ValueError("direction moves no parameter")
+    return out
+
+
+def _call(model: nn.Module, params: dict[str, Tensor], inputs, logits_fn):
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, params, args=(), kwargs=dict(inputs), strict=False)
+    elif isinstance(inputs, (tuple, list)):
+        out = functional_call(model, params, tuple(inputs), strict=False)
+    else:
+        out = functional_call(model, params, (inputs,), strict=False)
+    out = logits_fn(out) if logits_fn is not None else out
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model's output is a {type(out).__name__}; pass logits_fn to extract the logits")
+    return out.reshape(-1, out.shape[-1]) if out.dim() != 2 else out
+
+
+def tangent_logits(model: nn.Module, inputs, direction, method: str = "jvp", eps: float = 1e-4,
+                   logits_fn: Callable | None = None, *, return_logits: bool = False, eval: bool = True):
+    """The (N, C) tangent logits of ``model`` on ``inputs`` along ``direction`` (SPEC 2.3).
+
+    Args:
+        model: any module whose output (after ``logits_fn``) holds logits in its last dimension; leading
+            dimensions are flattened into rows (a language model's (B, T, V) becomes (B*T, V)).
+        inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments for the model.
+        direction: {parameter name: tensor} or a sequence aligned with ``model.parameters()``; parameters
+            not named do not move. Not normalised here: the result is linear in it.
+        method: ``"jvp"`` (exact, one forward-mode pass) or ``"fd"``: (f(theta + eps v) - f(theta)) / eps,
+            two no-grad forwards; the perturbed parameters are new tensors, the model's are never written.
+            (In fp32 a tiny eps v is partly lost to rounding when added to theta; the JVP has no such error.)
+        logits_fn: maps the model's output to logits (e.g. ``lambda out: out.logits``).
+        return_logits: also return the logits at theta: ``(logits, tangent)``.
+        eval: run in eval mode (default, as the paper: BatchNorm statistics untouched, no dropout noise).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fd" and not isinstance(eps, Tensor) and not eps > 0:  # a tensor eps stays on the device
+        raise ValueError(f"eps must be > 0, got {eps}")
+    named = dict(model.named_parameters())
+    dirs = as_direction(model, direction)
+    names = list(dirs)
+    with eval_mode(model, eval), torch.enable_grad() if method == "jvp" else torch.no_grad():
+        primals = tuple(named[n].detach() for n in names)
+        tangents = tuple(dirs[n].detach().to(named[n].dtype) for n in names)
+        if method == "jvp":
+            def f(*ps):
+                return _call(model, dict(zip(names, ps)), inputs, logits_fn)
+
+            logits, tangent = jvp(f, primals, tangents)
+        else:
+            logits = _call(model, dict(zip(names, primals)), inputs, logits_fn)
+            moved = {n: p + eps * t for n, p, t in zip(names, primals, tangents)}
+            tangent = (_call(model, moved, inputs, logits_fn) - logits) / eps
+    logits, tangent = logits.detach(), tangent.detach()
+    return (logits, tangent) if return_logits else tangent
+
+
+@contextlib.contextmanager
+def _head_passthrough(head: nn.Module):
+    """Makes ``head`` return its input, so the model's output becomes the features entering the head."""
+    head.forward = lambda x, *a, **k: x  # instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def tangent_features(model: nn.Module, inputs, direction, head: nn.Linear, logits_fn: Callable | None = None, *,
+                     eval: bool = True) -> tuple[Tensor, Tensor]:
+    """(h, h_dot): the features entering the output layer ``head`` and their tangent along ``direction``
+    (JVP), for :func:`stabkernels.tangent_spread_linear`, which then reduces the head's tangent logits
+    without materialising them. ``head`` must be the model's last step (its output, after ``logits_fn``, is
+    the logits); it is bypassed for this call, so the (N, V) logits are never computed either."""
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an nn.Linear output layer, got {type(head).__name__}")
+    with _head_passthrough(head):
+        return tangent_logits(model, inputs, direction, "jvp", logits_fn=logits_fn, return_logits=True, eval=eval)
+
+
+def head_direction(model: nn.Module, head: nn.Linear, direction: dict[str, Tensor]):
+    """The head's own weight and bias components of a {name: tensor} direction (None where absent)."""
+    ids = {id(p): n for n, p in model.named_parameters()}
+    w = direction.get(ids.get(id(head.weight)))
+    b = direction.get(ids.get(id(head.bias))) if head.bias is not None else None
+    return w, b

@@ -1,0 +1,245 @@
+"""Radius controller: the unit proposal is torch's own step, the cap holds, buffers stay untouched, the fused
+optimizers match the wrapper, state resumes, and the digits spike protocol (short) is survived."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stabkernels import digits
+from stabkernels.optim import RadiusAdamW, RadiusController, RadiusSGD
+
+from .helpers import backend_params
+
+
+def mlp(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(10, 24)] + ([nn.BatchNorm1d(24)] if bn else []) + [nn.ReLU(), nn.Linear(24, 5)]
+    return nn.Sequential(*layers)
+
+
+def batch(seed=0, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def backward(model, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
+OPTIMIZERS = [
+    ("SGD", lambda ps: torch.optim.SGD(ps, lr=1.0)),
+    ("SGD-momentum", lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    ("SGD-nesterov", lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.8, nesterov=True, maximize=True)),
+    ("Adam", lambda ps: torch.optim.Adam(ps, lr=1.0, weight_decay=0.01)),
+    ("Adam-amsgrad", lambda ps: torch.optim.Adam(ps, lr=1.0, amsgrad=True, betas=(0.8, 0.9))),
+    ("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1.0, weight_decay=0.0)),
+]
+
+
+@pytest.mark.parametrize("name,make", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_unit_proposal_is_the_step_torch_applies_at_lr_1(name, make):
+    model = mlp()
+    opt = make(model.parameters())
+    ctrl = RadiusController(opt, model)
+    for step in range(3):
+        backward(model, *batch(step))
+        ids, us, sums = ctrl._proposal(opt.param_groups[0])
+        shadow = copy.deepcopy(model)
+        shadow_opt = make(shadow.parameters())
+        shadow_opt.load_state_dict(opt.state_dict())
+        for p, q in zip(model.parameters(), shadow.parameters()):
+            q.grad = p.grad.clone()
+        before = [p.detach().clone() for p in shadow.parameters()]
+        shadow_opt.step()
+        for u, b, a in zip(us, before, shadow.parameters()):
+            torch.testing.assert_close(u, b - a.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sums, torch.stack([u.pow(2).sum() for u in us]), rtol=1e-5, atol=0)
+        opt.step()  # advance the real state (lr 1, uncontrolled) for the next round
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_cap_mode_never_exceeds_r_rho_and_set_mode_equals_it(method):
+    model = mlp()
+    ctrl = RadiusController(torch.optim.Adam(model.parameters(), lr=100.0), model, r=0.5, method=method)
+    model2 = mlp()
+    setter = RadiusController(torch.optim.SGD(model2.parameters(), lr=1e-6), model2, mode="set", method=method)
+    for step in range(4):
+        for m, c in ((model, ctrl), (model2, setter)):
+            x, y = batch(step)
+            backward(m, x, y)
+            before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+            c.step(x)
+            moved = (torch.cat([p.detach().flatten() for p in m.parameters()]) - before).norm().item()
+            rho = float(c.last.rho)
+            if c is ctrl:
+                assert moved <= 0.5 * rho * (1 + 1e-4) and float(c.last.scale) < 1
+            else:
+                assert moved == pytest.approx(rho, rel=1e-4) and float(c.last.scale) > 1
+    assert ctrl.param_groups[0]["lr"] == 100.0  # restored after each step
+
+
+def test_cap_does_not_bind_at_small_lr_and_schedulers_work():
+    a, b = mlp(), mlp()
+    plain = torch.optim.Adam(a.parameters(), lr=1e-4)
+    ctrl = RadiusController(torch.optim.Adam(b.parameters(), lr=1e-4), b)
+    sched = torch.optim.lr_scheduler.StepLR(ctrl, step_size=1, gamma=0.5)
+    sched_plain = torch.optim.lr_scheduler.StepLR(plain, step_size=1, gamma=0.5)
+    for step in range(4):
+        x, y = batch(step)
+        backward(a, x, y)
+        backward(b, x, y)
+        plain.step()
+        ctrl.step(x)
+        sched.step()
+        sched_plain.step()
+        assert float(ctrl.last.scale) == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert ctrl.param_groups[0]["lr"] == pytest.approx(1e-4 / 16)
+
+
+def test_buffers_flags_untouched_and_inputs_captured():
+    model = mlp(bn=True)
+    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9), model, samples=8)
+    x, y = batch(0)
+    backward(model, x, y)  # a training forward: its inputs are captured, BN statistics move once
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ctrl.step()  # no inputs: the captured batch, first 8 rows
+    after = model.state_dict()
+    for k in state:
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(after[k], state[k]), k
+    assert model.training and all(m.training for m in model.modules())
+    fresh = mlp()
+    c2 = RadiusController(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, capture_inputs=False)
+    backward(fresh, x, y)
+    with pytest.raises(RuntimeError, match="no inputs"):
+        c2.step()
+
+
+def test_unsupported_optimizer_and_bad_options():
+    model = mlp()
+    with pytest.raises(TypeError, match="supports torch.optim.SGD, Adam and AdamW"):
+        RadiusController(torch.optim.RMSprop(model.parameters()), model)
+    with pytest.raises(ValueError, match="mode"):
+        RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="clip")
+    with pytest.raises(ValueError, match="r must be"):
+        RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, r=0)
+    with pytest.raises(ValueError, match="method"):
+        RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, method="exact")
+
+
+def test_nan_radius_gives_a_zero_length_step():
+    model = mlp()
+    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=1.0), model)
+    x, y = batch(0)
+    backward(model, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    x_bad = x.clone()
+    x_bad[0, 0] = float("nan")
+    ctrl.step(x_bad)
+    assert math.isnan(float(ctrl.last.rho)) and float(ctrl.last.scale) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+FUSED = [("AdamW", lambda ps, **kw: torch.optim.AdamW(ps, lr=5.0, weight_decay=0.1, amsgrad=True),
+          lambda ps, model, **kw: RadiusAdamW(ps, lr=5.0, weight_decay=0.1, amsgrad=True, model=model, **kw)),
+         ("SGD", lambda ps, **kw: torch.optim.SGD(ps, lr=50.0, momentum=0.9, nesterov=True, weight_decay=0.01),
+          lambda ps, model, **kw: RadiusSGD(ps, lr=50.0, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                            model=model, **kw))]
+
+
+@pytest.mark.parametrize("backend,device", backend_params("adam_step_", devices=("cpu",)))
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+@pytest.mark.parametrize("name,make_torch,make_fused", FUSED, ids=[f[0] for f in FUSED])
+def test_fused_optimizers_match_the_wrapper(backend, device, method, name, make_torch, make_fused):
+    # Finite differences in fp32 carry ~1e-3 relative noise (rounding / eps), which tiny parameter
+    # differences between the two update paths expose; in float64 both paths must agree tightly.
+    dtype = torch.float64 if method == "fd" else torch.float32
+    a, b = mlp().to(dtype), mlp().to(dtype)
+    ctrl = RadiusController(make_torch(a.parameters()), a, method=method, backend=backend)
+    fused = make_fused(b.parameters(), model=b, method=method, backend=backend)
+    for step in range(6):
+        x, y = batch(step)
+        x = x.to(dtype)
+        backward(a, x, y)
+        backward(b, x, y)
+        ctrl.step(x)
+        fused.step(x)
+        assert float(fused.last.scale) < 1  # the control binds
+        torch.testing.assert_close(fused.last.rho.double(), ctrl.last.rho.double(), rtol=1e-3, atol=0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_step_reads_nothing_back_to_the_host(monkeypatch):
+    model = mlp()
+    opt = RadiusAdamW(model.parameters(), lr=5.0, model=model)
+    x, y = batch(0)
+    backward(model, x, y)
+
+    def no_item(self):
+        raise AssertionError("a .item() on the fused path")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_item)
+    opt.step(x)
+    monkeypatch.undo()
+    assert float(opt.last.scale) < 1
+
+
+def test_fused_head_path_matches_full_tangents():
+    a = mlp()
+    b = copy.deepcopy(a)
+    full = RadiusAdamW(a.parameters(), lr=5.0, model=a)
+    fused = RadiusAdamW(b.parameters(), lr=5.0, model=b, head=b[-1])
+    for step in range(3):
+        x, y = batch(step)
+        backward(a, x, y)
+        backward(b, x, y)
+        full.step(x)
+        fused.step(x)
+        torch.testing.assert_close(fused.last.rho, full.last.rho, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["wrapper", "fused"])
+def test_state_dict_round_trip_resumes_identically(kind):
+    def make(model):
+        if kind == "wrapper":
+            return RadiusController(torch.optim.Adam(model.parameters(), lr=3.0), model, every=3)
+        return RadiusAdamW(model.parameters(), lr=3.0, model=model, every=3)
+
+    model = mlp()
+    opt = make(model)
+    for step in range(4):
+        backward(model, *batch(step))
+        opt.step(batch(step)[0])
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    for step in range(4, 8):
+        backward(model, *batch(step))
+        opt.step(batch(step)[0])
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2 = mlp(seed=5)
+    model2.load_state_dict(saved["m"])
+    opt2 = make(model2)
+    opt2.load_state_dict(saved["o"])
+    for step in range(4, 8):
+        backward(model2, *batch(step))
+        opt2.step(batch(step)[0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+def test_digits_spike_one_seed():
+    """SPEC 2.5, one seed at base lr 1e-2 (lr x1000 from step 50): Adam collapses, the controller holds."""
+    split = digits.load_digits_split(0)
+    adam = digits.run("adam", digits.adam_factory, 1e-2, 0, split)
+    ctrl = digits.run("radius", digits.radius_adam_factory, 1e-2, 0, split)
+    assert adam.final_test_acc < 0.3
+    assert ctrl.final_test_acc >= 0.9
+    assert all(r > 0 for r in ctrl.rho) and len(ctrl.rho) == 200
