@@ -36,6 +36,12 @@ TORCH_LIBRARY(stabkernels_C, m) {
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
       "Tensor step_scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first, bool apply) -> Tensor");
+  // directional (SPEC 3.3, 4): keys are the per-tensor 64-bit stream keys (int64 bit patterns, see
+  // csrc/philox.h and stabkernels/directional.py).
+  m.def("random_directions(Tensor[] tensors, Tensor keys) -> Tensor[]");
+  m.def("perturb(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out) -> ()");
+  m.def("directional_dots(Tensor[] grads, Tensor keys) -> Tensor");
+  m.def("orthograd_(Tensor[] params, Tensor(a!)[] grads) -> ()");
   // p <- p * (1 - lr * weight_decay) - lr * u, lr a 0-d tensor (kept on the device).
   m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay) -> ()");
 }

@@ -5,6 +5,7 @@ Families (see the README and SPEC):
     :func:`tangent_logits`
   * spectral: :func:`power_iteration_`, :func:`stable_rank`, :func:`top_singular`, :func:`spectral_smooth_`,
     :func:`sq_norms`
+  * directional: :func:`random_directions`, :func:`perturb`, :func:`directional_dots`, :func:`orthograd_`
   * fused optimizer updates: :func:`adam_step_`, :func:`sgd_step_`, :func:`apply_update_`
 
 Every op takes ``backend="auto" | "torch" | "cpp" | "triton" | "cuda"``; :func:`info` reports which
@@ -16,6 +17,7 @@ from ._info import info
 from .backend import BackendUnavailable
 from .spectral import (init_power_vectors, power_iteration_, spectral_smooth_, sq_norms, stable_rank,
                        top_singular)
+from .directional import directional_dots, orthograd_, perturb, random_directions
 from .spread import row_spread, softmax_radius, tangent_spread_linear
 from .tangent import tangent_features, tangent_logits
 from .update import adam_step_, apply_update_, sgd_step_
@@ -27,6 +29,8 @@ __all__ = [
     "BackendUnavailable", "backend", "info", "__version__",
     # logit spread
     "row_spread", "softmax_radius", "tangent_features", "tangent_logits", "tangent_spread_linear",
+    # directional
+    "directional_dots", "orthograd_", "perturb", "random_directions",
     # fused optimizer updates
     "adam_step_", "apply_update_", "sgd_step_",
     # spectral

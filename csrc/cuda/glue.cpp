@@ -284,6 +284,131 @@ at::Tensor tangent_spread_linear_cuda(const at::Tensor& h_in, const at::Tensor& 
   return hi - lo;
 }
 
+// ---- directional family
+
+// Tables for the stream kernels over tensors idx of `ts`: keys (row `key_row` of a (K, T) CPU key tensor,
+// or all K rows when key_row < 0), numel, blocks of kStreamCounters counters; plus `extra` address columns.
+struct StreamLaunch {
+  at::Tensor table;
+  StreamTables t;
+  int64_t blocks;
+  std::vector<const int64_t*> extra;
+};
+
+StreamLaunch stream_launch(const std::vector<int64_t>& idx, at::TensorList ts, const at::Tensor& keys, int64_t key_row,
+                           std::vector<Column> extra, const at::Device& device) {
+  const at::Tensor k2 = (keys.dim() == 1 ? keys.unsqueeze(0) : keys).contiguous();  // owns the data read below
+  const int64_t T = k2.size(1);
+  const int64_t* kp = k2.const_data_ptr<int64_t>();
+  Column key_col, numel, blk_tensor, blk_ctr;
+  for (int64_t r = (key_row < 0 ? 0 : key_row); r < (key_row < 0 ? k2.size(0) : key_row + 1); ++r)
+    for (int64_t i : idx) key_col.push_back(kp[r * T + i]);
+  for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
+    const int64_t n = ts[idx[j]].numel();
+    numel.push_back(n);
+    for (int64_t c = 0; 4 * c < n; c += kStreamCounters) blk_tensor.push_back(j), blk_ctr.push_back(c);
+  }
+  std::vector<Column> cols = {key_col, numel, blk_tensor, blk_ctr};
+  for (auto& e : extra) cols.push_back(std::move(e));
+  StreamLaunch l;
+  std::vector<const int64_t*> c;
+  l.table = device_table(cols, device, c);
+  l.t = StreamTables{c[0], c[1], c[2], c[3]};
+  l.blocks = static_cast<int64_t>(blk_tensor.size());
+  l.extra.assign(c.begin() + 4, c.end());
+  return l;
+}
+
+std::vector<int64_t> all_indices(at::TensorList ts) {
+  std::vector<int64_t> idx(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) idx[i] = static_cast<int64_t>(i);
+  return idx;
+}
+
+// The stream's unit-norm scales per tensor, rounded to float32 (then widened to float64 for the math).
+at::Tensor stream_scales(at::TensorList ts, const at::Tensor& keys, const at::Device& device, cudaStream_t stream) {
+  auto l = stream_launch(all_indices(ts), ts, keys, 0, {}, device);
+  at::Tensor sums = at::zeros({static_cast<int64_t>(ts.size())}, at::TensorOptions().device(device).dtype(at::kDouble));
+  check(stream_sq_sums(l.t, l.blocks, sums.mutable_data_ptr<double>(), stream), "stream_sq_sums");
+  return (1.0 / (sums.sqrt() + 1e-12)).to(at::kFloat).to(at::kDouble);
+}
+
+// out[i] = d_i (src empty) or src[i] + sigma d_i, one launch per output dtype.
+void stream_write_all(at::TensorList ts, const at::Tensor& keys, at::TensorList outs, at::TensorList srcs,
+                      double sigma, const at::Device& device, cudaStream_t stream) {
+  const at::Tensor scales = stream_scales(ts, keys, device, stream);
+  for (const auto& [dtype, idx] : by_dtype(outs)) {
+    Column src_col, out_col;
+    for (int64_t i : idx) {
+      out_col.push_back(addr(outs[i]));
+      src_col.push_back(srcs.empty() ? 0 : addr(srcs[i]));
+    }
+    auto l = stream_launch(idx, ts, keys, 0, {src_col, out_col}, device);
+    const auto acc = acc_of(dtype);
+    at::Tensor sub = scales.index_select(0, at::tensor(idx, at::kLong).to(device)).to(acc);
+    check(stream_write(dtype_of(outs[idx[0]]), acc == at::kDouble ? kFloat64 : kFloat32, l.t, l.blocks,
+                       sub.const_data_ptr(), srcs.empty() ? nullptr : l.extra[0], l.extra[1], sigma, stream),
+          "stream_write");
+  }
+}
+
+std::vector<at::Tensor> random_directions_cuda(at::TensorList like, const at::Tensor& keys) {
+  TORCH_CHECK(!like.empty(), "random_directions: empty list");
+  const c10::cuda::CUDAGuard guard(like[0].device());
+  std::vector<at::Tensor> outs;
+  for (const auto& t : like) outs.push_back(at::empty(t.sizes(), t.options().dtype(acc_of(t.scalar_type()))));
+  stream_write_all(like, keys.cpu(), outs, {}, 0.0, like[0].device(), c10::cuda::getCurrentCUDAStream());
+  return outs;
+}
+
+void perturb_cuda(at::TensorList params, const at::Tensor& keys, double sigma, at::TensorList out) {
+  TORCH_CHECK(!params.empty() && out.size() == params.size(), "perturb: one output per parameter");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  stream_write_all(params, keys.cpu(), out, params, sigma, params[0].device(), c10::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in) {
+  TORCH_CHECK(!grads.empty(), "directional_dots: empty list");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor keys = keys_in.cpu();
+  const int64_t K = keys.size(0);
+  std::vector<at::Tensor> flat;
+  for (const auto& g : grads) flat.push_back(g.contiguous());
+  at::Tensor total = at::zeros({K}, grads[0].options().dtype(at::kDouble));
+  for (const auto& [dtype, idx] : by_dtype(grads)) {
+    Column g_col;
+    for (int64_t i : idx) g_col.push_back(addr(flat[i]));
+    auto l = stream_launch(idx, flat, keys, -1, {g_col}, grads[0].device());
+    const int64_t Tsub = static_cast<int64_t>(idx.size());
+    at::Tensor gn = at::zeros({K, Tsub}, total.options()), nn = at::zeros({K, Tsub}, total.options());
+    check(directional_dots(dtype_of(grads[idx[0]]), l.t, l.blocks, K, Tsub, l.extra[0], gn.mutable_data_ptr<double>(),
+                           nn.mutable_data_ptr<double>(), stream),
+          "directional_dots");
+    total += (gn * (1.0 / (nn.sqrt() + 1e-12)).to(at::kFloat).to(at::kDouble)).sum(1);
+  }
+  return total.to(grouped_acc(grads));
+}
+
+void orthograd_cuda(at::TensorList params, at::TensorList grads) {
+  check_update_lists("orthograd_", params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    auto l = update_launch(idx, {params, grads}, {}, params[0].device());
+    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size()), 3}, params[0].options().dtype(at::kDouble));
+    check(orthograd_sums(dtype_of(params[idx[0]]), l.t, l.chunks, sums.mutable_data_ptr<double>(), stream),
+          "orthograd_");
+    const at::Tensor wg = sums.select(1, 0), ww = sums.select(1, 1), gg = sums.select(1, 2);
+    const at::Tensor coef = (wg / (ww + 1e-30)).contiguous();
+    const at::Tensor perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0);
+    const at::Tensor scale = (gg.sqrt() / (perp2.sqrt() + 1e-30)).contiguous();
+    check(orthograd_write(dtype_of(params[idx[0]]), l.t, l.chunks, coef.const_data_ptr<double>(),
+                          scale.const_data_ptr<double>(), stream),
+          "orthograd_");
+  }
+}
+
 at::Tensor row_spread_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "row_spread: expected an (N, C>0) tensor");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -305,6 +430,10 @@ TORCH_LIBRARY_IMPL(stabkernels_C, CUDA, m) {
   m.impl("adam_step_", &adam_step_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("apply_update_", &apply_update_cuda);
+  m.impl("random_directions", &random_directions_cuda);
+  m.impl("perturb", &perturb_cuda);
+  m.impl("directional_dots", &directional_dots_cuda);
+  m.impl("orthograd_", &orthograd_cuda);
 }
 
 }  // namespace stabkernels::cuda

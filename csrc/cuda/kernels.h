@@ -84,4 +84,26 @@ cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, con
 cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
                          double weight_decay, cudaStream_t stream);
 
+// Directional family. Tables: per tensor keys (stream keys, int64 bit patterns), numel, data addresses;
+// per block of kStreamCounters Philox counters: tensor index and first counter.
+constexpr int64_t kStreamCounters = 256;
+struct StreamTables {
+  const int64_t* keys;
+  const int64_t* numel;
+  const int64_t* blk_tensor;
+  const int64_t* blk_ctr;
+};
+// sums[t] += sum of n^2 over tensor t's stream (float64, zeroed by the caller).
+cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* sums, cudaStream_t stream);
+// out[t] = n * scale[t] (src null) or src[t] + sigma * (n * scale[t]), math in `acc`, stored as `dtype`.
+cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const void* scales,
+                         const int64_t* src, const int64_t* out, double sigma, cudaStream_t stream);
+// gn[k, t] += g_t . n_{t,k}; nn[k, t] += n_{t,k} . n_{t,k} (float64); keys is (K, T) row-major.
+cudaError_t directional_dots(DType dtype, const StreamTables& t, int64_t num_blocks, int64_t K, int64_t T,
+                             const int64_t* grads, double* gn, double* nn, cudaStream_t stream);
+// OrthoGrad: sums[3t..3t+2] += (w.g, w.w, g.g); then g <- (g - coef[t] w) * scale[t].
+cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunks, double* sums, cudaStream_t stream);
+cudaError_t orthograd_write(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* coef,
+                            const double* scale, cudaStream_t stream);
+
 }  // namespace stabkernels::cuda

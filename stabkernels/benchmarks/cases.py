@@ -2,6 +2,7 @@
 inputs moves, the torch baseline it must beat, and one callable per backend that serves it here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -51,6 +52,20 @@ def gpt2_weight_shapes(quick: bool) -> list[tuple[int, int]]:
     """Weight matrices of a GPT-2-small-like stack: 12 layers x {768x2304, 768x768, 768x3072, 3072x768}."""
     d, layers = (128, 2) if quick else (768, 12)
     return [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * layers
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of torchvision's ResNet-18 (11,689,512 parameters), without torchvision."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            c_in = cin if block == 0 else cout
+            shapes += [(cout, c_in, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and (stride != 1 or c_in != cout):
+                shapes += [(cout, c_in, 1, 1), (cout,), (cout,)]
+        cin = cout
+    return shapes + [(1000, 512), (1000,)]
 
 
 def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
@@ -197,8 +212,94 @@ def radius_cases(device: str, quick: bool) -> Iterator[Case]:
                statistic="mean")
 
 
+def small_cnn(device: str, seed: int = 0):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).to(device)
+
+
+def directional_cases(device: str, quick: bool) -> Iterator[Case]:
+    from torch.nn import functional as F
+
+    from .. import directional
+    from ..optim import SAdam
+
+    shapes = resnet18_shapes()
+    if quick:
+        shapes = [tuple(max(1, d // 8) for d in s) for s in shapes]
+    label = f"resnet18{'/8' if quick else ''}:{sum(math.prod(s) for s in shapes)}params"
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    k = 8
+
+    def torch_loop():
+        out = []
+        for _ in range(k):
+            total = 0.0
+            for gr in grads:
+                d = torch.randn_like(gr)
+                d = d / (d.norm() + 1e-12)
+                total = total + torch.dot(gr.flatten(), d.flatten())
+            out.append(total)
+        return out
+
+    yield Case(op="directional_dots", shape=f"{label},K{k}", dtype="float32",
+               nbytes=sum(x.numel() * 4 for x in grads), baseline=torch_loop,
+               baseline_name="per probe per tensor: randn_like, normalise, dot",
+               candidates={b: (lambda b=b: directional.directional_dots(grads, 1, k, backend=b))
+                           for b in kernel_backends("directional_dots", device)})
+
+    # SAdam's step without its probe forwards, against AdamW(foreach=True), on the same parameters
+    def params_with_grads():
+        gg = torch.Generator().manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gg).to(device) * 0.02) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gg).to(device) * 1e-3
+        return ps
+
+    plain = torch.optim.AdamW(params_with_grads(), lr=1e-3, foreach=True)
+    update_only = SAdam(params_with_grads(), lr=1e-3, probes=0, probe_mode="train")
+    free_closure = SAdam(params_with_grads(), lr=1e-3, probes=k, probe_mode="train")
+    zero = torch.zeros((), device=device)
+    yield Case(op="sadam_step_without_forwards", shape=label, dtype="float32",
+               nbytes=sum(p.numel() * 4 for p in plain.param_groups[0]["params"]), baseline=plain.step,
+               baseline_name="torch.optim.AdamW(foreach=True).step()",
+               candidates={"sadam-update": update_only.step,
+                           f"sadam-update+{k}-perturbations": lambda: free_closure.step(lambda: zero, loss=zero)})
+
+    # a full training step of the small CNN: AdamW against SAdam with k = 8 and k = 2 probes
+    batch = 32 if quick else 128
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    def train_step(model, opt, sadam):
+        def fn():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if sadam:
+                opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+            else:
+                opt.step()
+        return fn
+
+    m0 = small_cnn(device)
+    candidates = {}
+    for probes in (8, 2):
+        m = small_cnn(device)
+        candidates[f"SAdam-k{probes}"] = train_step(m, SAdam(m, lr=1e-3, probes=probes), True)
+    nparams = sum(p.numel() for p in m0.parameters())
+    yield Case(op="train_step_small_cnn_sadam", shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
+               nbytes=nparams * 4, baseline=train_step(m0, torch.optim.AdamW(m0.parameters(), lr=1e-3), False),
+               baseline_name="forward + backward + torch.optim.AdamW.step()", candidates=candidates)
+
+
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
     "radius": radius_cases,
+    "directional": directional_cases,
 }

@@ -3,9 +3,13 @@
 - :class:`PSS`, :class:`PSSAdamW`: spectral smoothing of weight matrices on trigger steps (SPEC 1).
 - :class:`RadiusController`, :class:`RadiusAdamW`, :class:`RadiusSGD`: every step capped at the softmax
   convergence radius along it (SPEC 2).
+- :class:`SAdam`: AdamW damped by the instability of random-direction probes (SPEC 3).
+- :class:`OrthoGrad`: gradients made orthogonal to their weights before any optimizer steps (SPEC 4).
 """
 from .pss import PSS, PSSAdamW, PSSReport
+from .orthograd import OrthoGrad
 from .radius import RadiusAdamW, RadiusController, RadiusProbe, RadiusReport, RadiusSGD
+from .sadam import SAdam, SAdamReport
 
-__all__ = ["PSS", "PSSAdamW", "PSSReport", "RadiusAdamW", "RadiusController", "RadiusProbe", "RadiusReport",
-           "RadiusSGD"]
+__all__ = ["OrthoGrad", "PSS", "PSSAdamW", "PSSReport", "RadiusAdamW", "RadiusController", "RadiusProbe",
+           "RadiusReport", "RadiusSGD", "SAdam", "SAdamReport"]

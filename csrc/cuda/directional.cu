@@ -1,0 +1,176 @@
+// Directional family on CUDA: the Philox stream of csrc/philox.h with float64 Box-Muller (within a few
+// float32 ulps of the CPU backends), one thread per Philox counter (four elements).
+#include "../philox.h"
+#include "common.cuh"
+
+namespace stabkernels::cuda {
+namespace {
+
+constexpr int kThreads = static_cast<int>(kStreamCounters);
+
+__device__ __forceinline__ void normals4(uint64_t key, uint64_t ctr, float n[4]) {
+  uint32_t w[4];
+  philox4x32_10(static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), ctr, w);
+  for (int p = 0; p < 2; ++p) {
+    const double r = sqrt(-2.0 * log(philox_uniform(w[2 * p])));
+    double s, c;
+    sincos(kTwoPi * philox_uniform(w[2 * p + 1]), &s, &c);
+    n[2 * p] = static_cast<float>(r * c);
+    n[2 * p + 1] = static_cast<float>(r * s);
+  }
+}
+
+__global__ void sq_sums_kernel(StreamTables t, double* sums) {
+  const int64_t i = t.blk_tensor[blockIdx.x];
+  const int64_t numel = t.numel[i];
+  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
+  double s = 0;
+  if (4 * ctr < numel) {
+    float n[4];
+    normals4(static_cast<uint64_t>(t.keys[i]), static_cast<uint64_t>(ctr), n);
+    for (int j = 0; j < 4; ++j)
+      if (4 * ctr + j < numel) s += static_cast<double>(n[j]) * n[j];
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(sums + i, s);
+}
+
+template <typename T>
+__global__ void write_kernel(StreamTables t, const typename Acc<T>::type* scales, const int64_t* src,
+                             const int64_t* out, double sigma) {
+  using A = typename Acc<T>::type;
+  const int64_t i = t.blk_tensor[blockIdx.x];
+  const int64_t numel = t.numel[i];
+  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
+  if (4 * ctr >= numel) return;
+  float n[4];
+  normals4(static_cast<uint64_t>(t.keys[i]), static_cast<uint64_t>(ctr), n);
+  const A s = scales[i], sg = static_cast<A>(sigma);
+  T* o = reinterpret_cast<T*>(out[i]);
+  const T* th = src ? reinterpret_cast<const T*>(src[i]) : nullptr;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t e = 4 * ctr + j;
+    if (e >= numel) break;
+    A d = static_cast<A>(n[j]) * s;
+    if (th) d = to_acc(th[e]) + sg * d;
+    o[e] = from_acc<T>(d);
+  }
+}
+
+template <typename T>
+__global__ void dots_kernel(StreamTables t, int64_t K, int64_t T_, const int64_t* grads, double* gn, double* nn) {
+  const int64_t i = t.blk_tensor[blockIdx.x];
+  const int64_t numel = t.numel[i];
+  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
+  const T* g = reinterpret_cast<const T*>(grads[i]);
+  double gv[4] = {0, 0, 0, 0};
+  const bool live = 4 * ctr < numel;
+  if (live)
+    for (int j = 0; j < 4; ++j)
+      if (4 * ctr + j < numel) gv[j] = to_acc(g[4 * ctr + j]);
+  for (int64_t k = 0; k < K; ++k) {  // g is read once; the K directions are generated against it
+    double sgn = 0, snn = 0;
+    if (live) {
+      float n[4];
+      normals4(static_cast<uint64_t>(t.keys[k * T_ + i]), static_cast<uint64_t>(ctr), n);
+      for (int j = 0; j < 4; ++j)
+        if (4 * ctr + j < numel) sgn += gv[j] * n[j], snn += static_cast<double>(n[j]) * n[j];
+    }
+    sgn = block_sum(sgn);
+    snn = block_sum(snn);
+    if (threadIdx.x == 0) {
+      atomicAdd(gn + k * T_ + i, sgn);
+      atomicAdd(nn + k * T_ + i, snn);
+    }
+  }
+}
+
+template <typename T>
+__global__ void ortho_sums_kernel(UpdateTables t, double* sums) {
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const T* w = reinterpret_cast<const T*>(t.p[i]);
+  const T* g = reinterpret_cast<const T*>(t.g[i]);
+  double wg = 0, ww = 0, gg = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const double a = to_acc(w[j]), b = to_acc(g[j]);
+    wg += a * b, ww += a * a, gg += b * b;
+  }
+  wg = block_sum(wg);
+  ww = block_sum(ww);
+  gg = block_sum(gg);
+  if (threadIdx.x == 0) {
+    atomicAdd(sums + 3 * i, wg);
+    atomicAdd(sums + 3 * i + 1, ww);
+    atomicAdd(sums + 3 * i + 2, gg);
+  }
+}
+
+// float64: g - c w cancels when g is nearly parallel to w.
+template <typename T>
+__global__ void ortho_write_kernel(UpdateTables t, const double* coef, const double* scale) {
+  using A = double;
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const T* w = reinterpret_cast<const T*>(t.p[i]);
+  T* g = reinterpret_cast<T*>(t.g[i]);  // the table is const, the gradient it points to is not
+  const A c = static_cast<A>(coef[i]), s = static_cast<A>(scale[i]);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) g[j] = static_cast<T>((static_cast<A>(to_acc(g[j])) - c * static_cast<A>(to_acc(w[j]))) * s);
+}
+
+}  // namespace
+
+cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* sums, cudaStream_t stream) {
+  if (num_blocks == 0) return cudaSuccess;
+  sq_sums_kernel<<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(t, sums);
+  return cudaGetLastError();
+}
+
+cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const void* scales,
+                         const int64_t* src, const int64_t* out, double sigma, cudaStream_t stream) {
+  (void)acc;
+  if (num_blocks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_blocks);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using A = typename Acc<T>::type;
+    write_kernel<T><<<blocks, kThreads, 0, stream>>>(t, static_cast<const A*>(scales), src, out, sigma);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t directional_dots(DType dtype, const StreamTables& t, int64_t num_blocks, int64_t K, int64_t T_,
+                             const int64_t* grads, double* gn, double* nn, cudaStream_t stream) {
+  if (num_blocks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_blocks);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    dots_kernel<T><<<blocks, kThreads, 0, stream>>>(t, K, T_, grads, gn, nn);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunks, double* sums, cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    ortho_sums_kernel<T><<<blocks, 256, 0, stream>>>(t, sums);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t orthograd_write(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* coef,
+                            const double* scale, cudaStream_t stream) {
+  if (num_chunks == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    ortho_write_kernel<T><<<blocks, 256, 0, stream>>>(t, coef, scale);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace stabkernels::cuda

@@ -1,0 +1,298 @@
+"""Directional family (SPEC 3.3, 4): random directions generated inside the kernels, perturbations with
+nothing to undo, K directional derivatives in one read of the gradients, and the OrthoGrad projection.
+
+The direction stream (one definition; every backend follows it)
+---------------------------------------------------------------
+For tensor ``t`` of a list, probe ``p`` and a 64-bit ``seed``:
+
+1. key = splitmix64(splitmix64(splitmix64(seed) XOR p) XOR t), all mod 2^64
+   (splitmix64(x): x += 0x9E3779B97F4A7C15; z = (x ^ x >> 30) * 0xBF58476D1CE4E5B9;
+   z = (z ^ z >> 27) * 0x94D049BB133111EB; return z ^ z >> 31).
+2. Element e of the tensor (flat, row-major) takes counter c = e // 4 and word j = e % 4 of
+   Philox4x32-10 with key (key mod 2^32, key >> 32) and counter (c mod 2^32, c >> 32, 0, 0), exactly as
+   Triton's ``tl.randint4x(key, c)``.
+3. The words become uniforms u_j = (w_j + 0.5) / 2^32 in (0, 1), and Box-Muller in float64 turns (u0, u1) into
+   n_0 = r cos(2 pi u1), n_1 = r sin(2 pi u1), r = sqrt(-2 ln u0), and (u2, u3) into n_2, n_3 likewise
+   (2 pi is the float64 6.283185307179586, multiplied before the cos/sin). Each normal is rounded once to
+   float32.
+4. The direction is unit norm per tensor: d = n * s with s = 1 / (sqrt(S) + 1e-12) rounded to float32, S the
+   sum of n^2 accumulated in float64, and the product taken in the tensor's math dtype (float32; float64 for
+   float64 tensors, where n * s is exact). Rounding s hides the last-bit differences that summing S in another
+   order makes, so every backend arrives at the same s.
+
+Independent implementations (torch, C++ with Sleef, Triton's interpreter with numpy) agree bit for bit in
+practice: their float64 log/cos/sin differ at most in the last bit, which rounding to float32 hides except
+in the rarest of cases. On a GPU, a few float32 ulps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from ._checks import acc_dtype, check_float_tensor
+from ._library import define_op
+
+MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
+TWO_PI = 6.283185307179586
+
+
+# --------------------------------------------------------------------------------------------------
+# the stream: keys (host), Philox and Box-Muller (reference)
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, probe: int, index: int) -> int:
+    """The 64-bit Philox key of tensor ``index`` for probe ``probe`` (step 1 of the stream)."""
+    return splitmix64(splitmix64(splitmix64(seed & MASK64) ^ (probe & MASK64)) ^ (index & MASK64))
+
+
+def _signed(k: int) -> int:
+    return k - (1 << 64) if k >= 1 << 63 else k
+
+
+def key_table(seed: int, probes: Sequence[int], count: int, device=None) -> Tensor:
+    """(len(probes), count) int64 tensor of keys (bit patterns of the unsigned keys)."""
+    return torch.tensor([[_signed(stream_key(seed, p, t)) for t in range(count)] for p in probes],
+                        dtype=torch.int64, device=device)
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and int64 b in [0, 2^32), with 16-bit pieces
+    so that no int64 product overflows."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    mid = a_hi * b_lo + a_lo * b_hi
+    t = a_lo * b_lo + ((mid & 0xFFFF) << 16)
+    return (a_hi * b_hi + (mid >> 16) + (t >> 32)) & MASK32, t & MASK32
+
+
+def philox4x32_10(key: int, counters: Tensor) -> tuple[Tensor, ...]:
+    """Reference Philox4x32-10 on int64 counters (any device); returns the four words as int64 in
+    [0, 2^32)."""
+    k0, k1 = key & MASK32, (key >> 32) & MASK32
+    c0, c1 = counters & MASK32, (counters >> 32) & MASK32
+    c2 = torch.zeros_like(counters)
+    c3 = torch.zeros_like(counters)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return c0, c1, c2, c3
+
+
+def stream_normals(key: int, numel: int, device=None) -> Tensor:
+    """Reference: the float32 normals n_0 .. n_{numel-1} of one tensor's stream (steps 2 and 3)."""
+    counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    w = philox4x32_10(key, counters)
+    u = [(x.to(torch.float64) + 0.5) * 2.0 ** -32 for x in w]
+    out = []
+    for a, b in ((u[0], u[1]), (u[2], u[3])):
+        r = torch.sqrt(-2.0 * torch.log(a))
+        theta = TWO_PI * b
+        out += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(out, dim=1).reshape(-1)[:numel].to(torch.float32)
+
+
+def _unit_scale(n: Tensor, dtype: torch.dtype) -> Tensor:
+    """s = 1 / (sqrt(sum n^2) + 1e-12), the sum in float64, s rounded to float32, then held in the math dtype
+    of ``dtype`` (step 4)."""
+    s = 1.0 / (n.to(torch.float64).pow(2).sum().sqrt() + 1e-12)
+    return s.to(torch.float32).to(acc_dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+
+
+def _keys_arg(keys: Tensor) -> Tensor:
+    return keys.cpu() if keys.device.type != "cpu" else keys
+
+
+_random_directions_op = define_op(
+    "random_directions", "(Tensor[] tensors, Tensor keys, str backend) -> Tensor[]",
+    lambda tensors, keys, backend: [torch.empty_like(t, dtype=acc_dtype(t.dtype)) for t in tensors])
+
+
+@_backend.register("random_directions", "torch")
+def random_directions_reference(tensors, keys):
+    out = []
+    for t, k in zip(tensors, keys.tolist()):
+        n = stream_normals(k & MASK64, t.numel(), t.device)
+        out.append((n.to(acc_dtype(t.dtype)) * _unit_scale(n, t.dtype)).reshape(t.shape))
+    return out
+
+
+_perturb_op = define_op(
+    "perturb", "(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out, str backend) -> ()",
+    lambda params, keys, sigma, out, backend: None)
+
+
+@_backend.register("perturb", "torch")
+def perturb_reference(params, keys, sigma, out):
+    """out = theta + sigma * d, math in fp32 (fp64): d = n * s, then theta + sigma * d, rounded once."""
+    for p, k, o in zip(params, keys.tolist(), out):
+        A = acc_dtype(p.dtype)
+        n = stream_normals(k & MASK64, p.numel(), p.device)
+        d = (n.to(A) * _unit_scale(n, p.dtype)).reshape(p.shape)
+        o.copy_(p.to(A) + torch.tensor(sigma, dtype=A) * d)
+
+
+_dots_op = define_op(
+    "directional_dots", "(Tensor[] grads, Tensor keys, str backend) -> Tensor",
+    lambda grads, keys, backend: grads[0].new_empty(keys.shape[0],
+                                                    dtype=torch.float64 if any(g.dtype == torch.float64
+                                                                               for g in grads) else torch.float32))
+
+
+@_backend.register("directional_dots", "torch")
+def directional_dots_reference(grads, keys):
+    """Reference: out[k] = sum_t g_t . d_{t,k} = sum_t (g_t . n_{t,k}) s_{t,k}, each direction materialised."""
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out = []
+    for row in keys.tolist():
+        total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        for g, k in zip(grads, row):
+            n = stream_normals(k & MASK64, g.numel(), g.device)
+            total = total + (g.reshape(-1).to(torch.float64) @ n.to(torch.float64)) * _unit_scale(n, torch.float64)
+        out.append(total)
+    return torch.stack(out).to(dtype)
+
+
+_orthograd_op = define_op(
+    "orthograd_", "(Tensor[] params, Tensor(a!)[] grads, str backend) -> ()",
+    lambda params, grads, backend: None)
+
+
+@_backend.register("orthograd_", "torch")
+def orthograd_reference(params, grads):
+    """Reference (SPEC 4): g_perp = g - (w.g / (w.w + 1e-30)) w; g <- g_perp |g| / (|g_perp| + 1e-30)."""
+    for w, g in zip(params, grads):
+        w64, g64 = w.to(torch.float64), g.to(torch.float64)
+        c = (w64 * g64).sum() / ((w64 * w64).sum() + 1e-30)
+        perp = g64 - c * w64
+        g.copy_(perp * (g64.norm() / (perp.norm() + 1e-30)))
+
+
+for _op in ("random_directions", "perturb", "directional_dots", "orthograd_"):
+    _backend.register(_op, "cpp")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
+    _backend.register(_op, "cuda")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
+
+    def _triton(*a, _op=_op):
+        from .triton import directional as kernels
+
+        return getattr(kernels, _op)(*a)
+
+    _backend.register(_op, "triton")(_triton)
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+
+
+def _tensor_list(ts, name: str) -> list[Tensor]:
+    if isinstance(ts, Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor (wrap it in a list)")
+    ts = list(ts)
+    if not ts:
+        raise ValueError(f"{name} is empty")
+    for i, t in enumerate(ts):
+        check_float_tensor(t, f"{name}[{i}]")
+    if len({t.device for t in ts}) > 1:
+        raise ValueError(f"{name} must all be on one device, got {sorted({str(t.device) for t in ts})}")
+    return ts
+
+
+def _seed_int(seed) -> int:
+    if isinstance(seed, Tensor):
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return seed & MASK64
+
+
+def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backend: str = "auto") -> list[Tensor]:
+    """The unit directions d (one per tensor, its shape) of probe ``probe`` of the stream ``seed``: the
+    reference definition of the stream (module docstring). Returns float32 tensors (float64 for float64
+    inputs); only the shapes and dtypes of ``tensors`` matter."""
+    tensors = _tensor_list(tensors, "tensors")
+    b = _backend.resolve("random_directions", backend, tensors[0].device)
+    keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
+    return list(_random_directions_op(tensors, keys if b != "triton" else keys.to(tensors[0].device), b))
+
+
+def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: Sequence[Tensor] | None = None, *,
+            backend: str = "auto") -> list[Tensor]:
+    """theta + sigma * d for every tensor, written into ``out`` (allocated when None; reuse it across probes).
+
+    ``params`` are only read: evaluate the model at the perturbed point with the outputs (e.g. through
+    ``torch.func.functional_call``), and there is nothing to undo. (Adding sigma * d in place and subtracting
+    it afterwards is not bit-exact in floating point; that is how the reference S-Adam code drifts.) Math in
+    float32 (float64 for float64), rounded once into the parameter's dtype."""
+    params = _tensor_list(params, "params")
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite, got {sigma}")
+    if out is None:
+        out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+    else:
+        out = list(out)
+        if len(out) != len(params):
+            raise ValueError(f"out has {len(out)} tensors for {len(params)} params")
+        for i, (o, p) in enumerate(zip(out, params)):
+            if o.shape != p.shape or o.dtype != p.dtype or o.device != p.device or not o.is_contiguous():
+                raise ValueError(f"out[{i}] must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)} on "
+                                 f"{p.device}")
+            if o.data_ptr() == p.data_ptr():
+                raise ValueError(f"out[{i}] aliases params[{i}]: perturb never writes the parameters")
+    params = [p.contiguous() for p in params]
+    b = _backend.resolve("perturb", backend, params[0].device)
+    keys = key_table(_seed_int(seed), [probe], len(params))[0]
+    _perturb_op(params, keys if b != "triton" else keys.to(params[0].device), float(sigma), out, b)
+    return out
+
+
+def directional_dots(grads: Sequence[Tensor], seed: int, num_probes: int, *, first_probe: int = 0,
+                     backend: str = "auto") -> Tensor:
+    """The K = ``num_probes`` exact directional derivatives g . d_i for probes first_probe .. first_probe + K - 1,
+    in one read of the gradients (each block of g stays in cache while the K directions are generated for
+    it). Returns a (K,) float32 tensor (float64 if a gradient is float64). With finite-difference slopes D_i,
+    D_i - g . d_i isolates the non-smooth and curvature part."""
+    grads = _tensor_list(grads, "grads")
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    b = _backend.resolve("directional_dots", backend, grads[0].device)
+    keys = key_table(_seed_int(seed), range(first_probe, first_probe + num_probes), len(grads))
+    return _dots_op(grads, keys if b != "triton" else keys.to(grads[0].device), b)
+
+
+def orthograd_(params: Sequence[Tensor], *, backend: str = "auto") -> None:
+    """OrthoGrad (SPEC 4) on ``p.grad`` in place for every parameter with a gradient: the component along
+    the weight is removed and the result rescaled to the gradient's norm, per tensor. w.g, w.w and g.g come
+    from one fused pass (float64 sums); |g_perp|^2 = g.g - 2c w.g + c^2 w.w follows from them; a second pass
+    writes. Zero gradients or weights give no NaN."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    for i, p in enumerate(params):
+        check_float_tensor(p, f"params[{i}]")
+        if p.grad.is_sparse or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+            raise ValueError(f"params[{i}].grad must be a dense {p.dtype} tensor of the parameter's shape")
+        if not (p.is_contiguous() and p.grad.is_contiguous()):
+            raise ValueError(f"params[{i}] and its grad must be contiguous")
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for p in params:
+        by_device.setdefault(p.device, []).append(p)
+    for device, ps in by_device.items():
+        b = _backend.resolve("orthograd_", backend, device)
+        _orthograd_op([p.detach() for p in ps], [p.grad for p in ps], b)

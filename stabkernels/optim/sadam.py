@@ -1,0 +1,230 @@
+"""S-Adam ("Singularity-aware Adam", SPEC 3.1): AdamW whose step is damped where random-direction probes
+find the loss locally unstable."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import directional, update
+from ..tangent import eval_mode
+
+PROBE_MODES = ("eval", "train")
+EPS_MODES = ("torch", "authors")
+
+
+def lgi(D: Tensor) -> Tensor:
+    """Local geometric instability of finite-difference slopes D (SPEC 3.1 step 3): the unbiased variance
+    over mean(D^2) + 1e-6, over the finite entries; 0 with fewer than two. Lies in [0, k / (k - 1)]."""
+    valid = torch.isfinite(D)
+    k = valid.sum()
+    d = torch.where(valid, D, torch.zeros_like(D))
+    kf = k.to(D.dtype)
+    mean = d.sum() / kf.clamp_min(1)
+    var = (torch.where(valid, d - mean, torch.zeros_like(d)) ** 2).sum() / (kf - 1).clamp_min(1)
+    rho = var / ((d ** 2).sum() / kf.clamp_min(1) + 1e-6)
+    return torch.where(k >= 2, rho, torch.zeros_like(rho))
+
+
+def damping_factor(rho: Tensor, damping: float) -> Tensor:
+    """alpha = exp(-lambda * min(rho, 10)) (SPEC 3.1 step 4)."""
+    return torch.exp(-damping * rho.clamp_max(10.0))
+
+
+@dataclass
+class SAdamReport:
+    """One step, per parameter group: rho, alpha and dropped (0-d tensors), D (the k slopes, NaN where a
+    probe loss was not finite), the loss at theta."""
+
+    loss: Tensor
+    rho: list
+    alpha: list
+    D: list
+    dropped: list
+
+
+class SAdam(torch.optim.Optimizer):
+    """S-Adam (SPEC 3.1): AdamW with the step multiplied by alpha = exp(-damping * min(rho, 10)), where rho is
+    the local geometric instability of k finite-difference slopes D_i = (L(theta + sigma d_i) - L_0) / sigma
+    along random unit-per-tensor directions d_i.
+
+    Usage::
+
+        opt = SAdam(model, lr=1e-3)                  # a module: probes run in eval mode, buffers protected
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward()
+        opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+
+    ``closure`` returns the loss of the current batch for the current parameters and is called under
+    ``no_grad`` at each perturbed point (it must not call ``backward``); ``loss`` is the loss already computed
+    at theta (else the closure is called once more). In ``probe_mode="eval"`` a model in training mode makes
+    that loss a training-mode one (BatchNorm batch statistics, dropout), which the eval-mode probes must not be
+    compared with, so the loss at theta is then evaluated again in eval mode (one more forward). The perturbed points are written into scratch tensors
+    (:func:`stabkernels.perturb`) that the parameters point to while the closure runs; the parameters' own
+    storage is never written, so after the probes parameters, buffers (restored from a copy) and every
+    module's train/eval flag are bit-identical to before.
+
+    Directions: probe i of step t uses probe number ``probe_counter`` of the stream ``seed`` (the counter
+    advances by one per probe); both are saved in the state dict, so a resumed run draws the same directions.
+    A probe whose loss is not finite is dropped (with a warning) and never reaches rho or the weights; fewer
+    than two finite probes give rho = 0. ``probes=0`` or ``damping=0`` is ``torch.optim.AdamW``.
+
+    Args:
+        params: parameters or param groups (each group may override every hyper-parameter), or the model.
+        probes, sigma, damping: k, the probe step and lambda (the authors' defaults 8, 0.01, 2.0).
+        probe_mode: ``"eval"`` (default: BatchNorm statistics and dropout off during probes; needs the
+            model) or ``"train"`` (the authors' code, for fidelity).
+        seed: the direction stream (None: drawn from torch's global generator).
+        model: the module the closure evaluates (implied when ``params`` is a module).
+        eps_mode: ``"torch"`` (torch.optim.AdamW's eps placement) or ``"authors"`` (eps added to the
+            uncorrected sqrt(v), as the authors' code does; about 1e-5 relative difference).
+        warn_nonfinite: warn when probes are dropped (one host read per step; ``last.dropped`` says it too).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 probes: int = 8, sigma: float = 0.01, damping: float = 2.0, probe_mode: str = "eval",
+                 seed: int | None = None, *, model: nn.Module | None = None, eps_mode: str = "torch",
+                 warn_nonfinite: bool = True, backend: str = "auto"):
+        if isinstance(params, nn.Module):
+            model = params if model is None else model
+            params = params.parameters()
+        if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        if probe_mode not in PROBE_MODES:
+            raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
+        if eps_mode not in EPS_MODES:
+            raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, probes=probes, sigma=sigma,
+                        damping=damping)
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            if int(g["probes"]) != g["probes"] or g["probes"] < 0:
+                raise ValueError(f"probes must be an integer >= 0, got {g['probes']}")
+            if not g["sigma"] > 0 or not math.isfinite(g["sigma"]):
+                raise ValueError(f"sigma must be finite and > 0, got {g['sigma']}")
+            if not g["damping"] >= 0:
+                raise ValueError(f"damping must be >= 0, got {g['damping']}")
+        if probe_mode == "eval" and model is None and self._probing():
+            raise ValueError("probe_mode='eval' needs the model (to switch BatchNorm/dropout to eval and protect "
+                             "buffers during the probes): pass SAdam(model, ...) or model=..., or use "
+                             "probe_mode='train'")
+        self.model, self.probe_mode, self.eps_mode = model, probe_mode, eps_mode
+        self.warn_nonfinite, self.backend = warn_nonfinite, backend
+        self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
+        self.probe_counter = 0
+        self._scratch: dict[int, Tensor] = {}
+        self.last: SAdamReport | None = None
+
+    def _probing(self) -> bool:
+        return any(g["probes"] > 0 and g["damping"] != 0 for g in self.param_groups)
+
+    # ----------------------------------------------------------------------------------------------
+    def _probe(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> Tensor:
+        """The k slopes D_i for the parameters ``params`` perturbed together; NaN for non-finite probes."""
+        scratch = []
+        for p in params:
+            s = self._scratch.get(id(p))
+            if s is None or s.shape != p.shape or s.dtype != p.dtype:
+                s = torch.empty_like(p, memory_format=torch.contiguous_format)
+                self._scratch[id(p)] = s
+            scratch.append(s)
+        originals = [p.data for p in params]
+        losses = []
+        for _ in range(k):
+            directional.perturb(originals, self.seed, self.probe_counter, sigma, out=scratch, backend=self.backend)
+            self.probe_counter += 1
+            for p, s in zip(params, scratch):
+                p.data = s
+            try:
+                value = closure()
+            finally:
+                for p, o in zip(params, originals):
+                    p.data = o
+            losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
+        D = (torch.stack(losses) - loss0) / sigma
+        return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, loss: Tensor | float | None = None):
+        """One S-Adam step; see the class docstring for ``closure`` and ``loss``."""
+        probing = self._probing()
+        if probing and closure is None:
+            raise ValueError("SAdam.step needs a closure returning the batch loss (or probes=0 / damping=0)")
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = [(g, ps) for g, ps in groups if ps]
+        if not groups:
+            return loss
+        device = groups[0][1][0].device
+        report = SAdamReport(loss=torch.tensor(float("nan")), rho=[], alpha=[], D=[], dropped=[])
+        alphas = [torch.ones((), dtype=torch.float64, device=device) for _ in groups]
+        if probing:
+            in_eval = self.model is not None and self.probe_mode == "eval"
+            if in_eval and any(m.training for m in self.model.modules()):
+                loss = None  # a training-mode loss; the probes compare against the loss in eval mode
+            buffers = [b.clone() for b in self.model.buffers()] if self.model is not None else []
+            try:
+                with eval_mode(self.model, in_eval):
+                    loss0 = closure() if loss is None else loss
+                    loss0 = torch.as_tensor(loss0).detach().to(device=device, dtype=torch.float64).reshape(())
+                    report.loss = loss0
+                    # groups with the same probe settings are probed together: one rho for the bundle
+                    bundles: dict[tuple, list[int]] = {}
+                    for i, (g, _) in enumerate(groups):
+                        if g["probes"] > 0 and g["damping"] != 0:
+                            bundles.setdefault((int(g["probes"]), float(g["sigma"])), []).append(i)
+                    for (k, sigma), members in bundles.items():
+                        params = [p for i in members for p in groups[i][1]]
+                        D = self._probe(params, k, sigma, closure, loss0)
+                        rho = lgi(D)
+                        for i in members:
+                            alphas[i] = damping_factor(rho, groups[i][0]["damping"])
+                            report.D.append(D)
+                            report.rho.append(rho)
+                            report.dropped.append((~torch.isfinite(D)).sum())
+            finally:
+                for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
+                    b.copy_(saved)
+            if self.warn_nonfinite and report.dropped and int(sum(d for d in report.dropped)) > 0:
+                warnings.warn("SAdam: dropped probes whose loss was not finite (see opt.last.dropped)",
+                              RuntimeWarning, stacklevel=2)
+        for (g, params), alpha in zip(groups, alphas):
+            report.alpha.append(alpha)
+            self._adamw(g, params, alpha)
+        self.last = report
+        return report.loss if probing else loss
+
+    def _adamw(self, group, params, alpha: Tensor) -> None:
+        states = [self.state[p] for p in params]
+        for p, s in zip(params, states):
+            if not s:
+                s["step"] = torch.zeros((), dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["step"] += 1
+        step = int(states[0]["step"])
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        if self.eps_mode == "authors":  # eps on the uncorrected sqrt(v): the same as eps / sqrt(bc2) here
+            eps = eps / math.sqrt(1 - beta2 ** step)
+        update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], step=step, lr=group["lr"], betas=(beta1, beta2),
+                          eps=eps, weight_decay=group["weight_decay"], decoupled=True, step_scale=alpha,
+                          backend=self.backend)
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["sadam"] = {"seed": self.seed, "probe_counter": self.probe_counter}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("sadam", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.seed, self.probe_counter = int(extra["seed"]), int(extra["probe_counter"])

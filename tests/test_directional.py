@@ -1,0 +1,173 @@
+"""Directional family: the stream is the same on every backend and block size, perturb never touches the
+parameters, directional_dots equals explicit dots, orthograd_ projects and rescales."""
+import math
+
+import pytest
+import torch
+
+import stabkernels as sk
+from stabkernels import directional as D
+
+from .helpers import backend_params
+
+DIR_BACKENDS = backend_params("random_directions")
+PERTURB_BACKENDS = backend_params("perturb")
+DOTS_BACKENDS = backend_params("directional_dots")
+ORTHO_BACKENDS = backend_params("orthograd_")
+
+SHAPES = [(37,), (5, 9), (3, 4, 5), (1,), (2, 1000)]
+
+
+def tensors(device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in SHAPES]
+
+
+def test_stream_reference_matches_an_independent_philox():
+    """The reference Philox (int64 arithmetic) against a plain Python-int Philox4x32-10 and Triton's counter
+    convention: key halves, counter (lo, hi, 0, 0)."""
+    def philox_py(key, ctr):
+        k0, k1 = key & 0xFFFFFFFF, key >> 32
+        c = [ctr & 0xFFFFFFFF, ctr >> 32, 0, 0]
+        for _ in range(10):
+            pa, pb = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+            c = [(pb >> 32) ^ c[1] ^ k0, pb & 0xFFFFFFFF, (pa >> 32) ^ c[3] ^ k1, pa & 0xFFFFFFFF]
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        return c
+    key = D.stream_key(7, 3, 2)
+    ctrs = torch.tensor([0, 1, 2 ** 32 + 5, 123456789], dtype=torch.int64)
+    words = torch.stack(D.philox4x32_10(key, ctrs), dim=1).tolist()
+    assert words == [philox_py(key, c) for c in ctrs.tolist()]
+    # Random123's published known-answer test for Philox4x32-10 (counter 0, key 0)
+    assert [int(w) for w in torch.stack(D.philox4x32_10(0, torch.tensor([0])), 1)[0]] == \
+        [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("backend,device", DIR_BACKENDS)
+def test_random_directions_equal_the_reference_bit_for_bit(backend, device):
+    like = tensors(device) + [torch.empty(3, 7, device=device, dtype=torch.float64),
+                              torch.empty(11, device=device, dtype=torch.bfloat16)]
+    want = D.random_directions(like, 1234, 5, backend="torch")
+    got = D.random_directions(like, 1234, 5, backend=backend)
+    for w, g, t in zip(want, got, like):
+        assert g.shape == t.shape and g.dtype == (torch.float64 if t.dtype == torch.float64 else torch.float32)
+        if device == "cuda":
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(g, w)
+
+
+def test_directions_are_unit_norm_zero_mean_and_independent_of_probe_seed_and_index():
+    big = [torch.empty(200_000), torch.empty(300, 301)]
+    d = D.random_directions(big, 1, 0)
+    for x in d:
+        assert x.double().norm().item() == pytest.approx(1.0, abs=1e-6)
+        n = x.double() * math.sqrt(x.numel())  # back to unit-variance normals
+        assert abs(n.mean().item()) < 5 / math.sqrt(x.numel()) and abs(n.std().item() - 1) < 0.01
+    other_probe = D.random_directions(big, 1, 1)[0]
+    other_seed = D.random_directions(big, 2, 0)[0]
+    for other in (other_probe, other_seed):
+        assert abs((d[0] * other).sum().item()) < 0.02  # nearly orthogonal: independent streams
+    m = d[1].numel()  # another tensor index: another stream too
+    assert abs((d[0][:m] * d[1].flatten()).sum().item()) / d[0][:m].norm().item() < 0.02
+
+
+def test_cpu_directions_do_not_depend_on_thread_count_or_triton_block():
+    like = [torch.empty(100_003), torch.empty(17, 9)]
+    want = D.random_directions(like, 9, 4, backend="torch")
+    if sk.backend.why_unavailable("cpp", "cpu") is None:
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = D.random_directions(like, 9, 4, backend="cpp")
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, want))
+    if sk.backend.why_unavailable("triton", "cpu") is None:
+        from stabkernels.triton import directional as tk
+        old = tk.BLOCK
+        try:
+            tk.BLOCK = 64
+            small = D.random_directions(like, 9, 4, backend="triton")
+        finally:
+            tk.BLOCK = old
+        assert all(torch.equal(a, b) for a, b in zip(small, want))
+
+
+@pytest.mark.parametrize("backend,device", PERTURB_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_perturb_leaves_params_and_equals_theta_plus_sigma_d(backend, device, dtype):
+    params = tensors(device, dtype)
+    saved = [p.clone() for p in params]
+    out = D.perturb(params, 77, 3, 0.01, backend=backend)
+    assert all(torch.equal(p, s) for p, s in zip(params, saved))
+    d = D.random_directions(params, 77, 3, backend="torch")
+    for p, o, dd in zip(params, out, d):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        want = (p.to(acc) + torch.tensor(0.01, dtype=acc) * dd.to(p.device)).to(dtype)
+        if dtype in (torch.float32, torch.float64) and device == "cpu":
+            assert torch.equal(o, want)
+        else:  # fp16/bf16: the Triton interpreter truncates stores, a GPU rounds: one storage ulp at most
+            torch.testing.assert_close(o.to(acc), want.to(acc), rtol=2 ** -7, atol=1e-6)
+    again = D.perturb(params, 77, 3, 0.01, out=out, backend=backend)  # scratch reuse
+    assert again is out or all(a is b for a, b in zip(again, out))
+
+
+def test_perturb_errors():
+    params = tensors()
+    with pytest.raises(ValueError, match="aliases"):
+        D.perturb(params, 1, 0, 0.1, out=params)
+    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous torch.float32"):
+        D.perturb(params, 1, 0, 0.1, out=[torch.empty_like(params[0]), torch.empty(3)] + params[2:])
+    with pytest.raises(ValueError, match="finite"):
+        D.perturb(params, 1, 0, float("nan"))
+    with pytest.raises(TypeError, match="list of tensors"):
+        D.perturb(params[0], 1, 0, 0.1)
+    with pytest.raises(TypeError, match="seed"):
+        D.perturb(params, 1.5, 0, 0.1)
+
+
+@pytest.mark.parametrize("backend,device", DOTS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_directional_dots_equal_explicit_dots(backend, device, dtype):
+    grads = tensors(device, dtype, seed=3)
+    got = D.directional_dots(grads, 5, 4, first_probe=10, backend=backend)
+    assert got.shape == (4,)
+    for k in range(4):
+        d = D.random_directions(grads, 5, 10 + k, backend="torch")
+        want = sum((g.double() * dd.to(g.device).double()).sum() for g, dd in zip(grads, d))
+        assert got[k].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", ORTHO_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_orthograd_projects_and_keeps_the_norm(backend, device, dtype):
+    params = [torch.nn.Parameter(t) for t in tensors(device, dtype)]
+    grads = tensors(device, dtype, seed=1)
+    grads[3] = torch.zeros_like(grads[3])  # a zero gradient
+    with torch.no_grad():
+        params[2].zero_()  # a zero weight
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    sk.orthograd_(params, backend=backend)
+    ref = [g.clone() for g in grads]
+    D.orthograd_reference([p.detach() for p in params], ref)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2
+    for p, g, r in zip(params, grads, ref):
+        new = p.grad.double()
+        assert torch.isfinite(new).all()
+        torch.testing.assert_close(new, r.double(), rtol=tol, atol=tol)
+        if g.abs().sum() > 0 and p.detach().abs().sum() > 0:
+            assert abs((new * p.detach().double()).sum().item()) <= tol * 10 * new.norm() * p.detach().double().norm()
+            assert new.norm().item() == pytest.approx(g.double().norm().item(), rel=max(tol, 1e-6) * 10)
+
+
+def test_orthograd_near_parallel_gradient_uses_an_accurate_norm():
+    w = torch.randn(1000, dtype=torch.float64)
+    g = 3.0 * w + 1e-4 * torch.randn(1000, dtype=torch.float64)
+    p = torch.nn.Parameter(w.float())
+    p.grad = g.float()
+    sk.orthograd_([p])
+    ref = [g.float().clone()]
+    D.orthograd_reference([w.float()], ref)
+    torch.testing.assert_close(p.grad, ref[0], rtol=1e-3, atol=1e-5)
