@@ -42,6 +42,12 @@ TORCH_LIBRARY(stabkernels_C, m) {
   m.def("perturb(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out) -> ()");
   m.def("directional_dots(Tensor[] grads, Tensor keys) -> Tensor");
   m.def("orthograd_(Tensor[] params, Tensor(a!)[] grads) -> ()");
+  // losses (SPEC 4): per-row losses (float32; 0 for ignored rows) and, when grad is non-empty, the row
+  // gradients scaled by grad_scale written into grad (which may alias logits).
+  m.def("cross_entropy_z_loss(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, float z_coef, "
+        "int ignore_index) -> (Tensor, Tensor)");
+  m.def("stablemax_cross_entropy(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, "
+        "int ignore_index) -> Tensor");
   // p <- p * (1 - lr * weight_decay) - lr * u, lr a 0-d tensor (kept on the device).
   m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay) -> ()");
 }

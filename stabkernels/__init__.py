@@ -6,6 +6,7 @@ Families (see the README and SPEC):
   * spectral: :func:`power_iteration_`, :func:`stable_rank`, :func:`top_singular`, :func:`spectral_smooth_`,
     :func:`sq_norms`
   * directional: :func:`random_directions`, :func:`perturb`, :func:`directional_dots`, :func:`orthograd_`
+  * losses: :func:`cross_entropy_z_loss`, :func:`stablemax_cross_entropy`; :class:`nn.QKLayerNorm`
   * fused optimizer updates: :func:`adam_step_`, :func:`sgd_step_`, :func:`apply_update_`
 
 Every op takes ``backend="auto" | "torch" | "cpp" | "triton" | "cuda"``; :func:`info` reports which
@@ -18,10 +19,11 @@ from .backend import BackendUnavailable
 from .spectral import (init_power_vectors, power_iteration_, spectral_smooth_, sq_norms, stable_rank,
                        top_singular)
 from .directional import directional_dots, orthograd_, perturb, random_directions
+from .losses import cross_entropy_z_loss, stablemax_cross_entropy
 from .spread import row_spread, softmax_radius, tangent_spread_linear
 from .tangent import tangent_features, tangent_logits
 from .update import adam_step_, apply_update_, sgd_step_
-from . import diagnostics, optim
+from . import diagnostics, nn, optim
 from .diagnostics import spectral_report
 
 __version__ = "0.1.0"
@@ -31,11 +33,13 @@ __all__ = [
     "row_spread", "softmax_radius", "tangent_features", "tangent_logits", "tangent_spread_linear",
     # directional
     "directional_dots", "orthograd_", "perturb", "random_directions",
+    # losses
+    "cross_entropy_z_loss", "stablemax_cross_entropy",
     # fused optimizer updates
     "adam_step_", "apply_update_", "sgd_step_",
     # spectral
     "init_power_vectors", "power_iteration_", "spectral_report", "spectral_smooth_", "sq_norms", "stable_rank",
     "top_singular",
     # subpackages
-    "diagnostics", "optim",
+    "diagnostics", "nn", "optim",
 ]

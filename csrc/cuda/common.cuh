@@ -42,6 +42,20 @@ __device__ A block_sum(A v) {
   return total;
 }
 
+// Block-wide NaN-propagating maximum; every thread gets the result.
+template <typename A>
+__device__ A block_max(A v) {
+  __shared__ A warp_max[32];
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  A total = lane < warps ? warp_max[lane] : A(-INFINITY);
+  for (int off = 16; off > 0; off >>= 1) total = nan_max(total, __shfl_xor_sync(0xffffffffu, total, off));
+  return total;
+}
+
 // Calls f with a typed null pointer selecting the storage type for `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

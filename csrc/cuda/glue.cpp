@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -284,6 +285,49 @@ at::Tensor tangent_spread_linear_cuda(const at::Tensor& h_in, const at::Tensor& 
   return hi - lo;
 }
 
+// ---- fused losses
+
+LossArgs loss_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad, const at::Tensor& scale,
+                   int64_t ignore_index) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1,
+              "fused loss: logits must be a CUDA (N, V) tensor with contiguous rows");
+  TORCH_CHECK(target.is_cuda() && target.scalar_type() == at::kLong && target.numel() == logits.size(0),
+              "fused loss: target must be an int64 CUDA tensor of N elements");
+  TORCH_CHECK(grad.numel() == 0 || (grad.sizes() == logits.sizes() && grad.stride(1) == 1 &&
+                                    grad.scalar_type() == logits.scalar_type()),
+              "fused loss: grad must be empty or shaped like logits");
+  return LossArgs{logits.const_data_ptr(), logits.size(0), logits.size(1), logits.stride(0),
+                  target.contiguous().const_data_ptr<int64_t>(), grad.numel() ? grad.mutable_data_ptr() : nullptr,
+                  grad.numel() ? grad.stride(0) : 0, scale.const_data_ptr(), ignore_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                             at::Tensor grad, const at::Tensor& grad_scale,
+                                                             double z_coef, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_of(logits.scalar_type());
+  const at::Tensor scale = grad_scale.to(logits.device(), acc).reshape({1}).contiguous();
+  const at::Tensor tgt = target.contiguous();
+  at::Tensor ce = at::empty({logits.size(0)}, logits.options().dtype(acc)), zl = at::empty_like(ce);
+  check(cross_entropy_z_loss(dtype_of(logits), loss_args(logits, tgt, grad, scale, ignore_index), z_coef,
+                             ce.mutable_data_ptr(), zl.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+        "cross_entropy_z_loss");
+  return {ce, zl};
+}
+
+at::Tensor stablemax_cross_entropy_cuda(const at::Tensor& logits, const at::Tensor& target, at::Tensor grad,
+                                        const at::Tensor& grad_scale, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_of(logits.scalar_type());
+  const at::Tensor scale = grad_scale.to(logits.device(), acc).reshape({1}).contiguous();
+  const at::Tensor tgt = target.contiguous();
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  check(stablemax_cross_entropy(dtype_of(logits), loss_args(logits, tgt, grad, scale, ignore_index),
+                                loss.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+        "stablemax_cross_entropy");
+  return loss;
+}
+
 // ---- directional family
 
 // Tables for the stream kernels over tensors idx of `ts`: keys (row `key_row` of a (K, T) CPU key tensor,
@@ -434,6 +478,8 @@ TORCH_LIBRARY_IMPL(stabkernels_C, CUDA, m) {
   m.impl("perturb", &perturb_cuda);
   m.impl("directional_dots", &directional_dots_cuda);
   m.impl("orthograd_", &orthograd_cuda);
+  m.impl("cross_entropy_z_loss", &cross_entropy_z_loss_cuda);
+  m.impl("stablemax_cross_entropy", &stablemax_cross_entropy_cuda);
 }
 
 }  // namespace stabkernels::cuda

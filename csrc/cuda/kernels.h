@@ -84,6 +84,20 @@ cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, con
 cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
                          double weight_decay, cudaStream_t stream);
 
+// Fused losses, one block per row. grad may be null (no gradient) or alias logits; grad_scale points to
+// one acc-type value; per-row outputs (acc type) are written for every row (0 for ignored ones).
+struct LossArgs {
+  const void* logits;
+  int64_t rows, cols, stride_logits;
+  const int64_t* target;
+  void* grad;
+  int64_t stride_grad;
+  const void* grad_scale;
+  int64_t ignore_index;
+};
+cudaError_t cross_entropy_z_loss(DType dtype, const LossArgs& a, double z_coef, void* ce, void* zl, cudaStream_t stream);
+cudaError_t stablemax_cross_entropy(DType dtype, const LossArgs& a, void* loss, cudaStream_t stream);
+
 // Directional family. Tables: per tensor keys (stream keys, int64 bit patterns), numel, data addresses;
 // per block of kStreamCounters Philox counters: tensor index and first counter.
 constexpr int64_t kStreamCounters = 256;

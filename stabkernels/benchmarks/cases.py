@@ -115,20 +115,22 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
 
 def peak_extra_mb(setup: str, statement: str) -> float:
     """Peak resident memory a statement adds, in MB, measured in a fresh process (CPU tensors have no
-    allocator statistics): RSS before the statement against the process's peak RSS after it."""
+    allocator statistics): RSS before the statement against the high-water mark after it. The high-water
+    mark is VmHWM of the process's own address space; ru_maxrss would not do, because Linux carries it over
+    from the parent through fork and exec."""
     import subprocess
     import sys
     import textwrap
 
     code = textwrap.dedent(f"""
-        import resource, torch, stabkernels
+        import torch, stabkernels
         {setup}
-        def rss_kb():
-            with open('/proc/self/statm') as f:
-                return int(f.read().split()[1]) * resource.getpagesize() // 1024
-        before = rss_kb()
+        def status_kb(key):
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(key + ':'))
+        before = status_kb('VmRSS')
         {statement}
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        print((status_kb('VmHWM') - before) / 1024)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -297,9 +299,44 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
                baseline_name="forward + backward + torch.optim.AdamW.step()", candidates=candidates)
 
 
+def loss_cases(device: str, quick: bool) -> Iterator[Case]:
+    from torch.nn import functional as F
+
+    from .. import losses
+
+    n, v = (256, 4000) if quick else (2048, 32000)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, v, generator=g).to(device).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+
+    def composed():
+        z.grad = None
+        (F.cross_entropy(z, y) + 1e-4 * torch.logsumexp(z, 1).pow(2).mean()).backward()
+
+    def fused(b):
+        def fn():
+            z.grad = None
+            losses.cross_entropy_z_loss(z, y, backend=b)[0].backward()
+        return fn
+
+    backends = kernel_backends("cross_entropy_z_loss", device)
+    case = Case(op="cross_entropy_z_loss_fwd_bwd", shape=f"{n}x{v}", dtype="float32", nbytes=n * v * 4,
+                baseline=composed, baseline_name="F.cross_entropy + 1e-4 * logsumexp^2, forward + backward",
+                candidates={b: fused(b) for b in backends})
+    if device == "cpu":
+        setup = (f"import torch.nn.functional as F; g = torch.Generator().manual_seed(0); "
+                 f"z = torch.randn({n}, {v}, generator=g).requires_grad_(); y = torch.randint(0, {v}, ({n},), generator=g)")
+        case.peak_mb["baseline"] = peak_extra_mb(
+            setup, "(F.cross_entropy(z, y) + 1e-4 * torch.logsumexp(z, 1).pow(2).mean()).backward()")
+        for b in backends:
+            case.peak_mb[b] = peak_extra_mb(setup, f"stabkernels.cross_entropy_z_loss(z, y, backend='{b}')[0].backward()")
+    yield case
+
+
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
     "radius": radius_cases,
     "directional": directional_cases,
+    "losses": loss_cases,
 }

@@ -1,0 +1,16 @@
+"""Fused loss benchmarks (pytest-benchmark)."""
+import torch
+
+FAMILY = "losses"
+
+
+def test_bench(benchmark, bench_case, impl, fn):
+    benchmark.group = f"{bench_case.op} {bench_case.shape} {bench_case.dtype}"
+    if torch.cuda.is_available():
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=2)
+    benchmark.extra_info["GB/s"] = bench_case.nbytes / benchmark.stats.stats.median / 1e9

@@ -1,0 +1,96 @@
+// Fused losses on CUDA: one block per row, three sweeps (max, sum, gradient; the later ones hit L2).
+#include "common.cuh"
+
+namespace stabkernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float fexp(float x) { return expf(x); }
+__device__ __forceinline__ double fexp(double x) { return exp(x); }
+
+template <typename T>
+__global__ void ce_z_kernel(LossArgs a, double z_coef, typename Acc<T>::type* ce, typename Acc<T>::type* zl) {
+  using A = typename Acc<T>::type;
+  const int64_t row = blockIdx.x, V = a.cols;
+  const int64_t y = a.target[row];
+  const T* z = static_cast<const T*>(a.logits) + row * a.stride_logits;
+  T* g = a.grad ? static_cast<T*>(a.grad) + row * a.stride_grad : nullptr;
+  if (y == a.ignore_index) {
+    if (threadIdx.x == 0) ce[row] = A(0), zl[row] = A(0);
+    if (g)
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_acc<T>(A(0));
+    return;
+  }
+  A m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) m = nan_max(m, to_acc(z[j]));
+  m = block_max(m);
+  A s = 0;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) s += fexp(to_acc(z[j]) - m);
+  const A lse = m + log(block_sum(s));
+  const A zy = to_acc(z[y]), c = static_cast<A>(z_coef);
+  if (threadIdx.x == 0) ce[row] = lse - zy, zl[row] = c * lse * lse;
+  if (!g) return;
+  __syncthreads();  // every thread has read z[y] before the row may be overwritten (g may alias z)
+  const A scale = *static_cast<const A*>(a.grad_scale);
+  const A coef = scale * (A(1) + A(2) * c * lse);
+  for (int64_t j = threadIdx.x; j < V; j += kThreads)
+    g[j] = from_acc<T>(fexp(to_acc(z[j]) - lse) * coef - (j == y ? scale : A(0)));
+}
+
+template <typename A> __device__ __forceinline__ A stable_s(A x) { return x >= A(0) ? x + A(1) : A(1) / (A(1) - x); }
+template <typename A> __device__ __forceinline__ A stable_ds(A x) {
+  const A r = A(1) / (A(1) - x);
+  return x >= A(0) ? A(1) : r * r;
+}
+
+template <typename T>
+__global__ void stablemax_kernel(LossArgs a, typename Acc<T>::type* loss) {
+  using A = typename Acc<T>::type;
+  const int64_t row = blockIdx.x, V = a.cols;
+  const int64_t y = a.target[row];
+  const T* z = static_cast<const T*>(a.logits) + row * a.stride_logits;
+  T* g = a.grad ? static_cast<T*>(a.grad) + row * a.stride_grad : nullptr;
+  if (y == a.ignore_index) {
+    if (threadIdx.x == 0) loss[row] = A(0);
+    if (g)
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_acc<T>(A(0));
+    return;
+  }
+  A s = 0;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) s += stable_s(to_acc(z[j]));
+  const A S = block_sum(s);
+  const A zy = to_acc(z[y]), sy = stable_s(zy);
+  if (threadIdx.x == 0) loss[row] = log(S) - log(sy);
+  if (!g) return;
+  __syncthreads();  // z[y] read by all before g (possibly z itself) is written
+  const A scale = *static_cast<const A*>(a.grad_scale);
+  const A inv = scale / S, corr = scale * stable_ds(zy) / sy;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads)
+    g[j] = from_acc<T>(stable_ds(to_acc(z[j])) * inv - (j == y ? corr : A(0)));
+}
+
+}  // namespace
+
+cudaError_t cross_entropy_z_loss(DType dtype, const LossArgs& a, double z_coef, void* ce, void* zl, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using A = typename Acc<T>::type;
+    ce_z_kernel<T><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, z_coef, static_cast<A*>(ce),
+                                                                            static_cast<A*>(zl));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t stablemax_cross_entropy(DType dtype, const LossArgs& a, void* loss, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using A = typename Acc<T>::type;
+    stablemax_kernel<T><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a, static_cast<A*>(loss));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace stabkernels::cuda
