@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .optim.radius import RadiusReport
+
 
 @dataclass
 class Split:
@@ -69,7 +71,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 # A method builds (optimizer, step function) for a model; the step function is called after backward with
-# the batch and the whole training split (the radius controllers' sample set).
+# the batch, the whole training split (the radius controllers' sample set) and the batch loss.
 MethodFactory = Callable[[nn.Module, float], tuple[torch.optim.Optimizer, Callable]]
 
 
@@ -96,13 +98,12 @@ def run(method: str, factory: MethodFactory, base_lr: float, seed: int, split: S
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        step_fn(x, y, split.x_train)
+        step_fn(x, y, split.x_train, loss)
         hist.loss.append(loss.item())
         hist.step_norm.append(math.sqrt(sum((p.detach() - b).pow(2).sum().item()
                                             for p, b in zip(model.parameters(), before))))
         last = getattr(opt, "last", None)
-        rho = getattr(last, "rho", None)
-        hist.rho.append(float(rho) if rho is not None else float("nan"))
+        hist.rho.append(float(last.rho) if isinstance(last, RadiusReport) else float("nan"))
         if (t + 1) % eval_every == 0 or t + 1 == steps:
             tl, ta = evaluate(model, split.x_test, split.y_test)
             hist.test_loss.append((t + 1, tl))
@@ -112,7 +113,7 @@ def run(method: str, factory: MethodFactory, base_lr: float, seed: int, split: S
 
 def adam_factory(model, lr):
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    return opt, lambda x, y, sample_set: opt.step()
+    return opt, lambda x, y, sample_set, loss: opt.step()
 
 
 def radius_adam_factory(model, lr):
@@ -120,7 +121,67 @@ def radius_adam_factory(model, lr):
 
     opt = RadiusController(torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8), model,
                            capture_inputs=False)
-    return opt, lambda x, y, sample_set: opt.step(sample_set)
+    return opt, lambda x, y, sample_set, loss: opt.step(sample_set)
+
+
+# The demo's methods: each at its library defaults (weight decay 0.01 where AdamW's default applies), nothing
+# tuned to this data set.
+def _adamw(params, lr):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+def adamw_factory(model, lr):
+    opt = _adamw(model.parameters(), lr)
+    return opt, lambda x, y, sample_set, loss: opt.step()
+
+
+def adamw_clip_factory(model, lr):
+    opt = _adamw(model.parameters(), lr)
+
+    def step(x, y, sample_set, loss):
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return opt, step
+
+
+def radius_adamw_factory(model, lr):
+    from .optim import RadiusAdamW
+
+    opt = RadiusAdamW(model.parameters(), lr=lr, weight_decay=1e-2, model=model, capture_inputs=False)
+    return opt, lambda x, y, sample_set, loss: opt.step(sample_set)
+
+
+def pss_adamw_factory(model, lr):
+    from .optim import PSS
+
+    opt = PSS(_adamw(model.parameters(), lr), model)
+    return opt, lambda x, y, sample_set, loss: opt.step()
+
+
+def sadam_factory(model, lr):
+    from .optim import SAdam
+
+    opt = SAdam(model, lr=lr, weight_decay=1e-2, seed=0)
+    return opt, lambda x, y, sample_set, loss: opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+
+
+def orthograd_adamw_factory(model, lr):
+    from .optim import OrthoGrad
+
+    opt = OrthoGrad(_adamw(model.parameters(), lr))
+    return opt, lambda x, y, sample_set, loss: opt.step()
+
+
+METHODS: dict[str, MethodFactory] = {
+    "AdamW": adamw_factory,
+    "AdamW+clip(1.0)": adamw_clip_factory,
+    "RadiusController(Adam)": radius_adam_factory,
+    "RadiusAdamW": radius_adamw_factory,
+    "PSS(AdamW)": pss_adamw_factory,
+    "SAdam": sadam_factory,
+    "OrthoGrad(AdamW)": orthograd_adamw_factory,
+}
 
 
 def median_and_spread(values: list[float]) -> tuple[float, float, float]:

@@ -101,6 +101,7 @@ def test_dense_operator_for_sgd_momentum_and_adam():
     assert kappa_dense(model, loss_fn, batch, adam).kappa <= bound * (1 + 1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:InstabilityMonitor")  # rho(J) >= 1 here: the monitor rightly warns
 def test_monitor_measures_on_schedule_with_the_dense_operator():
     model, batch = tiny_net(), tiny_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)

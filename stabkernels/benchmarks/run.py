@@ -69,6 +69,45 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], title: str) -> str:
+    """The table for the README: candidates with their speed-up over the torch baseline of their case."""
+    lines = [title, "", "| op | shape | dtype | backend | time (ms) | baseline (ms) | speed-up | GB/s | extra peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["op"], r["shape"], r["dtype"]): r for r in rows if r["backend"] == "torch-baseline"}
+    for r in rows:
+        if r["backend"] == "torch-baseline":
+            continue
+        b = base[(r["op"], r["shape"], r["dtype"])]
+        mem = f"{r['peak_extra_MB']} (baseline {b['peak_extra_MB']})" if r["peak_extra_MB"] != "" else ""
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['time_ms']:.2f} | "
+                     f"{b['time_ms']:.2f} | {r['speedup']:.2f}x | {r['GB_per_s']} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: str, title: str) -> None:
+    """Horizontal bars of each candidate's speed-up over its torch baseline (log scale, 1x marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["backend"] != "torch-baseline"]
+    labels = [f"{r['op']} [{r['backend']}] {r['shape']} {r['dtype']}" for r in shown]
+    values = [r["speedup"] for r in shown]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(shown) + 1.2))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(shown)), values, color=colors)
+    ax.set_yticks(range(len(shown)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel("speed-up over the torch baseline (x, log scale)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stabkernels bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="CI-size shapes, short timing")
@@ -90,10 +129,15 @@ def main(argv=None) -> int:
     progress(len(cases), len(cases), "done")
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{machine_name()}{'-quick' if args.quick else ''}.csv")
-    with open(path, "w", newline="") as f:
+    stem = os.path.join(args.out, f"{machine_name()}{'-quick' if args.quick else ''}")
+    with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {path}")
+    title = (f"{machine_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+             f"{', quick shapes' if args.quick else ''}")
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows, title))
+    chart(rows, stem + ".png", title)
+    print(f"wrote {stem}.csv, {stem}.md and {stem}.png")
     return 0

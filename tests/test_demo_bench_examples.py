@@ -1,0 +1,54 @@
+"""The user-facing commands, run small: `demo --quick`, `bench --quick`, and every example script."""
+import csv
+import importlib
+import os
+import sys
+
+import pytest
+
+from stabkernels.__main__ import main as cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_sane_outputs(tmp_path, capsys):
+    assert cli(["demo", "--quick", "--no-info", "--out", str(tmp_path)]) == 0
+    for name in ("summary.csv", "summary.md", "history.csv", "accuracy_loss.png", "radius.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == 7 and {r["base_lr"] for r in rows} == {"0.01"}
+    assert all(0.0 <= float(r["median_acc"]) <= 1.0 for r in rows)
+    history = read_csv(tmp_path / "history.csv")
+    assert len(history) == 7 * 200
+    assert "RadiusAdamW" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_csv_table_and_chart(tmp_path):
+    assert cli(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    stems = {p.rsplit(".", 1)[0] for p in os.listdir(tmp_path)}
+    assert len(stems) == 1
+    stem = tmp_path / stems.pop()
+    for ext in (".csv", ".md", ".png"):
+        assert stem.with_suffix(ext).stat().st_size > 0
+    rows = read_csv(stem.with_suffix(".csv"))
+    ops = {r["op"] for r in rows}
+    for op in ("row_spread", "power_iteration_", "tangent_spread_linear", "directional_dots",
+               "cross_entropy_z_loss_fwd_bwd"):
+        assert op in ops
+    assert all(float(r["speedup"]) > 0 and float(r["time_ms"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_radius", "train_pss", "train_sadam", "train_orthograd"])
+def test_example_resumes_identically(script, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "examples"))
+    module = importlib.import_module(script)
+    assert module.main(steps=30) == 0
+    assert "resumed run identical: True" in capsys.readouterr().out
