@@ -129,13 +129,16 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "instability_monitor.png")
     plot(results, path)
-    print("| optimizer | spike step | kappa(V) stable | kappa(V) last 20 steps | separation | "
-          "kappa(V) > 3x stable: steps ahead | rho(J) > 1.05: steps ahead |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| optimizer | spike step | kappa(V) stable | kappa(V) last 20 steps | separation | "
+             "kappa(V) > 3x stable: steps ahead | rho(J) > 1.05: steps ahead |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        print(f"| {name} | {r['spike_step']} | {r['kappa_stable']:.3g} | {r['kappa_unstable']:.3g} | "
-              f"{r['separation']:.1f}x | {r['kappa_lead']} | {r['rho_lead']} |")
-    print(f"\nwrote {path}")
+        lines.append(f"| {name} | {r['spike_step']} | {r['kappa_stable']:.3g} | {r['kappa_unstable']:.3g} | "
+                     f"{r['separation']:.1f}x | {r['kappa_lead']} | {r['rho_lead']} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "instability_monitor.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {path} and instability_monitor.md")
     return results
 
 
