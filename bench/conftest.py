@@ -12,18 +12,16 @@ def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="CI-size shapes")
 
 
-def family_params(config, family):
+def pytest_generate_tests(metafunc):
+    if "bench_case" not in metafunc.fixturenames:
+        return
     from stabkernels.benchmarks.cases import FAMILIES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = []
-    for case in FAMILIES[family](device, config.getoption("--quick")):
-        for name, fn in {"baseline": case.baseline, **case.candidates}.items():
-            params.append(pytest.param(case, name, fn, id=f"{case.op}-{case.shape}-{case.dtype}-{name}"))
-    return params
-
-
-def pytest_generate_tests(metafunc):
-    if "bench_case" in metafunc.fixturenames:
-        family = metafunc.module.FAMILY
-        metafunc.parametrize("bench_case,impl,fn", family_params(metafunc.config, family))
+    for family, cases in FAMILIES.items():
+        for case in cases(device, metafunc.config.getoption("--quick")):
+            for name, fn in {"baseline": case.baseline, **case.candidates}.items():
+                params.append(pytest.param(family, case, name, fn,
+                                           id=f"{family}-{case.op}-{case.shape}-{case.dtype}-{name}"))
+    metafunc.parametrize("family,bench_case,impl,fn", params)

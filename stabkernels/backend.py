@@ -45,6 +45,22 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def register_kernels(op: str, triton_module: str) -> None:
+    """Registers the compiled implementations of ``op``: ``torch.ops.stabkernels_C.<op>`` for ``cpp`` and ``cuda``
+    (one C++ schema, a CPU and a CUDA kernel) and ``stabkernels.triton.<triton_module>.<op>`` for ``triton``
+    (imported at first use, so that importing stabkernels never imports triton)."""
+
+    def compiled(*args):
+        return getattr(torch.ops.stabkernels_C, op)(*args)
+
+    def triton_kernel(*args):
+        return getattr(importlib.import_module(f"stabkernels.triton.{triton_module}"), op)(*args)
+
+    register(op, "cpp")(compiled)
+    register(op, "cuda")(compiled)
+    register(op, "triton")(triton_kernel)
+
+
 def implementation(op: str, backend: str) -> Callable:
     """The function registered for ``op`` on a concrete ``backend``."""
     return _impls[op][backend]

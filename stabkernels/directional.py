@@ -186,15 +186,7 @@ def orthograd_reference(params, grads):
 
 
 for _op in ("random_directions", "perturb", "directional_dots", "orthograd_"):
-    _backend.register(_op, "cpp")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
-    _backend.register(_op, "cuda")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
-
-    def _triton(*a, _op=_op):
-        from .triton import directional as kernels
-
-        return getattr(kernels, _op)(*a)
-
-    _backend.register(_op, "triton")(_triton)
+    _backend.register_kernels(_op, "directional")
 
 
 # --------------------------------------------------------------------------------------------------

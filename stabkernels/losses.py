@@ -36,16 +36,22 @@ _ce_z_op = define_op(
     lambda logits, *a: (_rows_fake(logits), _rows_fake(logits)))
 
 
+def _valid_targets(target: Tensor, classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(rows that count, targets with ignored rows set to class 0); out-of-range targets raise."""
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    if bool(((y < 0) | (y >= classes)).any()):
+        raise IndexError(f"target out of range [0, {classes})")
+    return valid, y
+
+
 @_backend.register("cross_entropy_z_loss", "torch")
 def cross_entropy_z_loss_reference(logits, target, grad, grad_scale, z_coef, ignore_index):
     """Reference: per-row softmax cross-entropy lse - z_y and z-loss c lse^2 (0 on ignored rows); the
     gradient scale * (softmax (1 + 2 c lse) - onehot) into ``grad`` unless it is empty."""
     A = acc_dtype(logits.dtype)
     z = logits.to(A)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    if bool(((y < 0) | (y >= z.shape[1])).any()):
-        raise IndexError(f"target out of range [0, {z.shape[1]})")
+    valid, y = _valid_targets(target, z.shape[1], ignore_index)
     lse = torch.logsumexp(z, dim=1)
     zero = torch.zeros_like(lse)
     ce = torch.where(valid, lse - z.gather(1, y[:, None])[:, 0], zero)
@@ -80,10 +86,7 @@ def stablemax_cross_entropy_reference(logits, target, grad, grad_scale, ignore_i
     against autograd of the plain formula)."""
     A = acc_dtype(logits.dtype)
     z = logits.to(A)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    if bool(((y < 0) | (y >= z.shape[1])).any()):
-        raise IndexError(f"target out of range [0, {z.shape[1]})")
+    valid, y = _valid_targets(target, z.shape[1], ignore_index)
     s = stablemax_s(z)
     S = s.sum(1)
     zy = z.gather(1, y[:, None])[:, 0]
@@ -96,15 +99,7 @@ def stablemax_cross_entropy_reference(logits, target, grad, grad_scale, ignore_i
 
 
 for _op in ("cross_entropy_z_loss", "stablemax_cross_entropy"):
-    _backend.register(_op, "cpp")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
-    _backend.register(_op, "cuda")(lambda *a, _op=_op: getattr(torch.ops.stabkernels_C, _op)(*a))
-
-    def _triton(*a, _op=_op):
-        from .triton import losses as kernels
-
-        return getattr(kernels, _op)(*a)
-
-    _backend.register(_op, "triton")(_triton)
+    _backend.register_kernels(_op, "losses")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,17 +63,7 @@ def sq_norms_reference(tensors: list[Tensor]) -> Tensor:
     return torch.stack([t.to(acc_dtype(t.dtype)).pow(2).sum().to(dtype) for t in tensors])
 
 
-@_backend.register("sq_norms", "cpp")
-@_backend.register("sq_norms", "cuda")
-def _sq_norms_compiled(tensors):
-    return torch.ops.stabkernels_C.sq_norms(tensors)
-
-
-@_backend.register("sq_norms", "triton")
-def _sq_norms_triton(tensors):
-    from .triton import spectral as kernels
-
-    return kernels.sq_norms(tensors)
+_backend.register_kernels("sq_norms", "spectral")
 
 
 def sq_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
@@ -134,17 +124,7 @@ def power_iteration_reference(mats, us, vs, iters: int, eps: float) -> Tensor:
     return torch.tensor(sigmas, dtype=_grouped_dtype(mats), device=mats[0].device)
 
 
-@_backend.register("power_iteration_", "cpp")
-@_backend.register("power_iteration_", "cuda")
-def _power_iteration_compiled(mats, us, vs, iters, eps):
-    return torch.ops.stabkernels_C.power_iteration_(mats, us, vs, iters, eps)
-
-
-@_backend.register("power_iteration_", "triton")
-def _power_iteration_triton(mats, us, vs, iters, eps):
-    from .triton import spectral as kernels
-
-    return kernels.power_iteration_(mats, us, vs, iters, eps)
+_backend.register_kernels("power_iteration_", "spectral")
 
 
 def init_power_vectors(mats: Sequence[Tensor], generator: torch.Generator | None = None):

@@ -3,8 +3,9 @@
 The op pattern every family follows:
   1. ``torch.ops.stabkernels.<op>``: one schema, defined once with :func:`stabkernels._library.define_op`,
      a fake kernel for torch.compile, and a trailing ``backend`` argument naming the implementation;
-  2. one implementation per backend, registered with :func:`stabkernels.backend.register`; the ``torch``
-     one is the reference every other backend is tested against;
+  2. one implementation per backend: the ``torch`` reference (registered with
+     :func:`stabkernels.backend.register`), which every other backend is tested against, and the compiled
+     ones (:func:`stabkernels.backend.register_kernels`: the C++/CUDA op and the Triton kernel);
   3. a public function that validates its inputs, resolves ``backend="auto"`` and calls the op.
 """
 from __future__ import annotations
@@ -37,21 +38,7 @@ def row_spread_reference(x: Tensor) -> Tensor:
     return xa.amax(dim=1) - xa.amin(dim=1)
 
 
-@_backend.register("row_spread", "cpp")
-def _row_spread_cpp(x: Tensor) -> Tensor:
-    return torch.ops.stabkernels_C.row_spread(x)
-
-
-@_backend.register("row_spread", "cuda")
-def _row_spread_cuda(x: Tensor) -> Tensor:
-    return torch.ops.stabkernels_C.row_spread(x)
-
-
-@_backend.register("row_spread", "triton")
-def _row_spread_triton(x: Tensor) -> Tensor:
-    from .triton import spread as kernels
-
-    return kernels.row_spread(x)
+_backend.register_kernels("row_spread", "spread")
 
 
 def _reduce_spreads(spreads: Tensor, reduce) -> Tensor:
@@ -126,17 +113,7 @@ def tangent_spread_linear_reference(h, h_dot, weight, weight_dot, bias_dot):
     return row_spread_reference(z)
 
 
-@_backend.register("tangent_spread_linear", "cpp")
-@_backend.register("tangent_spread_linear", "cuda")
-def _tangent_spread_compiled(h, h_dot, weight, weight_dot, bias_dot):
-    return torch.ops.stabkernels_C.tangent_spread_linear(h, h_dot, weight, weight_dot, bias_dot)
-
-
-@_backend.register("tangent_spread_linear", "triton")
-def _tangent_spread_triton(h, h_dot, weight, weight_dot, bias_dot):
-    from .triton import spread as kernels
-
-    return kernels.tangent_spread_linear(h, h_dot, weight, weight_dot, bias_dot)
+_backend.register_kernels("tangent_spread_linear", "spread")
 
 
 def tangent_spread_linear(h: Tensor, h_dot: Tensor, weight: Tensor, weight_dot: Tensor | None = None,

@@ -37,6 +37,15 @@ def _scale(step_scale: Tensor) -> Tensor:
     return step_scale.to(torch.float64).reshape(())
 
 
+def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale) -> Tensor:
+    """The common tail of the reference steps: store u, move p by lr * step_scale * u, return sum(u^2)."""
+    if updates:
+        updates[i].copy_(u)
+    if apply:
+        p.copy_(pa - (lr * _scale(step_scale).to(pa.dtype)) * u)
+    return u.double().pow(2).sum()
+
+
 # --------------------------------------------------------------------------------------------------
 # adam_step_
 
@@ -75,25 +84,11 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
         u = (m / bc1) / (vh.sqrt() / bc2_sqrt + eps)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
-        if updates:
-            updates[i].copy_(u)
-        if apply:
-            p.copy_(pa - (lr * _scale(step_scale).to(A)) * u)
-        sums.append(u.double().pow(2).sum())
+        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
     return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
 
 
-@_backend.register("adam_step_", "cpp")
-@_backend.register("adam_step_", "cuda")
-def _adam_compiled(*args):
-    return torch.ops.stabkernels_C.adam_step_(*args)
-
-
-@_backend.register("adam_step_", "triton")
-def _adam_triton(*args):
-    from .triton import update as kernels
-
-    return kernels.adam_step_(*args)
+_backend.register_kernels("adam_step_", "update")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,25 +120,11 @@ def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr,
             b = g if first else momentum_buffers[i].to(A) * momentum + g * (1 - dampening)
             momentum_buffers[i].copy_(b)
             u = g + b * momentum if nesterov else b
-        if updates:
-            updates[i].copy_(u)
-        if apply:
-            p.copy_(pa - (lr * _scale(step_scale).to(A)) * u)
-        sums.append(u.double().pow(2).sum())
+        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
     return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
 
 
-@_backend.register("sgd_step_", "cpp")
-@_backend.register("sgd_step_", "cuda")
-def _sgd_compiled(*args):
-    return torch.ops.stabkernels_C.sgd_step_(*args)
-
-
-@_backend.register("sgd_step_", "triton")
-def _sgd_triton(*args):
-    from .triton import update as kernels
-
-    return kernels.sgd_step_(*args)
+_backend.register_kernels("sgd_step_", "update")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,17 +146,7 @@ def apply_update_reference(params, updates, lr, weight_decay):
         p.copy_(p.to(A) * (1 - a * weight_decay) - a * u)
 
 
-@_backend.register("apply_update_", "cpp")
-@_backend.register("apply_update_", "cuda")
-def _apply_compiled(*args):
-    torch.ops.stabkernels_C.apply_update_(*args)
-
-
-@_backend.register("apply_update_", "triton")
-def _apply_triton(*args):
-    from .triton import update as kernels
-
-    kernels.apply_update_(*args)
+_backend.register_kernels("apply_update_", "update")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,6 +59,18 @@ void store_row(T* g, int64_t j, const VA& v) {
   }
 }
 
+// Rows whose target is ignore_index get a zero gradient row and are skipped (their loss stays 0); any other
+// target must be a class index.
+template <typename T>
+bool skip_ignored_row(const char* op, int64_t y, int64_t ignore_index, int64_t V, T* g) {
+  if (y == ignore_index) {
+    if (g) std::fill(g, g + V, static_cast<T>(0));
+    return true;
+  }
+  TORCH_CHECK(y >= 0 && y < V, op, ": target ", y, " out of range [0, ", V, ")");
+  return false;
+}
+
 double read_scalar(const at::Tensor& t) { return t.to(at::kDouble).item<double>(); }
 
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad) {
@@ -89,11 +101,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
       for (int64_t i = b; i < e; ++i) {
         const T* z = logits.const_data_ptr<T>() + i * logits.stride(0);
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
-        if (y[i] == ignore_index) {
-          if (g) std::fill(g, g + V, static_cast<T>(0));
-          continue;
-        }
-        TORCH_CHECK(y[i] >= 0 && y[i] < V, "cross_entropy_z_loss: target ", y[i], " out of range [0, ", V, ")");
+        if (skip_ignored_row("cross_entropy_z_loss", y[i], ignore_index, V, g)) continue;
         const A m = row_max(z, V);
         const A lse = m + std::log(row_sum_exp(z, V, m));
         const A zy = static_cast<A>(z[y[i]]);
@@ -148,11 +156,7 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
       for (int64_t i = b; i < e; ++i) {
         const T* z = logits.const_data_ptr<T>() + i * logits.stride(0);
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
-        if (y[i] == ignore_index) {
-          if (g) std::fill(g, g + V, static_cast<T>(0));
-          continue;
-        }
-        TORCH_CHECK(y[i] >= 0 && y[i] < V, "stablemax_cross_entropy: target ", y[i], " out of range [0, ", V, ")");
+        if (skip_ignored_row("stablemax_cross_entropy", y[i], ignore_index, V, g)) continue;
         VA vs(A(0));
         int64_t j = 0;
         for (; j + L <= V; j += L) vs = vs + stable_s(load_acc(z + j));

@@ -74,27 +74,72 @@ inline V sgd_math(V& p, V g, V& b, const SgdConsts& c, const V& step_lr) {
 template <typename T>
 constexpr bool kSimd = std::is_same_v<T, acc_t<T>>;
 
+// One scalar or one SIMD vector of acc_t<T>, loaded from and stored to T storage.
+template <typename V, typename T>
+inline V load(const T* p) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return static_cast<V>(*p);
+  } else {
+    return V::loadu(p);
+  }
+}
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  if constexpr (std::is_floating_point_v<V>) {
+    *p = static_cast<T>(v);
+  } else {
+    v.store(p);
+  }
+}
+
+// Runs body(j, V()) over [begin, end): whole SIMD vectors when T is the math type, then scalars (the tail, or
+// every element of fp16/bf16 tensors). body updates its block in place and returns the unit proposal u,
+// which is stored into u_out when given; returns sum(u^2). Each kernel's arithmetic is written once.
+template <typename T, typename Body>
+double run_chunk(int64_t begin, int64_t end, acc_t<T>* u_out, Body&& body) {
+  using A = acc_t<T>;
+  double sum = 0;
+  int64_t j = begin;
+  if constexpr (kSimd<T>) {
+    using V = Vectorized<A>;
+    constexpr int64_t L = V::size();
+    V acc(A(0));
+    for (; j + L <= end; j += L) {
+      const V u = body(j, V());
+      if (u_out) u.store(u_out + j);
+      acc = at::vec::fmadd(u, u, acc);
+    }
+    sum = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, acc);
+  }
+  for (; j < end; ++j) {
+    const A u = body(j, A());
+    if (u_out) u_out[j] = u;
+    sum += static_cast<double>(u) * u;
+  }
+  return sum;
+}
+
 double read_scale(const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "step_scale must hold one number");
   return scale.to(at::kDouble).item<double>();
 }
 
-at::ScalarType grouped_acc(at::TensorList ts) { return grouped_acc_dtype(ts); }
-
-// Sums of u^2 per tensor from per-chunk partial sums.
-at::Tensor per_tensor_sums(const std::vector<Chunk>& chunks, const std::vector<double>& partial, int64_t T,
-                           at::ScalarType dtype) {
-  std::vector<double> total(T, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) total[chunks[c].index] += partial[c];
-  at::Tensor out = at::empty({T}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(total.begin(), total.end(), out.mutable_data_ptr<double>());
-  return out.to(dtype);
-}
-
-std::vector<Chunk> element_chunks(at::TensorList params) {
+// Calls fn(chunk) -> double for chunks of ~32K elements across all parameters in one parallel region and
+// returns the per-tensor totals (float64 if a parameter is float64, else float32).
+template <typename F>
+at::Tensor chunked_sums(at::TensorList params, F&& fn) {
   std::vector<int64_t> sizes;
   for (const auto& p : params) sizes.push_back(p.numel());
-  return make_chunks(sizes, int64_t{1} << 15);
+  const auto chunks = make_chunks(sizes, int64_t{1} << 15);
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ci = b0; ci < b1; ++ci) partial[ci] = fn(chunks[ci]);
+  });
+  std::vector<double> total(params.size(), 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) total[chunks[c].index] += partial[c];
+  at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), out.mutable_data_ptr<double>());
+  return out.to(grouped_acc_dtype(params));
 }
 
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -102,140 +147,86 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
                          bool apply) {
-  const int64_t T = static_cast<int64_t>(params.size());
   TORCH_CHECK(step >= 1, "adam_step_: step must be >= 1");
   const AdamConsts c{lr, beta1, beta2, eps, weight_decay, 1 - std::pow(beta1, static_cast<double>(step)),
                      std::sqrt(1 - std::pow(beta2, static_cast<double>(step))), decoupled, amsgrad, maximize, apply};
   const double scale = read_scale(step_scale);
-  const bool write_u = !updates.empty();
-  const auto chunks = element_chunks(params);
-  std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ci = b0; ci < b1; ++ci) {
-      const Chunk& ch = chunks[ci];
-      const int64_t i = ch.index;
-      STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        T* p = params[i].mutable_data_ptr<T>();
-        const T* g = grads[i].const_data_ptr<T>();
-        T* m = exp_avgs[i].mutable_data_ptr<T>();
-        T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
-        T* vm = amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
-        A* u_out = write_u ? updates[i].mutable_data_ptr<A>() : nullptr;
-        const A step_lr = static_cast<A>(lr * scale), decay = static_cast<A>(1 - lr * weight_decay);
-        double sum = 0;
-        int64_t j = ch.begin;
-        if constexpr (kSimd<T>) {
-          using Vec = Vectorized<A>;
-          constexpr int64_t L = Vec::size();
-          const Vec vlr(step_lr), vdecay(decay);
-          Vec acc(A(0));
-          for (; j + L <= ch.end; j += L) {
-            Vec vp = Vec::loadu(p + j), vmm = Vec::loadu(m + j), vv = Vec::loadu(v + j);
-            Vec vmax = amsgrad ? Vec::loadu(vm + j) : Vec(A(0));
-            const Vec u = adam_math(vp, Vec::loadu(g + j), vmm, vv, vmax, c, vlr, vdecay);
-            if (apply) vp.store(p + j);
-            vmm.store(m + j), vv.store(v + j);
-            if (amsgrad) vmax.store(vm + j);
-            if (write_u) u.store(u_out + j);
-            acc = at::vec::fmadd(u, u, acc);
-          }
-          sum = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b2) { return a + b2; }, acc);
-        }
-        for (; j < ch.end; ++j) {  // tail, and every element of fp16/bf16 tensors (math in fp32)
-          A vp = p[j], vmm = m[j], vv = v[j], vmax = amsgrad ? A(vm[j]) : A(0);
-          const A u = adam_math(vp, A(g[j]), vmm, vv, vmax, c, step_lr, decay);
-          if (apply) p[j] = static_cast<T>(vp);
-          m[j] = static_cast<T>(vmm), v[j] = static_cast<T>(vv);
-          if (amsgrad) vm[j] = static_cast<T>(vmax);
-          if (write_u) u_out[j] = u;
-          sum += static_cast<double>(u) * u;
-        }
-        partial[ci] = sum;
-      });
-    }
+  return chunked_sums(params, [&](const Chunk& ch) {
+    const int64_t i = ch.index;
+    double sum = 0;
+    STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
+      using T = scalar_t;
+      using A = acc_t<T>;
+      T* p = params[i].mutable_data_ptr<T>();
+      const T* g = grads[i].const_data_ptr<T>();
+      T* m = exp_avgs[i].mutable_data_ptr<T>();
+      T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
+      T* vm = amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
+      const A step_lr = static_cast<A>(lr * scale), decay = static_cast<A>(1 - lr * weight_decay);
+      sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
+                         [&](int64_t j, auto zero) {
+                           using V = decltype(zero);
+                           V vp = load<V>(p + j), vmm = load<V>(m + j), vv = load<V>(v + j);
+                           V vmax = amsgrad ? load<V>(vm + j) : V(A(0));
+                           const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, c, V(step_lr), V(decay));
+                           if (apply) store(p + j, vp);
+                           store(m + j, vmm);
+                           store(v + j, vv);
+                           if (amsgrad) store(vm + j, vmax);
+                           return u;
+                         });
+    });
+    return sum;
   });
-  return per_tensor_sums(chunks, partial, T, grouped_acc(params));
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
                         const at::Tensor& step_scale, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
-  const int64_t T = static_cast<int64_t>(params.size());
   const SgdConsts c{momentum, dampening, weight_decay, nesterov, maximize, first, apply};
   const double scale = read_scale(step_scale);
-  const bool write_u = !updates.empty();
-  const auto chunks = element_chunks(params);
-  std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ci = b0; ci < b1; ++ci) {
-      const Chunk& ch = chunks[ci];
-      const int64_t i = ch.index;
-      STABKERNELS_DISPATCH_FLOAT(params[i], "sgd_step_cpu", [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        T* p = params[i].mutable_data_ptr<T>();
-        const T* g = grads[i].const_data_ptr<T>();
-        T* b = momentum != 0 ? bufs[i].mutable_data_ptr<T>() : nullptr;
-        A* u_out = write_u ? updates[i].mutable_data_ptr<A>() : nullptr;
-        const A step_lr = static_cast<A>(lr * scale);
-        double sum = 0;
-        int64_t j = ch.begin;
-        if constexpr (kSimd<T>) {
-          using Vec = Vectorized<A>;
-          constexpr int64_t L = Vec::size();
-          const Vec vlr(step_lr);
-          Vec acc(A(0));
-          for (; j + L <= ch.end; j += L) {
-            Vec vp = Vec::loadu(p + j), vb = b ? Vec::loadu(b + j) : Vec(A(0));
-            const Vec u = sgd_math(vp, Vec::loadu(g + j), vb, c, vlr);
-            if (apply) vp.store(p + j);
-            if (b) vb.store(b + j);
-            if (write_u) u.store(u_out + j);
-            acc = at::vec::fmadd(u, u, acc);
-          }
-          sum = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b2) { return a + b2; }, acc);
-        }
-        for (; j < ch.end; ++j) {
-          A vp = p[j], vb = b ? A(b[j]) : A(0);
-          const A u = sgd_math(vp, A(g[j]), vb, c, step_lr);
-          if (apply) p[j] = static_cast<T>(vp);
-          if (b) b[j] = static_cast<T>(vb);
-          if (write_u) u_out[j] = u;
-          sum += static_cast<double>(u) * u;
-        }
-        partial[ci] = sum;
-      });
-    }
+  return chunked_sums(params, [&](const Chunk& ch) {
+    const int64_t i = ch.index;
+    double sum = 0;
+    STABKERNELS_DISPATCH_FLOAT(params[i], "sgd_step_cpu", [&] {
+      using T = scalar_t;
+      using A = acc_t<T>;
+      T* p = params[i].mutable_data_ptr<T>();
+      const T* g = grads[i].const_data_ptr<T>();
+      T* b = momentum != 0 ? bufs[i].mutable_data_ptr<T>() : nullptr;
+      const A step_lr = static_cast<A>(lr * scale);
+      sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
+                         [&](int64_t j, auto zero) {
+                           using V = decltype(zero);
+                           V vp = load<V>(p + j), vb = b ? load<V>(b + j) : V(A(0));
+                           const V u = sgd_math(vp, load<V>(g + j), vb, c, V(step_lr));
+                           if (apply) store(p + j, vp);
+                           if (b) store(b + j, vb);
+                           return u;
+                         });
+    });
+    return sum;
   });
-  return per_tensor_sums(chunks, partial, T, grouped_acc(params));
 }
 
 // p <- p * (1 - lr * weight_decay) - lr * u, with lr read from a 0-d tensor.
 void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr_t, double weight_decay) {
   const double lr = read_scale(lr_t);
-  const auto chunks = element_chunks(params);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ci = b0; ci < b1; ++ci) {
-      const Chunk& ch = chunks[ci];
-      const int64_t i = ch.index;
-      STABKERNELS_DISPATCH_FLOAT(params[i], "apply_update_cpu", [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        T* p = params[i].mutable_data_ptr<T>();
-        const A* u = updates[i].const_data_ptr<A>();
-        const A a_lr = static_cast<A>(lr), decay = static_cast<A>(1 - lr * weight_decay);
-        int64_t j = ch.begin;
-        if constexpr (kSimd<T>) {
-          using Vec = Vectorized<A>;
-          constexpr int64_t L = Vec::size();
-          for (; j + L <= ch.end; j += L)
-            (Vec::loadu(p + j) * Vec(decay) - Vec(a_lr) * Vec::loadu(u + j)).store(p + j);
-        }
-        for (; j < ch.end; ++j) p[j] = static_cast<T>(A(p[j]) * decay - a_lr * u[j]);
+  chunked_sums(params, [&](const Chunk& ch) {
+    const int64_t i = ch.index;
+    STABKERNELS_DISPATCH_FLOAT(params[i], "apply_update_cpu", [&] {
+      using T = scalar_t;
+      using A = acc_t<T>;
+      T* p = params[i].mutable_data_ptr<T>();
+      const A* u = updates[i].const_data_ptr<A>();
+      const A a_lr = static_cast<A>(lr), decay = static_cast<A>(1 - lr * weight_decay);
+      run_chunk<T>(ch.begin, ch.end, nullptr, [&](int64_t j, auto zero) {
+        using V = decltype(zero);
+        store(p + j, load<V>(p + j) * V(decay) - V(a_lr) * load<V>(u + j));
+        return V(A(0));
       });
-    }
+    });
+    return 0.0;
   });
 }
 

@@ -56,6 +56,16 @@ __device__ A block_max(A v) {
   return total;
 }
 
+// This block's chunk of a grouped launch over UpdateTables: tensor index and element range.
+struct ChunkRange {
+  int64_t tensor, begin, end;
+};
+__device__ __forceinline__ ChunkRange chunk_range(const UpdateTables& t) {
+  const int64_t i = t.chunk_tensor[blockIdx.x];
+  const int64_t begin = t.chunk_start[blockIdx.x];
+  return {i, begin, begin + kUpdateChunk < t.numel[i] ? begin + kUpdateChunk : t.numel[i]};
+}
+
 // Calls f with a typed null pointer selecting the storage type for `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

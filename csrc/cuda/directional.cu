@@ -87,9 +87,7 @@ __global__ void dots_kernel(StreamTables t, int64_t K, int64_t T_, const int64_t
 
 template <typename T>
 __global__ void ortho_sums_kernel(UpdateTables t, double* sums) {
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
-  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const auto [i, begin, end] = chunk_range(t);
   const T* w = reinterpret_cast<const T*>(t.p[i]);
   const T* g = reinterpret_cast<const T*>(t.g[i]);
   double wg = 0, ww = 0, gg = 0;
@@ -111,9 +109,7 @@ __global__ void ortho_sums_kernel(UpdateTables t, double* sums) {
 template <typename T>
 __global__ void ortho_write_kernel(UpdateTables t, const double* coef, const double* scale) {
   using A = double;
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
-  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const auto [i, begin, end] = chunk_range(t);
   const T* w = reinterpret_cast<const T*>(t.p[i]);
   T* g = reinterpret_cast<T*>(t.g[i]);  // the table is const, the gradient it points to is not
   const A c = static_cast<A>(coef[i]), s = static_cast<A>(scale[i]);

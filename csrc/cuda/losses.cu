@@ -6,6 +6,20 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Rows whose target is ignore_index: loss 0 and a zero gradient row. Returns whether the row was ignored
+// (uniform across the block).
+template <typename T, typename A>
+__device__ bool ignored_row(int64_t y, int64_t ignore_index, int64_t row, int64_t V, T* g, A* out1, A* out2) {
+  if (y != ignore_index) return false;
+  if (threadIdx.x == 0) {
+    out1[row] = A(0);
+    if (out2) out2[row] = A(0);
+  }
+  if (g)
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_acc<T>(A(0));
+  return true;
+}
+
 __device__ __forceinline__ float fexp(float x) { return expf(x); }
 __device__ __forceinline__ double fexp(double x) { return exp(x); }
 
@@ -16,12 +30,7 @@ __global__ void ce_z_kernel(LossArgs a, double z_coef, typename Acc<T>::type* ce
   const int64_t y = a.target[row];
   const T* z = static_cast<const T*>(a.logits) + row * a.stride_logits;
   T* g = a.grad ? static_cast<T*>(a.grad) + row * a.stride_grad : nullptr;
-  if (y == a.ignore_index) {
-    if (threadIdx.x == 0) ce[row] = A(0), zl[row] = A(0);
-    if (g)
-      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_acc<T>(A(0));
-    return;
-  }
+  if (ignored_row(y, a.ignore_index, row, V, g, ce, zl)) return;
   A m = -INFINITY;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) m = nan_max(m, to_acc(z[j]));
   m = block_max(m);
@@ -51,12 +60,7 @@ __global__ void stablemax_kernel(LossArgs a, typename Acc<T>::type* loss) {
   const int64_t y = a.target[row];
   const T* z = static_cast<const T*>(a.logits) + row * a.stride_logits;
   T* g = a.grad ? static_cast<T*>(a.grad) + row * a.stride_grad : nullptr;
-  if (y == a.ignore_index) {
-    if (threadIdx.x == 0) loss[row] = A(0);
-    if (g)
-      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_acc<T>(A(0));
-    return;
-  }
+  if (ignored_row(y, a.ignore_index, row, V, g, loss, static_cast<A*>(nullptr))) return;
   A s = 0;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) s += stable_s(to_acc(z[j]));
   const A S = block_sum(s);

@@ -8,13 +8,27 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The common end of an element: store u, move p by step_lr * u, accumulate u^2.
+template <typename T, typename A>
+__device__ __forceinline__ void finish_element(int64_t j, A u, A pj, A step_lr, bool write_u, bool apply, A* u_out,
+                                               T* p, A& acc) {
+  if (write_u) u_out[j] = u;
+  if (apply) p[j] = from_acc<T>(pj - step_lr * u);
+  acc += u * u;
+}
+
+// The common end of a chunk: the block's sum of u^2 added to its tensor's total.
+template <typename A>
+__device__ __forceinline__ void finish_chunk(A acc, A* sums, int64_t i) {
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+}
+
 template <typename T>
 __global__ void adam_kernel(UpdateTables t, const double* consts, const double* scale,
                             typename Acc<T>::type* sums, AdamFlags f) {
   using A = typename Acc<T>::type;
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
-  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const auto [i, begin, end] = chunk_range(t);
   const A lr = consts[0], b1 = consts[1], b2 = consts[2], eps = consts[3], wd = consts[4], bc1 = consts[5],
           bc2s = consts[6];
   const A step_lr = lr * static_cast<A>(*scale), decay = A(1) - lr * wd;
@@ -40,21 +54,16 @@ __global__ void adam_kernel(UpdateTables t, const double* consts, const double* 
     const A u = (mj / bc1) / (sqrt(vh) / bc2s + eps);
     m[j] = from_acc<T>(mj);
     v[j] = from_acc<T>(vj);
-    if (f.write_u) u_out[j] = u;
-    if (f.apply) p[j] = from_acc<T>(pj - step_lr * u);
-    acc += u * u;
+    finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
   }
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+  finish_chunk(acc, sums, i);
 }
 
 template <typename T>
 __global__ void sgd_kernel(UpdateTables t, const double* consts, const double* scale, typename Acc<T>::type* sums,
                            SgdFlags f) {
   using A = typename Acc<T>::type;
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
-  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const auto [i, begin, end] = chunk_range(t);
   const A lr = consts[0], mu = consts[1], damp = consts[2], wd = consts[3];
   const A step_lr = lr * static_cast<A>(*scale);
   T* p = reinterpret_cast<T*>(t.p[i]);
@@ -73,20 +82,15 @@ __global__ void sgd_kernel(UpdateTables t, const double* consts, const double* s
       b[j] = from_acc<T>(bj);
       u = f.nesterov ? gj + bj * mu : bj;
     }
-    if (f.write_u) u_out[j] = u;
-    if (f.apply) p[j] = from_acc<T>(pj - step_lr * u);
-    acc += u * u;
+    finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
   }
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+  finish_chunk(acc, sums, i);
 }
 
 template <typename T>
 __global__ void apply_kernel(UpdateTables t, const double* scale, double weight_decay) {
   using A = typename Acc<T>::type;
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
-  const int64_t end = min(begin + kUpdateChunk, t.numel[i]);
+  const auto [i, begin, end] = chunk_range(t);
   const A lr = static_cast<A>(*scale), decay = A(1) - lr * static_cast<A>(weight_decay);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const A* u = reinterpret_cast<const A*>(t.u[i]);

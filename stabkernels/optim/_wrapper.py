@@ -81,3 +81,29 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
+
+
+class ExtraStateMixin:
+    """For ``torch.optim.Optimizer`` subclasses whose state goes beyond torch's per-parameter layout (RNG
+    counters, the last radius): ``state_dict()`` adds it under ``extra_state_key``, ``load_state_dict()``
+    takes it back; a plain torch state dict (without the key) still loads."""
+
+    extra_state_key = "extra"
+
+    def _extra_state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_extra_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd[self.extra_state_key] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(self.extra_state_key, None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._load_extra_state(extra)

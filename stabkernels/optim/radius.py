@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import spread, tangent, update
-from ._wrapper import OptimizerWrapper
+from ._wrapper import ExtraStateMixin, OptimizerWrapper
 
 MODES = ("cap", "set")
 
@@ -306,7 +306,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         self._load_radius_state(state, self.params()[0].device)
 
 
-class _FusedRadiusOptimizer(_RadiusMixin, torch.optim.Optimizer):
+class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer):
     """Base of RadiusAdamW / RadiusSGD: a torch Optimizer whose state layout matches torch's own optimizer
     (exp_avg, exp_avg_sq, step / momentum_buffer), plus scratch buffers for the proposal."""
 
@@ -361,17 +361,13 @@ class _FusedRadiusOptimizer(_RadiusMixin, torch.optim.Optimizer):
     def _decoupled_decay(self, group) -> float:
         return 0.0
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["radius"] = self._radius_state()
-        return sd
+    extra_state_key = "radius"
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        radius = state_dict.pop("radius", None)
-        super().load_state_dict(state_dict)
-        if radius is not None:
-            self._load_radius_state(radius, self.param_groups[0]["params"][0].device)
+    def _extra_state(self) -> dict:
+        return self._radius_state()
+
+    def _load_extra_state(self, state: dict) -> None:
+        self._load_radius_state(state, self.param_groups[0]["params"][0].device)
 
 
 class RadiusAdamW(_FusedRadiusOptimizer):

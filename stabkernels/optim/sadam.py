@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import directional, update
 from ..tangent import eval_mode
+from ._wrapper import ExtraStateMixin
 
 PROBE_MODES = ("eval", "train")
 EPS_MODES = ("torch", "authors")
@@ -47,7 +48,7 @@ class SAdamReport:
     dropped: list
 
 
-class SAdam(torch.optim.Optimizer):
+class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     """S-Adam (SPEC 3.1): AdamW with the step multiplied by alpha = exp(-damping * min(rho, 10)), where rho is
     the local geometric instability of k finite-difference slopes D_i = (L(theta + sigma d_i) - L_0) / sigma
     along random unit-per-tensor directions d_i.
@@ -217,14 +218,10 @@ class SAdam(torch.optim.Optimizer):
                           backend=self.backend)
 
     # ----------------------------------------------------------------------------------------------
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["sadam"] = {"seed": self.seed, "probe_counter": self.probe_counter}
-        return sd
+    extra_state_key = "sadam"
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("sadam", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.seed, self.probe_counter = int(extra["seed"]), int(extra["probe_counter"])
+    def _extra_state(self) -> dict:
+        return {"seed": self.seed, "probe_counter": self.probe_counter}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.seed, self.probe_counter = int(state["seed"]), int(state["probe_counter"])

@@ -1,6 +1,7 @@
 """Small helpers shared by the Triton kernel modules."""
-import triton.language as tl
 import torch
+import triton
+import triton.language as tl
 
 ACC_DTYPE = {torch.float64: tl.float64}
 
@@ -29,3 +30,11 @@ def group_by_dtype(tensors):
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
     return groups
+
+
+@triton.jit
+def chunk_range(chunk_tensor, chunk_start, numels):
+    """(tensor index, first element, tensor size) of this program's chunk in a grouped launch."""
+    c = tl.program_id(0)
+    i = tl.load(chunk_tensor + c)
+    return i, tl.load(chunk_start + c), tl.load(numels + i)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .._checks import acc_dtype
-from ._common import TL_STORAGE, group_by_dtype, int_table, pointer_table, tl_acc
+from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
 
 BLOCK = 256  # counters per program: 1024 elements
 
@@ -97,10 +97,8 @@ def _dots_kernel(keys, K, T, g_tab, numels, blk_tensor, blk_ctr, gn, nn, DTYPE: 
 @triton.jit
 def _ortho_sums_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, sums, DTYPE: tl.constexpr,
                        CHUNK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    n = tl.load(numels + t)
-    idx = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
+    t, start, n = chunk_range(chunk_tensor, chunk_start, numels)
+    idx = start + tl.arange(0, CHUNK)
     m = idx < n
     w = tl.load(tl.load(w_tab + t).to(tl.pointer_type(DTYPE)) + idx, mask=m, other=0.0).to(tl.float64)
     g = tl.load(tl.load(g_tab + t).to(tl.pointer_type(DTYPE)) + idx, mask=m, other=0.0).to(tl.float64)
@@ -113,10 +111,8 @@ def _ortho_sums_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, sums, DT
 def _ortho_write_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, coef, scale, DTYPE: tl.constexpr,
                         CHUNK: tl.constexpr):
     # float64: g - c w cancels when g is nearly parallel to w
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    n = tl.load(numels + t)
-    idx = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
+    t, start, n = chunk_range(chunk_tensor, chunk_start, numels)
+    idx = start + tl.arange(0, CHUNK)
     m = idx < n
     gp = tl.load(g_tab + t).to(tl.pointer_type(DTYPE))
     w = tl.load(tl.load(w_tab + t).to(tl.pointer_type(DTYPE)) + idx, mask=m, other=0.0).to(tl.float64)

@@ -9,17 +9,27 @@ from ._common import tl_acc
 
 
 @triton.jit
+def _zero_row(g, V, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient row of an ignored target: zeros."""
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        tl.store(g + cols, tl.zeros([BLOCK], ACC).to(g.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _row(z_ptr, y_ptr, g_ptr, stride_z, stride_g):
+    """This program's row: its index, target, and logits and gradient row pointers."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, tl.load(y_ptr + row), z_ptr + row * stride_z, g_ptr + row * stride_g
+
+
+@triton.jit
 def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, V, stride_z, stride_g, coef_ptr, ignore_index,
                  ACC: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(y_ptr + row)
-    z = z_ptr + row * stride_z
-    g = g_ptr + row * stride_g
+    row, y, z, g = _row(z_ptr, y_ptr, g_ptr, stride_z, stride_g)
     if y == ignore_index:
         if WITH_GRAD:
-            for c0 in range(0, V, BLOCK):
-                cols = c0 + tl.arange(0, BLOCK)
-                tl.store(g + cols, tl.zeros([BLOCK], ACC).to(g.dtype.element_ty), mask=cols < V)
+            _zero_row(g, V, ACC, BLOCK)
     else:
         m = tl.full([BLOCK], float("-inf"), ACC)
         for c0 in range(0, V, BLOCK):
@@ -60,15 +70,10 @@ def _stable_ds(x):
 @triton.jit
 def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, V, stride_z, stride_g, ignore_index,
                       ACC: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(y_ptr + row)
-    z = z_ptr + row * stride_z
-    g = g_ptr + row * stride_g
+    row, y, z, g = _row(z_ptr, y_ptr, g_ptr, stride_z, stride_g)
     if y == ignore_index:
         if WITH_GRAD:
-            for c0 in range(0, V, BLOCK):
-                cols = c0 + tl.arange(0, BLOCK)
-                tl.store(g + cols, tl.zeros([BLOCK], ACC).to(g.dtype.element_ty), mask=cols < V)
+            _zero_row(g, V, ACC, BLOCK)
     else:
         s = tl.zeros([BLOCK], ACC)
         for c0 in range(0, V, BLOCK):

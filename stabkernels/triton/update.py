@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._checks import acc_dtype
-from ._common import TL_STORAGE, group_by_dtype, int_table, pointer_table, tl_acc
+from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
 
 CHUNK = 4096
 
@@ -28,10 +28,7 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
                  sums, DTYPE: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                  MAXIMIZE: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr, CHUNK: tl.constexpr,
                  BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    i = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + i)
+    i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     lr = tl.load(consts + 0).to(ACC)
     beta1 = tl.load(consts + 1).to(ACC)
     beta2 = tl.load(consts + 2).to(ACC)
@@ -81,10 +78,7 @@ def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, c
                 DTYPE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    i = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + i)
+    i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     lr = tl.load(consts + 0).to(ACC)
     mu = tl.load(consts + 1).to(ACC)
     damp = tl.load(consts + 2).to(ACC)
@@ -124,10 +118,7 @@ def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, c
 @triton.jit
 def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, wd, DTYPE: tl.constexpr,
                   ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    i = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + i)
+    i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     lr = tl.load(lr_ptr).to(ACC)
     decay = 1 - lr * tl.load(wd).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
