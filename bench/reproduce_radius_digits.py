@@ -35,7 +35,7 @@ def main():
             rows.append({"method": method, "base_lr": lr, "median_acc": round(med, 4), "min_acc": round(lo, 4),
                          "max_acc": round(hi, 4), "seeds": args.seeds})
     print(f"digits, lr x1000 from step 50, {args.seeds} seeds ({time.perf_counter() - t0:.0f} s)\n")
-    print(f"| method | " + " | ".join(f"base lr {lr:g}" for lr in lrs) + " |")
+    print("| method | " + " | ".join(f"base lr {lr:g}" for lr in lrs) + " |")
     print("|---|" + "---|" * len(lrs))
     for method in methods:
         cells = [f"{r['median_acc']:.3f} ({r['min_acc']:.3f}-{r['max_acc']:.3f})" for r in rows

@@ -1,7 +1,6 @@
 """Small modules that complement the kernels."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

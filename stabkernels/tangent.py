@@ -8,7 +8,7 @@ dropout is off), after which every module's train/eval flag is restored exactly.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn

@@ -2,7 +2,6 @@
 import csv
 import importlib
 import os
-import sys
 
 import pytest
 

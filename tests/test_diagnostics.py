@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabkernels.diagnostics import (InstabilityMonitor, hessian, kappa_adam_bound, kappa_dense, kappa_momentum,
-                                     kappa_of, top_hessian_eigenvalues, update_operator)
+                                     kappa_of, top_hessian_eigenvalues)
 
 
 def random_spd(n, seed, scale=1.0):

@@ -5,7 +5,7 @@ import torch
 import stabkernels as sk
 from stabkernels.spectral import (as_matrix, power_iteration_reference, smooth_values, sq_norms_reference)
 
-from .helpers import FLOAT_DTYPES, backend_params
+from .helpers import backend_params
 
 PI_BACKENDS = backend_params("power_iteration_")
 SQ_BACKENDS = backend_params("sq_norms")

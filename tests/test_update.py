@@ -1,6 +1,4 @@
 """Fused optimizer updates against torch.optim (the ground truth) and the float64 reference, per backend."""
-import copy
-
 import pytest
 import torch
 

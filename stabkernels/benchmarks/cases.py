@@ -202,7 +202,7 @@ def radius_cases(device: str, quick: bool) -> Iterator[Case]:
             m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method,
                             capture_inputs=False), True)
         # the two knobs that trade measurement for time: a radius every other step, half the batch
-        for label, kw in ((f"every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
+        for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
             m3 = cnn()
             candidates[f"RadiusAdamW-{method}-{label}"] = train_step(
                 m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method=method,
