@@ -46,6 +46,29 @@ inline A nan_min(A a, A b) {
   return (a != a || a < b) ? a : b;
 }
 
+// Horizontal reductions of one vector: the sum of its lanes, and their NaN-propagating maximum and minimum
+// (at::vec's max/min reductions would drop a NaN).
+template <typename A>
+inline A lane_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+}
+template <typename A>
+inline A lane_max(const Vectorized<A>& v) {
+  A lanes[Vectorized<A>::size()];
+  v.store(lanes);
+  A out = lanes[0];
+  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) out = nan_max(out, lanes[l]);
+  return out;
+}
+template <typename A>
+inline A lane_min(const Vectorized<A>& v) {
+  A lanes[Vectorized<A>::size()];
+  v.store(lanes);
+  A out = lanes[0];
+  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) out = nan_min(out, lanes[l]);
+  return out;
+}
+
 // Rows per parallel_for chunk so that each chunk touches at least ~32K elements.
 inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
@@ -94,7 +117,7 @@ inline acc_t<T> dot_acc(const T* v, const acc_t<T>* w, int64_t n) {
     s0 = at::vec::fmadd(load_acc(v + j), V::loadu(w + j), s0);
     s1 = at::vec::fmadd(load_acc(v + j + W), V::loadu(w + j + W), s1);
   }
-  A s = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, s0 + s1);
+  A s = lane_sum(s0 + s1);
   for (; j < n; ++j) s += static_cast<A>(v[j]) * w[j];
   return s;
 }

@@ -241,8 +241,8 @@ void dots_block(const T* g, const float* n, int64_t len, double& sgn, double& sn
       agn = at::vec::fmadd(load_acc(g + j), nv, agn);
       ann = at::vec::fmadd(nv, nv, ann);
     }
-    sgn += at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, agn);
-    snn += at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, ann);
+    sgn += lane_sum(agn);
+    snn += lane_sum(ann);
     for (; j < len; ++j) sgn += static_cast<double>(g[j]) * n[j], snn += static_cast<double>(n[j]) * n[j];
   } else {
     for (int64_t j = 0; j < len; ++j) sgn += static_cast<double>(g[j]) * n[j], snn += static_cast<double>(n[j]) * n[j];

@@ -25,10 +25,7 @@ acc_t<T> row_max(const T* z, int64_t V) {
   VA m(-std::numeric_limits<A>::infinity());
   int64_t j = 0;
   for (; j + L <= V; j += L) m = at::vec::maximum(m, load_acc(z + j));
-  A lanes[L];
-  m.store(lanes);
-  A out = lanes[0];
-  for (int64_t l = 1; l < L; ++l) out = nan_max(out, lanes[l]);
+  A out = lane_max(m);
   for (; j < V; ++j) out = nan_max(out, static_cast<A>(z[j]));
   return out;
 }
@@ -42,7 +39,7 @@ acc_t<T> row_sum_exp(const T* z, int64_t V, acc_t<T> m) {
   VA s(A(0)), vm(m);
   int64_t j = 0;
   for (; j + L <= V; j += L) s = s + vexp(load_acc(z + j) - vm);
-  A out = at::vec::vec_reduce_all<A>([](VA& a, VA& b) { return a + b; }, s);
+  A out = lane_sum(s);
   for (; j < V; ++j) out += std::exp(static_cast<A>(z[j]) - m);
   return out;
 }
@@ -160,7 +157,7 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
         VA vs(A(0));
         int64_t j = 0;
         for (; j + L <= V; j += L) vs = vs + stable_s(load_acc(z + j));
-        A S = at::vec::vec_reduce_all<A>([](VA& a, VA& c) { return a + c; }, vs);
+        A S = lane_sum(vs);
         for (; j < V; ++j) S += stable_s(static_cast<A>(z[j]));
         const A zy = static_cast<A>(z[y[i]]);
         loss.mutable_data_ptr<A>()[i] = std::log(S) - std::log(stable_s(zy));

@@ -27,16 +27,7 @@ void spread_rows_contiguous(const T* x, int64_t N, int64_t C, int64_t s0, acc_t<
         hi1 = at::vec::maximum(hi1, b);
         lo1 = at::vec::minimum(lo1, b);
       }
-      hi0 = at::vec::maximum(hi0, hi1);
-      lo0 = at::vec::minimum(lo0, lo1);
-      A hi_lanes[W], lo_lanes[W];
-      hi0.store(hi_lanes);
-      lo0.store(lo_lanes);
-      A hi = hi_lanes[0], lo = lo_lanes[0];
-      for (int64_t l = 1; l < W; ++l) {
-        hi = nan_max(hi, hi_lanes[l]);
-        lo = nan_min(lo, lo_lanes[l]);
-      }
+      A hi = lane_max(at::vec::maximum(hi0, hi1)), lo = lane_min(at::vec::minimum(lo0, lo1));
       for (; j < C; ++j) {
         A v = static_cast<A>(row[j]);
         hi = nan_max(hi, v);

@@ -37,8 +37,7 @@ void rows_pass_contiguous(const T* W, int64_t s0, int64_t r0, int64_t r1, int64_
       a2 = at::vec::fmadd(load_acc(w2 + j), vv, a2);
       a3 = at::vec::fmadd(load_acc(w3 + j), vv, a3);
     }
-    auto sum = [](V& a) { return at::vec::vec_reduce_all<A>([](V& p, V& q) { return p + q; }, a); };
-    A d0 = sum(a0), d1 = sum(a1), d2 = sum(a2), d3 = sum(a3);
+    A d0 = lane_sum(a0), d1 = lane_sum(a1), d2 = lane_sum(a2), d3 = lane_sum(a3);
     for (int64_t t = j; t < n; ++t) {
       d0 += static_cast<A>(w0[t]) * v[t];
       d1 += static_cast<A>(w1[t]) * v[t];
@@ -216,7 +215,7 @@ at::Tensor sq_norms_cpu(at::TensorList tensors) {
           s0 = at::vec::fmadd(a, a, s0);
           s1 = at::vec::fmadd(q, q, s1);
         }
-        A s = at::vec::vec_reduce_all<A>([](V& a, V& q) { return a + q; }, s0 + s1);
+        A s = lane_sum(s0 + s1);
         for (; j < ch.end; ++j) s += static_cast<A>(p[j]) * static_cast<A>(p[j]);
         partial[c] = s;
       });

@@ -29,11 +29,7 @@ void fold_tile(const A* tile, int64_t rows, int64_t cols, const A* bias, A* hi, 
       vh = at::vec::maximum(vh, x);
       vl = at::vec::minimum(vl, x);
     }
-    A lanes_h[L], lanes_l[L];
-    vh.store(lanes_h);
-    vl.store(lanes_l);
-    A h = lanes_h[0], l = lanes_l[0];
-    for (int64_t t = 1; t < L; ++t) h = nan_max(h, lanes_h[t]), l = nan_min(l, lanes_l[t]);
+    A h = lane_max(vh), l = lane_min(vl);
     for (; j < cols; ++j) {
       const A x = row[j] + (bias ? bias[j] : A(0));
       h = nan_max(h, x);

@@ -109,7 +109,7 @@ double run_chunk(int64_t begin, int64_t end, acc_t<T>* u_out, Body&& body) {
       if (u_out) u.store(u_out + j);
       acc = at::vec::fmadd(u, u, acc);
     }
-    sum = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, acc);
+    sum = lane_sum(acc);
   }
   for (; j < end; ++j) {
     const A u = body(j, A());
