@@ -11,6 +11,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def grouped_acc_dtype(tensors) -> torch.dtype:
+    """The result dtype of a reduction over a list of tensors: float64 if any is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def check_float_tensor(x, name: str, ndim: int | None = None) -> None:
     """A dense tensor of a supported float dtype (and the given number of dimensions)."""
     if not isinstance(x, torch.Tensor):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor
+from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
 from ._library import define_op
 
 MASK32 = 0xFFFFFFFF
@@ -151,15 +151,13 @@ def perturb_reference(params, keys, sigma, out):
 
 _dots_op = define_op(
     "directional_dots", "(Tensor[] grads, Tensor keys, str backend) -> Tensor",
-    lambda grads, keys, backend: grads[0].new_empty(keys.shape[0],
-                                                    dtype=torch.float64 if any(g.dtype == torch.float64
-                                                                               for g in grads) else torch.float32))
+    lambda grads, keys, backend: grads[0].new_empty(keys.shape[0], dtype=grouped_acc_dtype(grads)))
 
 
 @_backend.register("directional_dots", "torch")
 def directional_dots_reference(grads, keys):
     """Reference: out[k] = sum_t g_t . d_{t,k} = sum_t (g_t . n_{t,k}) s_{t,k}, each direction materialised."""
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    dtype = grouped_acc_dtype(grads)
     out = []
     for row in keys.tolist():
         total = torch.zeros((), dtype=torch.float64, device=grads[0].device)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor
+from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
 from ._library import define_op
 
 RULES = ("clip", "log", "mean", "cap")
@@ -25,9 +25,6 @@ def as_matrix(w: Tensor) -> Tensor:
     """``w`` viewed as (w.shape[0], rest); a view whenever the strides allow it."""
     return w.reshape(w.shape[0], -1) if w.dim() != 2 else w
 
-
-def _grouped_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_matrices(mats, name: str = "mats") -> list[Tensor]:
@@ -50,7 +47,7 @@ def _check_matrices(mats, name: str = "mats") -> list[Tensor]:
 
 
 def _sq_norms_fake(tensors, backend):
-    return tensors[0].new_empty(len(tensors), dtype=_grouped_dtype(tensors))
+    return tensors[0].new_empty(len(tensors), dtype=grouped_acc_dtype(tensors))
 
 
 _sq_norms_op = define_op("sq_norms", "(Tensor[] tensors, str backend) -> Tensor", _sq_norms_fake)
@@ -59,7 +56,7 @@ _sq_norms_op = define_op("sq_norms", "(Tensor[] tensors, str backend) -> Tensor"
 @_backend.register("sq_norms", "torch")
 def sq_norms_reference(tensors: list[Tensor]) -> Tensor:
     """Reference: ``sum(t.to(acc) ** 2)`` per tensor."""
-    dtype = _grouped_dtype(tensors)
+    dtype = grouped_acc_dtype(tensors)
     return torch.stack([t.to(acc_dtype(t.dtype)).pow(2).sum().to(dtype) for t in tensors])
 
 
@@ -88,7 +85,7 @@ def sq_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
 
 
 def _power_iteration_fake(mats, us, vs, iters, eps, backend):
-    return mats[0].new_empty(len(mats), dtype=_grouped_dtype(mats))
+    return mats[0].new_empty(len(mats), dtype=grouped_acc_dtype(mats))
 
 
 _power_iteration_op = define_op(
@@ -121,7 +118,7 @@ def power_iteration_reference(mats, us, vs, iters: int, eps: float) -> Tensor:
         u.copy_(u_new)
         v.copy_(v_new)
         sigmas.append(sigma)
-    return torch.tensor(sigmas, dtype=_grouped_dtype(mats), device=mats[0].device)
+    return torch.tensor(sigmas, dtype=grouped_acc_dtype(mats), device=mats[0].device)
 
 
 _backend.register_kernels("power_iteration_", "spectral")

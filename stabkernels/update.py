@@ -21,16 +21,13 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor
+from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
 from ._library import define_op
 
 
-def _grouped_dtype(tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
 
 def _sums_fake(params, *args):
-    return params[0].new_empty(len(params), dtype=_grouped_dtype(params))
+    return params[0].new_empty(len(params), dtype=grouped_acc_dtype(params))
 
 
 def _scale(step_scale: Tensor) -> Tensor:
@@ -85,7 +82,7 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
         sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
-    return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
+    return torch.stack(sums).to(grouped_acc_dtype(params)) if sums else torch.zeros(0)
 
 
 _backend.register_kernels("adam_step_", "update")
@@ -121,7 +118,7 @@ def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr,
             momentum_buffers[i].copy_(b)
             u = g + b * momentum if nesterov else b
         sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
-    return torch.stack(sums).to(_grouped_dtype(params)) if sums else torch.zeros(0)
+    return torch.stack(sums).to(grouped_acc_dtype(params)) if sums else torch.zeros(0)
 
 
 _backend.register_kernels("sgd_step_", "update")

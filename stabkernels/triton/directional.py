@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import acc_dtype
+from .._checks import acc_dtype, grouped_acc_dtype
 from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
 
 BLOCK = 256  # counters per program: 1024 elements
@@ -174,7 +174,7 @@ def directional_dots(grads, keys):
     keys = keys.to(device)
     K, T = keys.shape
     flat = [g.contiguous() for g in grads]
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = grouped_acc_dtype(grads)
     gn = torch.zeros(K, T, dtype=torch.float64, device=device)
     nn = torch.zeros(K, T, dtype=torch.float64, device=device)
     for dtype, idx in group_by_dtype(flat).items():

@@ -4,12 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import acc_dtype
+from .._checks import acc_dtype, grouped_acc_dtype
 from ._common import TL_STORAGE, group_by_dtype, int_table, pointer_table, tl_acc
 
-
-def _grouped_dtype(tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,7 +31,7 @@ def _sq_norms_kernel(ptrs, numels, chunk_tensor, chunk_start, out_ptr,
 
 def sq_norms(tensors, chunk: int = 8192, block: int = 1024):
     device = tensors[0].device
-    out_dtype = _grouped_dtype(tensors)
+    out_dtype = grouped_acc_dtype(tensors)
     out = torch.zeros(len(tensors), dtype=out_dtype, device=device)
     for dtype, idx in group_by_dtype(tensors).items():
         flat = [tensors[i].contiguous() for i in idx]  # keeps copies alive during the launch
@@ -133,7 +130,7 @@ def _pi_finish_kernel(u_ptrs, v_ptrs, ms, ns, x_offs, y_offs, active, x_buf, y_b
 
 def power_iteration_(mats, us, vs, iters, eps, block_m: int = 16, block_n: int = 128, block: int = 256):
     device = mats[0].device
-    out_dtype = _grouped_dtype(mats)
+    out_dtype = grouped_acc_dtype(mats)
     sigma = torch.zeros(len(mats), dtype=out_dtype, device=device)
     for dtype, idx in group_by_dtype(mats).items():
         W = [mats[i] for i in idx]

@@ -8,14 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import acc_dtype
+from .._checks import acc_dtype, grouped_acc_dtype
 from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
 
 CHUNK = 4096
 
-
-def _grouped_dtype(tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @triton.jit
@@ -141,7 +138,7 @@ def _launch_grouped(params, launch):
     """Calls launch(dtype, idx, nchunks, numels, chunk_tensor, chunk_start, sums) per dtype group and gathers
     the per-tensor sums."""
     device = params[0].device
-    out = torch.zeros(len(params), dtype=_grouped_dtype(params), device=device)
+    out = torch.zeros(len(params), dtype=grouped_acc_dtype(params), device=device)
     for dtype, idx in group_by_dtype(params).items():
         sums = torch.zeros(len(idx), dtype=acc_dtype(dtype), device=device)
         launch(dtype, idx, *_chunk_tables([params[i] for i in idx], device), sums)
