@@ -8,10 +8,19 @@ from ._common import tl_acc
 
 
 @triton.jit
+def _fold_extremes(hi, lo, nan, tile, valid):
+    """Folds a (rows, cols) tile into running per-row max, min and NaN flag, ignoring invalid entries. NaN is
+    tracked separately: tl.max/tl.min on a GPU drop NaN, torch.amax propagates it."""
+    hi = tl.maximum(hi, tl.max(tl.where(valid, tile, float("-inf")), axis=1))
+    lo = tl.minimum(lo, tl.min(tl.where(valid, tile, float("inf")), axis=1))
+    nan = nan | tl.max((valid & (tile != tile)).to(tl.int32), axis=1)
+    return hi, lo, nan
+
+
+@triton.jit
 def _row_spread_kernel(x_ptr, out_ptr, N, C, stride_n, stride_c,
                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    # A block of rows per program; sweep the columns once, keeping running extremes per row. NaN is
-    # tracked separately: tl.max/tl.min on a GPU drop NaN, torch.amax propagates it.
+    # A block of rows per program; sweep the columns once, keeping running extremes per row.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     hi = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -21,9 +30,7 @@ def _row_spread_kernel(x_ptr, out_ptr, N, C, stride_n, stride_c,
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         m = row_ok[:, None] & (cols[None, :] < C)
         v = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c, mask=m, other=0.0).to(ACC)
-        hi = tl.maximum(hi, tl.max(tl.where(m, v, float("-inf")), axis=1))
-        lo = tl.minimum(lo, tl.min(tl.where(m, v, float("inf")), axis=1))
-        nan = nan | tl.max((v != v).to(tl.int32), axis=1)
+        hi, lo, nan = _fold_extremes(hi, lo, nan, v, m)
     spread = tl.where(nan != 0, float("nan"), hi - lo)
     tl.store(out_ptr + rows, spread, mask=row_ok)
 
@@ -73,9 +80,7 @@ def _tangent_spread_kernel(h_ptr, hd_ptr, w_ptr, wd_ptr, bd_ptr, out_ptr, N, V, 
         if HAS_BD:
             acc += tl.load(bd_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         valid = rmask[:, None] & cmask[None, :]
-        hi = tl.maximum(hi, tl.max(tl.where(valid, acc, float("-inf")), axis=1))
-        lo = tl.minimum(lo, tl.min(tl.where(valid, acc, float("inf")), axis=1))
-        nan = nan | tl.max((valid & (acc != acc)).to(tl.int32), axis=1)
+        hi, lo, nan = _fold_extremes(hi, lo, nan, acc, valid)
     tl.store(out_ptr + rows, tl.where(nan != 0, float("nan"), hi - lo), mask=rmask)
 
 
