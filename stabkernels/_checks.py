@@ -29,9 +29,3 @@ def check_float_tensor(x, name: str, ndim: int | None = None) -> None:
         )
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-
-
-def check_same_device(tensors, names) -> None:
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"{', '.join(names)} must be on one device, got {sorted(map(str, devices))}")

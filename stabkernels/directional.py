@@ -116,10 +116,6 @@ def _unit_scale(n: Tensor, dtype: torch.dtype) -> Tensor:
 # ops
 
 
-def _keys_arg(keys: Tensor) -> Tensor:
-    return keys.cpu() if keys.device.type != "cpu" else keys
-
-
 _random_directions_op = define_op(
     "random_directions", "(Tensor[] tensors, Tensor keys, str backend) -> Tensor[]",
     lambda tensors, keys, backend: [torch.empty_like(t, dtype=acc_dtype(t.dtype)) for t in tensors])

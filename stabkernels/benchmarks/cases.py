@@ -20,7 +20,6 @@ class Case:
     baseline: Callable[[], object]
     candidates: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline_name: str = "torch"
-    note: str = ""
     peak_mb: dict[str, float] = field(default_factory=dict)  # extra peak memory per candidate ("baseline" too)
     statistic: str = "median"  # "mean" where calls alternate cheap and expensive ones (every=N)
 
