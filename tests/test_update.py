@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stabkernels import update
-from stabkernels.update import adam_step_reference
+from stabkernels.update import adam_step_reference, apply_update_reference, sgd_step_reference
 
 from .helpers import backend_params
 
@@ -116,7 +116,7 @@ def test_sgd_step_matches_torch_optim(backend, device, cfg):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_adam_step_dtypes_against_float64_reference(backend, device, dtype):
     ours = make_params(device, dtype)
-    ref = [p.double() for p in ours]
+    ref = [p.double().clone() for p in ours]  # .double() of a float64 tensor aliases it
     state = [[torch.zeros_like(p) for p in ours] for _ in range(3)]
     ref_state = [[torch.zeros_like(p) for p in ref] for _ in range(3)]
     u = [torch.empty_like(p, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for p in ours]
@@ -136,6 +136,45 @@ def test_adam_step_dtypes_against_float64_reference(backend, device, dtype):
     for a, b in zip(u, u_ref):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
     torch.testing.assert_close(s.double(), s_ref.double(), rtol=tol, atol=0)
+
+
+DTYPE_TOL = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("backend,device", SGD_BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
+def test_sgd_step_dtypes_against_float64_reference(backend, device, dtype):
+    ours = make_params(device, dtype)
+    bufs = [torch.zeros_like(p) for p in ours]
+    u = [torch.empty_like(p, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for p in ours]
+    ref = [p.double().clone() for p in ours]  # .double() of a float64 tensor aliases it
+    ref_bufs = [b.double().clone() for b in bufs]
+    u_ref = [torch.empty_like(p) for p in ref]
+    scale = torch.tensor(0.7, device=device)
+    g = grads_for(ours, 1)
+    s = update.sgd_step_(ours, g, bufs, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True, first=True,
+                         updates=u, step_scale=scale, backend=backend)
+    s_ref = sgd_step_reference(ref, [x.double() for x in g], ref_bufs, u_ref, scale, 0.05, 0.9, 0.0, 0.01, True,
+                               False, True, True)
+    tol = DTYPE_TOL[dtype]
+    for a, b in zip(u + ours + bufs, u_ref + ref + ref_bufs):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    torch.testing.assert_close(s.double(), s_ref.double(), rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", APPLY_BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
+def test_apply_update_dtypes_against_float64_reference(backend, device, dtype):
+    ours = make_params(device, dtype)
+    ref = [p.double().clone() for p in ours]  # .double() of a float64 tensor aliases it
+    g = torch.Generator().manual_seed(5)
+    u = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(device) for p in ours]
+    lr = torch.tensor(0.3, device=device)
+    update.apply_update_(ours, [x.to(torch.float64 if dtype == torch.float64 else torch.float32) for x in u], lr,
+                         weight_decay=0.1, backend=backend)
+    apply_update_reference(ref, u, lr, 0.1)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=DTYPE_TOL[dtype], atol=DTYPE_TOL[dtype])
 
 
 def test_update_errors_name_the_problem():
