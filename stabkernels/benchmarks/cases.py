@@ -22,6 +22,7 @@ class Case:
     baseline_name: str = "torch"
     peak_mb: dict[str, float] = field(default_factory=dict)  # extra peak memory per candidate ("baseline" too)
     statistic: str = "median"  # "mean" where calls alternate cheap and expensive ones (every=N)
+    min_rounds: int = 5  # more for small differences between slow calls, where 5 medians are too noisy
 
 
 def kernel_backends(op: str, device: str) -> list[str]:
@@ -88,6 +89,11 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
         for w in mats:
             w.clone()
 
+    yield Case(op="sq_norms", shape=label, dtype="float32", nbytes=nbytes,
+               baseline=lambda: [w.pow(2).sum() for w in mats], baseline_name="per-tensor w.pow(2).sum()",
+               candidates={b: (lambda b=b: spectral.sq_norms(mats, backend=b))
+                           for b in kernel_backends("sq_norms", device)})
+
     candidates = {b: (lambda b=b: spectral.power_iteration_(mats, us, vs, 1, check_finite=False, backend=b))
                   for b in kernel_backends("power_iteration_", device)}
     candidates["ref:clone-same-bytes"] = clone
@@ -109,7 +115,8 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
     step_bytes = sum(p.numel() * 4 for g in plain.param_groups for p in g["params"])
     yield Case(op="pss_adamw_step", shape=label, dtype="float32", nbytes=step_bytes, baseline=plain.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()",
-               candidates={"pss-untriggered": quiet.step, "pss-triggered": fired.step})
+               candidates={"pss-untriggered": quiet.step, "pss-triggered": fired.step},
+               min_rounds=5 if quick else 30)  # a ~3% difference between ~200 ms steps
 
 
 def peak_extra_mb(setup: str, statement: str) -> float:
@@ -222,16 +229,75 @@ def small_cnn(device: str, seed: int = 0):
                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).to(device)
 
 
+def resnet18_case_shapes(quick: bool) -> tuple[list[tuple[int, ...]], str]:
+    """ResNet-18's parameter shapes (each dimension / 8 when quick) and their bench label."""
+    shapes = resnet18_shapes()
+    if quick:
+        shapes = [tuple(max(1, d // 8) for d in s) for s in shapes]
+    return shapes, f"resnet18{'/8' if quick else ''}:{sum(math.prod(s) for s in shapes)}params"
+
+
+def update_cases(device: str, quick: bool) -> Iterator[Case]:
+    """The fused updates alone against torch's multi-tensor (foreach) optimizers on ResNet-18's parameters."""
+    from .. import update
+
+    shapes, label = resnet18_case_shapes(quick)
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors(scale: float) -> list[torch.Tensor]:
+        return [(torch.randn(s, generator=gen) * scale).to(device) for s in shapes]
+
+    def params_with_grads() -> list[torch.nn.Parameter]:
+        ps = [torch.nn.Parameter(t) for t in tensors(0.02)]
+        for p, gr in zip(ps, tensors(1e-3)):
+            p.grad = gr
+        return ps
+
+    param_bytes = sum(math.prod(s) * 4 for s in shapes)
+    lr, wd = 1e-3, 1e-2
+
+    ps = params_with_grads()
+    grads, exp_avgs, exp_avg_sqs = [p.grad for p in ps], tensors(1e-4), [t.abs() for t in tensors(1e-6)]
+    adamw = torch.optim.AdamW(params_with_grads(), lr=lr, weight_decay=wd, foreach=True)
+    candidates = {b: (lambda b=b: update.adam_step_(ps, grads, exp_avgs, exp_avg_sqs, step=10, lr=lr,
+                                                   weight_decay=wd, backend=b))
+                  for b in kernel_backends("adam_step_", device)}
+    # torch's own fused kernel (one pass, like ours) is the fair comparison where it exists
+    candidates["ref:AdamW(fused=True)"] = torch.optim.AdamW(params_with_grads(), lr=lr, weight_decay=wd,
+                                                            fused=True).step
+    yield Case(op="adam_step_", shape=label, dtype="float32", nbytes=4 * param_bytes, baseline=adamw.step,
+               baseline_name="torch.optim.AdamW(foreach=True).step()", candidates=candidates)
+
+    ps = params_with_grads()
+    grads, bufs = [p.grad for p in ps], tensors(1e-3)
+    sgd, fused_sgd = (torch.optim.SGD(params_with_grads(), lr=lr, momentum=0.9, weight_decay=wd, **kind)
+                      for kind in ({"foreach": True}, {"fused": True}))
+    sgd.step(), fused_sgd.step()  # momentum buffers exist: the timed steps are all steady-state ones
+    candidates = {b: (lambda b=b: update.sgd_step_(ps, grads, bufs, lr=lr, momentum=0.9, weight_decay=wd, backend=b))
+                  for b in kernel_backends("sgd_step_", device)}
+    candidates["ref:SGD(fused=True)"] = fused_sgd.step
+    yield Case(op="sgd_step_", shape=label, dtype="float32", nbytes=3 * param_bytes, baseline=sgd.step,
+               baseline_name="torch.optim.SGD(momentum=0.9, foreach=True).step()", candidates=candidates)
+
+    ps, updates, ref_ps = tensors(0.02), tensors(1.0), tensors(0.02)
+
+    def foreach_apply():
+        torch._foreach_mul_(ref_ps, 1 - lr * wd)
+        torch._foreach_add_(ref_ps, updates, alpha=-lr)
+
+    yield Case(op="apply_update_", shape=label, dtype="float32", nbytes=2 * param_bytes, baseline=foreach_apply,
+               baseline_name="torch._foreach_mul_ + torch._foreach_add_",
+               candidates={b: (lambda b=b: update.apply_update_(ps, updates, lr, wd, backend=b))
+                           for b in kernel_backends("apply_update_", device)})
+
+
 def directional_cases(device: str, quick: bool) -> Iterator[Case]:
     from torch.nn import functional as F
 
     from .. import directional
     from ..optim import SAdam
 
-    shapes = resnet18_shapes()
-    if quick:
-        shapes = [tuple(max(1, d // 8) for d in s) for s in shapes]
-    label = f"resnet18{'/8' if quick else ''}:{sum(math.prod(s) for s in shapes)}params"
+    shapes, label = resnet18_case_shapes(quick)
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=g).to(device) for s in shapes]
     k = 8
@@ -252,6 +318,52 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
                baseline_name="per probe per tensor: randn_like, normalise, dot",
                candidates={b: (lambda b=b: directional.directional_dots(grads, 1, k, backend=b))
                            for b in kernel_backends("directional_dots", device)})
+
+    def torch_directions():
+        out = []
+        for gr in grads:
+            d = torch.randn_like(gr)
+            out.append(d / (d.norm() + 1e-12))
+        return out
+
+    yield Case(op="random_directions", shape=label, dtype="float32", nbytes=sum(x.numel() * 4 for x in grads),
+               baseline=torch_directions, baseline_name="per tensor: randn_like, normalise",
+               candidates={b: (lambda b=b: directional.random_directions(grads, 1, 0, backend=b))
+                           for b in kernel_backends("random_directions", device)})
+
+    params = [torch.randn(s_, generator=g).to(device) * 0.02 for s_ in shapes]
+    scratch = [torch.empty_like(p) for p in params]
+
+    def torch_perturb():
+        out = []
+        for p in params:
+            d = torch.randn_like(p)
+            out.append(p + 0.01 * d / (d.norm() + 1e-12))
+        return out
+
+    yield Case(op="perturb", shape=label, dtype="float32", nbytes=sum(p.numel() * 4 for p in params),
+               baseline=torch_perturb, baseline_name="per tensor: randn_like, normalise, p + sigma d",
+               candidates={b: (lambda b=b: directional.perturb(params, 1, 0, 0.01, out=scratch, backend=b))
+                           for b in kernel_backends("perturb", device)})
+
+    def with_grads():
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        return ps
+
+    ortho_ps, ref_ps = with_grads(), with_grads()
+
+    def torch_orthograd():
+        for p in ref_ps:
+            w, gr = p.detach(), p.grad
+            perp = gr - (w * gr).sum() / ((w * w).sum() + 1e-30) * w
+            p.grad = perp * (gr.norm() / (perp.norm() + 1e-30))
+
+    yield Case(op="orthograd_", shape=label, dtype="float32", nbytes=2 * sum(p.numel() * 4 for p in params),
+               baseline=torch_orthograd, baseline_name="per tensor: project, rescale (torch ops)",
+               candidates={b: (lambda b=b: directional.orthograd_(ortho_ps, backend=b))
+                           for b in kernel_backends("orthograd_", device)})
 
     # SAdam's step without its probe forwards, against AdamW(foreach=True), on the same parameters
     def params_with_grads():
@@ -331,11 +443,27 @@ def loss_cases(device: str, quick: bool) -> Iterator[Case]:
             case.peak_mb[b] = peak_extra_mb(setup, f"stabkernels.cross_entropy_z_loss(z, y, backend='{b}')[0].backward()")
     yield case
 
+    def stable_composed():
+        z.grad = None
+        s = losses.stablemax_s(z)
+        (torch.log(s.sum(1)) - torch.log(s.gather(1, y[:, None])[:, 0])).mean().backward()
+
+    def stable_fused(b):
+        def fn():
+            z.grad = None
+            losses.stablemax_cross_entropy(z, y, backend=b).backward()
+        return fn
+
+    yield Case(op="stablemax_cross_entropy_fwd_bwd", shape=f"{n}x{v}", dtype="float32", nbytes=n * v * 4,
+               baseline=stable_composed, baseline_name="StableMax formula in torch ops, forward + backward",
+               candidates={b: stable_fused(b) for b in kernel_backends("stablemax_cross_entropy", device)})
+
 
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
     "radius": radius_cases,
+    "update": update_cases,
     "directional": directional_cases,
     "losses": loss_cases,
 }

@@ -45,7 +45,7 @@ def progress(i: int, n: int, label: str, width: int = 30) -> None:
 
 def run_case(case: Case, device: str, min_time: float) -> list[dict]:
     fns = {"baseline": case.baseline, **case.candidates}
-    t = measure(fns, device=device, min_time=min_time)
+    t = measure(fns, device=device, min_time=min_time, min_rounds=case.min_rounds)
     stat = (lambda x: x.mean_s) if case.statistic == "mean" else (lambda x: x.median_s)  # noqa: E731
     base = stat(t["baseline"])
     rows = []
