@@ -98,6 +98,9 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& extents, int64
 #define STABKERNELS_DISPATCH_FLOAT(t, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (t).scalar_type(), name, __VA_ARGS__)
 
+// The math dtype of a storage dtype: float64 for float64, float32 otherwise (SPEC 6).
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // The result dtype of a grouped reduction: float64 if any input is float64, else float32.
 inline at::ScalarType grouped_acc_dtype(at::TensorList ts) {
   for (const auto& t : ts)

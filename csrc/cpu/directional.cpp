@@ -173,7 +173,7 @@ std::vector<at::Tensor> random_directions_cpu(at::TensorList like, const at::Ten
   TORCH_CHECK(keys.numel() == static_cast<int64_t>(like.size()), "random_directions: one key per tensor");
   std::vector<at::Tensor> out;
   for (const auto& t : like)
-    out.push_back(at::empty(t.sizes(), t.options().dtype(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)));
+    out.push_back(at::empty(t.sizes(), t.options().dtype(acc_dtype(t.scalar_type()))));
   const auto sizes = numels(like);
   const auto sq = stream_sq_norms(sizes, keys, 0, out);  // the normals land in `out`; scale them in place
   const auto chunks = make_chunks(sizes, int64_t{1} << 15);

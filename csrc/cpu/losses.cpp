@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
                                                             double z_coef, int64_t ignore_index) {
   check_inputs("cross_entropy_z_loss", logits, target, grad);
   const int64_t N = logits.size(0), V = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor ce = at::zeros({N}, logits.options().dtype(acc)), zl = at::zeros_like(ce);
   const bool with_grad = grad.numel() > 0;
   const int64_t* y = target.const_data_ptr<int64_t>();
@@ -139,7 +139,7 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
                                        const at::Tensor& grad_scale, int64_t ignore_index) {
   check_inputs("stablemax_cross_entropy", logits, target, grad);
   const int64_t N = logits.size(0), V = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor loss = at::zeros({N}, logits.options().dtype(acc));
   const bool with_grad = grad.numel() > 0;
   const int64_t* y = target.const_data_ptr<int64_t>();

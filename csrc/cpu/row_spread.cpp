@@ -91,7 +91,7 @@ at::Tensor row_spread_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.layout() == at::kStrided, "row_spread: expected a dense (strided) tensor");
   TORCH_CHECK(x.size(1) > 0, "row_spread: expected at least one column");
   const int64_t N = x.size(0), C = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   at::Tensor out = at::empty({N}, x.options().dtype(acc));
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_spread_cpu", [&] {

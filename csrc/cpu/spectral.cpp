@@ -97,7 +97,7 @@ void check_lists(at::TensorList mats, at::TensorList us, at::TensorList vs) {
   for (size_t i = 0; i < mats.size(); ++i) {
     const auto& W = mats[i];
     TORCH_CHECK(W.dim() == 2, "power_iteration_: mats[", i, "] must be 2-D");
-    const auto acc = W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto acc = acc_dtype(W.scalar_type());
     for (const auto* t : {&us[i], &vs[i]}) {
       TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == acc,
                   "power_iteration_: us[", i, "]/vs[", i, "] must be contiguous 1-D ", acc, " tensors");

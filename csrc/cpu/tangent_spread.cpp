@@ -45,7 +45,7 @@ at::Tensor tangent_spread_linear_cpu(const at::Tensor& h_in, const at::Tensor& h
                                      const std::optional<at::Tensor>& b_dot_in) {
   TORCH_CHECK(h_in.dim() == 2 && h_dot_in.sizes() == h_in.sizes() && w_in.dim() == 2 && w_in.size(1) == h_in.size(1),
               "tangent_spread_linear: expected h, h_dot (N, d) and weight (V, d)");
-  const auto acc = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(h_in.scalar_type());
   // fp16/bf16 inputs are widened once (N x d and V x d, small next to N x V); GEMMs then run in fp32.
   const at::Tensor h = h_in.to(acc).contiguous(), hd = h_dot_in.to(acc).contiguous(), w = w_in.to(acc).contiguous();
   const bool has_wd = w_dot_in.has_value() && w_dot_in->defined();

@@ -263,7 +263,7 @@ at::Tensor tangent_spread_linear_cuda(const at::Tensor& h_in, const at::Tensor& 
               "tangent_spread_linear: expected h, h_dot (N, d) and weight (V, d)");
   const c10::cuda::CUDAGuard guard(h_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_of(h_in.scalar_type());
   const at::Tensor h = h_in.to(acc), hd = h_dot_in.to(acc), w = w_in.to(acc);
   const bool has_wd = w_dot_in.has_value() && w_dot_in->defined();
   const bool has_bd = b_dot_in.has_value() && b_dot_in->defined();
@@ -456,7 +456,7 @@ void orthograd_cuda(at::TensorList params, at::TensorList grads) {
 at::Tensor row_spread_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "row_spread: expected an (N, C>0) tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_of(x.scalar_type());
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(acc));
   check(row_spread(x.const_data_ptr(), dtype_of(x), x.size(0), x.size(1), x.stride(0), x.stride(1),
                    out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
