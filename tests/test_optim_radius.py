@@ -243,3 +243,18 @@ def test_digits_spike_one_seed():
     assert adam.final_test_acc < 0.3
     assert ctrl.final_test_acc >= 0.9
     assert all(r > 0 for r in ctrl.rho) and len(ctrl.rho) == 200
+
+
+def test_scratch_buffers_are_reused_and_follow_the_parameter():
+    from stabkernels.optim._scratch import ScratchBuffers
+
+    p, q = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3, 4))
+    scratch = ScratchBuffers()
+    s = scratch.like(p, torch.float32)
+    assert scratch.like(p, torch.float32) is s and scratch.like(q, torch.float32) is not s
+    assert s.shape == p.shape and s.is_contiguous()
+    p.data = p.data.double()  # what model.double() does: same Parameter, new dtype
+    s64 = scratch.like(p)
+    assert s64.dtype == torch.float64 and s64 is not s
+    p.data = torch.randn(5)
+    assert scratch.like(p).shape == (5,)

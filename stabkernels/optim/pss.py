@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import spectral
+from .._checks import acc_dtype
 from ._wrapper import OptimizerWrapper
 
 
@@ -238,7 +239,7 @@ class PSS(OptimizerWrapper):
         self._vectors = {}
         for i, (u, v) in state["vectors"].items():
             w = self.matrices[int(i)]
-            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            acc = acc_dtype(w.dtype)
             self._vectors[int(i)] = (u.to(w.device, acc).clone(), v.to(w.device, acc).clone())
         self._subspace = {int(i): V.to(self.matrices[int(i)].device) for i, V in state["subspace"].items()}
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import spread, tangent, update
+from .._checks import acc_dtype
+from ._scratch import ScratchBuffers
 from ._wrapper import ExtraStateMixin, OptimizerWrapper
 
 MODES = ("cap", "set")
@@ -243,8 +245,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         if not params:
             return [], [], torch.zeros(1)
         grads = [p.grad for p in params]
-        acc = lambda p: torch.float64 if p.dtype == torch.float64 else torch.float32  # noqa: E731
-        us = [torch.empty_like(p, dtype=acc(p)) for p in params]
+        us = [torch.empty_like(p, dtype=acc_dtype(p.dtype)) for p in params]
         if self.kind == "adam":
             st = [self.optimizer.state.get(p, {}) for p in params]
             zeros = lambda key: [s[key].clone() if key in s else torch.zeros_like(p)  # noqa: E731
@@ -314,20 +315,13 @@ class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer
         super().__init__(params, defaults)
         self.backend = probe_kwargs.get("backend", "auto")
         self._init_radius(model, r, mode, method, samples, every, logits_fn, **probe_kwargs)
-        self._scratch: dict[int, Tensor] = {}
+        self._scratch = ScratchBuffers()
 
     def remove_hook(self) -> None:
         self.probe.remove_hook()
 
     def _buffers(self, params):
-        out = []
-        for p in params:
-            u = self._scratch.get(id(p))
-            if u is None or u.shape != p.shape:
-                u = torch.empty_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                self._scratch[id(p)] = u
-            out.append(u)
-        return out
+        return [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]
 
     def _propose(self, group, params) -> Tensor:
         raise NotImplementedError

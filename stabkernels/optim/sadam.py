@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import directional, update
 from ..tangent import eval_mode
+from ._scratch import ScratchBuffers
 from ._wrapper import ExtraStateMixin
 
 PROBE_MODES = ("eval", "train")
@@ -118,7 +119,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self.warn_nonfinite, self.backend = warn_nonfinite, backend
         self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
         self.probe_counter = 0
-        self._scratch: dict[int, Tensor] = {}
+        self._scratch = ScratchBuffers()
         self.last: SAdamReport | None = None
 
     def _probing(self) -> bool:
@@ -127,13 +128,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------
     def _probe(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> Tensor:
         """The k slopes D_i for the parameters ``params`` perturbed together; NaN for non-finite probes."""
-        scratch = []
-        for p in params:
-            s = self._scratch.get(id(p))
-            if s is None or s.shape != p.shape or s.dtype != p.dtype:
-                s = torch.empty_like(p, memory_format=torch.contiguous_format)
-                self._scratch[id(p)] = s
-            scratch.append(s)
+        scratch = [self._scratch.like(p) for p in params]
         originals = [p.data for p in params]
         losses = []
         for _ in range(k):
