@@ -29,3 +29,18 @@ def check_float_tensor(x, name: str, ndim: int | None = None) -> None:
         )
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_tensor_list(ts, name: str, *, allow_empty: bool = False) -> list[torch.Tensor]:
+    """A list (not one tensor, which would iterate as its rows) of dense float tensors on one device."""
+    if isinstance(ts, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor (wrap it in a list)")
+    ts = list(ts)
+    if not ts and not allow_empty:
+        raise ValueError(f"{name} is empty")
+    for i, t in enumerate(ts):
+        check_float_tensor(t, f"{name}[{i}]")
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        raise ValueError(f"{name} must all be on one device, got {sorted(str(d) for d in devices)}")
+    return ts

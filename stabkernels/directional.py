@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
+from ._checks import acc_dtype, check_float_tensor, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
 MASK32 = 0xFFFFFFFF
@@ -187,19 +187,6 @@ for _op in ("random_directions", "perturb", "directional_dots", "orthograd_"):
 # public functions
 
 
-def _tensor_list(ts, name: str) -> list[Tensor]:
-    if isinstance(ts, Tensor):
-        raise TypeError(f"{name} must be a list of tensors, got a single tensor (wrap it in a list)")
-    ts = list(ts)
-    if not ts:
-        raise ValueError(f"{name} is empty")
-    for i, t in enumerate(ts):
-        check_float_tensor(t, f"{name}[{i}]")
-    if len({t.device for t in ts}) > 1:
-        raise ValueError(f"{name} must all be on one device, got {sorted({str(t.device) for t in ts})}")
-    return ts
-
-
 def _seed_int(seed) -> int:
     if isinstance(seed, Tensor):
         seed = int(seed)
@@ -212,7 +199,7 @@ def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backe
     """The unit directions d (one per tensor, its shape) of probe ``probe`` of the stream ``seed``: the
     reference definition of the stream (module docstring). Returns float32 tensors (float64 for float64
     inputs); only the shapes and dtypes of ``tensors`` matter."""
-    tensors = _tensor_list(tensors, "tensors")
+    tensors = check_tensor_list(tensors, "tensors")
     b = _backend.resolve("random_directions", backend, tensors[0].device)
     keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
     return list(_random_directions_op(tensors, keys if b != "triton" else keys.to(tensors[0].device), b))
@@ -226,7 +213,7 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
     ``torch.func.functional_call``), and there is nothing to undo. (Adding sigma * d in place and subtracting
     it afterwards is not bit-exact in floating point; that is how the reference S-Adam code drifts.) Math in
     float32 (float64 for float64), rounded once into the parameter's dtype."""
-    params = _tensor_list(params, "params")
+    params = check_tensor_list(params, "params")
     if not math.isfinite(sigma):
         raise ValueError(f"sigma must be finite, got {sigma}")
     if out is None:
@@ -254,7 +241,7 @@ def directional_dots(grads: Sequence[Tensor], seed: int, num_probes: int, *, fir
     in one read of the gradients (each block of g stays in cache while the K directions are generated for
     it). Returns a (K,) float32 tensor (float64 if a gradient is float64). With finite-difference slopes D_i,
     D_i - g . d_i isolates the non-smooth and curvature part."""
-    grads = _tensor_list(grads, "grads")
+    grads = check_tensor_list(grads, "grads")
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     b = _backend.resolve("directional_dots", backend, grads[0].device)

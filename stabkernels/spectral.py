@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
+from ._checks import acc_dtype, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
 RULES = ("clip", "log", "mean", "cap")
@@ -28,17 +28,12 @@ def as_matrix(w: Tensor) -> Tensor:
 
 
 def _check_matrices(mats, name: str = "mats") -> list[Tensor]:
-    if isinstance(mats, Tensor):
-        raise TypeError(f"{name} must be a list of tensors, got a single tensor (wrap it in a list)")
-    mats = list(mats)
+    mats = check_tensor_list(mats, name, allow_empty=True)
     for i, w in enumerate(mats):
-        check_float_tensor(w, f"{name}[{i}]")
         if w.dim() < 2:
             raise ValueError(f"{name}[{i}] must have ndim >= 2 (a weight matrix), got shape {tuple(w.shape)}")
         if w.numel() == 0:
             raise ValueError(f"{name}[{i}] is empty (shape {tuple(w.shape)})")
-    if len({w.device for w in mats}) > 1:
-        raise ValueError(f"{name} must all be on one device, got {sorted({str(w.device) for w in mats})}")
     return mats
 
 
@@ -67,15 +62,9 @@ def sq_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
     """Sum of squares of each tensor in ``tensors`` (any shapes, one device), read once, fp32 accumulation
     (fp64 when any tensor is fp64). Returns a (T,) tensor; ``sq_norms(grads).sum().sqrt()`` is the global
     gradient norm that ``clip_grad_norm_`` computes."""
-    if isinstance(tensors, Tensor):
-        raise TypeError("tensors must be a list of tensors, got a single tensor (wrap it in a list)")
-    tensors = list(tensors)
-    for i, t in enumerate(tensors):
-        check_float_tensor(t, f"tensors[{i}]")
+    tensors = check_tensor_list(tensors, "tensors", allow_empty=True)
     if not tensors:
         return torch.zeros(0)
-    if len({t.device for t in tensors}) > 1:
-        raise ValueError("tensors must all be on one device")
     b = _backend.resolve("sq_norms", backend, tensors[0].device)
     return _sq_norms_op(tensors, b)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from ._checks import acc_dtype, check_float_tensor, grouped_acc_dtype
+from ._checks import acc_dtype, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
 
@@ -152,14 +152,9 @@ _backend.register_kernels("apply_update_", "update")
 
 def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) -> torch.device:
     """Validates that every list matches ``params`` tensor by tensor (shape, dtype, device, contiguity)."""
-    params = list(params)
-    if not params:
-        raise ValueError(f"{op}: params is empty")
+    params = check_tensor_list(params, f"{op}: params")
     device = params[0].device
     for i, p in enumerate(params):
-        check_float_tensor(p, f"params[{i}]")
-        if p.device != device:
-            raise ValueError(f"{op}: params must be on one device, params[{i}] is on {p.device}, not {device}")
         if not p.is_contiguous():
             raise ValueError(f"{op}: params[{i}] must be contiguous")
 

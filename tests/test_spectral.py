@@ -130,6 +130,16 @@ def test_sq_norms_matches_float64_reference(backend, device):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+def test_sq_norms_errors_name_the_problem():
+    with pytest.raises(TypeError, match="tensors must be a list of tensors"):
+        sk.sq_norms(torch.randn(3, 4))
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be float32.*integer"):
+        sk.sq_norms([torch.randn(3), torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"tensors must all be on one device, got \['cpu', 'meta'\]"):
+        sk.sq_norms([torch.randn(3), torch.randn(3, device="meta")])
+    assert sk.sq_norms([]).shape == (0,)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_opcheck(backend):
     if sk.backend.why_unavailable(backend, "cpu"):

@@ -195,6 +195,10 @@ def test_update_errors_name_the_problem():
         update.sgd_step_(p, g, None, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"params\[1\] must be contiguous"):
         update.sgd_step_([p[0], torch.randn(4, 3).t()], g[:1] + [torch.randn(3, 4)], None, lr=0.1)
+    with pytest.raises(TypeError, match="sgd_step_: params must be a list of tensors"):
+        update.sgd_step_(p[0], g[0], None, lr=0.1)  # one tensor would otherwise step row by row
+    with pytest.raises(ValueError, match="apply_update_: params is empty"):
+        update.apply_update_([], [], 0.1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
