@@ -8,7 +8,7 @@ import torch
 import stabkernels as sk
 from stabkernels import directional as D
 
-from .helpers import backend_params
+from .helpers import FLOAT_DTYPES, backend_params
 
 DIR_BACKENDS = backend_params("random_directions")
 PERTURB_BACKENDS = backend_params("perturb")
@@ -95,7 +95,7 @@ def test_cpu_directions_do_not_depend_on_thread_count_or_triton_block():
 
 
 @pytest.mark.parametrize("backend,device", PERTURB_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_perturb_leaves_params_and_equals_theta_plus_sigma_d(backend, device, dtype):
     params = tensors(device, dtype)
     saved = [p.clone() for p in params]
@@ -128,9 +128,13 @@ def test_perturb_errors():
 
 
 @pytest.mark.parametrize("backend,device", DOTS_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_directional_dots_equal_explicit_dots(backend, device, dtype):
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "transposed"])
+def test_directional_dots_equal_explicit_dots(backend, device, dtype, contiguous):
     grads = tensors(device, dtype, seed=3)
+    if not contiguous:  # the stream follows the logical (row-major) order, whatever the strides
+        grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
+        assert not grads[1].is_contiguous()
     got = D.directional_dots(grads, 5, 4, first_probe=10, backend=backend)
     assert got.shape == (4,)
     for k in range(4):
@@ -140,7 +144,7 @@ def test_directional_dots_equal_explicit_dots(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", ORTHO_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_orthograd_projects_and_keeps_the_norm(backend, device, dtype):
     params = [torch.nn.Parameter(t) for t in tensors(device, dtype)]
     grads = tensors(device, dtype, seed=1)
@@ -160,6 +164,28 @@ def test_orthograd_projects_and_keeps_the_norm(backend, device, dtype):
         if g.abs().sum() > 0 and p.detach().abs().sum() > 0:
             assert abs((new * p.detach().double()).sum().item()) <= tol * 10 * new.norm() * p.detach().double().norm()
             assert new.norm().item() == pytest.approx(g.double().norm().item(), rel=max(tol, 1e-6) * 10)
+
+
+def test_directions_dots_and_orthograd_errors():
+    grads = tensors()
+    with pytest.raises(TypeError, match="tensors must be a list of tensors"):
+        D.random_directions(grads[0], 1, 0)
+    with pytest.raises(ValueError, match="tensors is empty"):
+        D.random_directions([], 1, 0)
+    with pytest.raises(ValueError, match="num_probes must be >= 1"):
+        D.directional_dots(grads, 1, 0)
+    with pytest.raises(TypeError, match=r"grads\[1\] must be float32.*integer"):
+        D.directional_dots([grads[0], torch.ones(3, dtype=torch.int32)], 1, 2)
+    ok, p = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 5))
+    ok.grad, p.grad = torch.randn(3), torch.randn(4, 5).to_sparse()  # as nn.Embedding(sparse=True) makes
+    before = ok.grad.clone()
+    with pytest.raises(ValueError, match=r"params\[1\].grad must be a dense torch.float32 tensor"):
+        sk.orthograd_([ok, p])
+    assert torch.equal(ok.grad, before)  # every check runs before anything is written
+    q = torch.nn.Parameter(torch.randn(5, 4).t())
+    q.grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"params\[0\] and its grad must be contiguous"):
+        sk.orthograd_([q])
 
 
 def test_orthograd_near_parallel_gradient_uses_an_accurate_norm():
