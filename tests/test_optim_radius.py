@@ -121,6 +121,65 @@ def test_buffers_flags_untouched_and_inputs_captured():
         c2.step()
 
 
+def dropout_bn_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Dropout(0.3), nn.Linear(24, 5))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, **kw: RadiusController(torch.optim.Adam(m.parameters(), lr=1e-2), m, method="fd", **kw),
+    lambda m, **kw: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="fd", **kw),
+], ids=["wrapper", "fused"])
+def test_train_probe_mode_reuses_the_training_forward(make):
+    """probe_mode='train' with fd: the training forward's logits and dropout masks are reused, so the step
+    runs one extra forward; the radius equals the one measured with two train-mode forwards; buffers, flags
+    and the global RNG are untouched."""
+    x, y = batch(0)
+    models = [dropout_bn_mlp(), dropout_bn_mlp()]
+    reuse = make(models[0], probe_mode="train")
+    twice = make(models[1], probe_mode="train", capture_inputs=False)
+    rhos = []
+    for model, opt in zip(models, (reuse, twice)):
+        torch.manual_seed(7)  # the same dropout masks in both training forwards
+        rng = torch.get_rng_state()
+        backward(model, x, y)
+        after_forward = torch.get_rng_state()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+        if opt is reuse:
+            opt.step(x)  # the training forward's own inputs
+        else:
+            # no capture: two forwards, both from the current RNG state, set to the training forward's
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(rng)
+                opt.step(x)
+        hook.remove()
+        assert len(calls) == (1 if opt is reuse else 2)
+        rhos.append(opt.last.rho)
+        if opt is reuse:
+            assert torch.equal(torch.get_rng_state(), after_forward)
+            after = model.state_dict()
+            assert all(torch.equal(after[k], state[k]) for k in state if "running" in k or "num_batches" in k)
+            assert all(m.training for m in model.modules())
+    torch.testing.assert_close(rhos[0], rhos[1], rtol=1e-6, atol=0)
+
+
+def test_train_probe_mode_does_not_reuse_autocast_logits():
+    model = dropout_bn_mlp()
+    opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd", probe_mode="train")
+    x, y = batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert opt.probe.captured_logits is None
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    opt.step()
+    hook.remove()
+    assert len(calls) == 2 and torch.isfinite(opt.last.rho)
+
+
 def test_unsupported_optimizer_and_bad_options():
     model = mlp()
     with pytest.raises(TypeError, match="supports torch.optim.SGD, Adam and AdamW"):
@@ -131,6 +190,8 @@ def test_unsupported_optimizer_and_bad_options():
         RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, r=0)
     with pytest.raises(ValueError, match="method"):
         RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, method="exact")
+    with pytest.raises(ValueError, match="probe_mode"):
+        RadiusAdamW(model.parameters(), model=model, probe_mode="training")
 
 
 def test_nan_radius_gives_a_zero_length_step():

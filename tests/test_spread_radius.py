@@ -167,6 +167,12 @@ def direction_for(model, seed=0, dtype=None):
             for n, p in model.named_parameters()}
 
 
+def unit_direction_for(model, dtype):
+    d = direction_for(model, dtype=dtype)
+    norm = math.sqrt(sum(t.double().pow(2).sum().item() for t in d.values()))
+    return {n: t / norm for n, t in d.items()}
+
+
 def test_jvp_is_exact_on_a_linear_model():
     model = nn.Linear(7, 4)
     x = torch.randn(9, 7)
@@ -184,9 +190,7 @@ def test_jvp_and_finite_differences_agree(dtype, tol):
         for _ in range(3):
             model(torch.randn(32, 6, dtype=dtype))
     x = torch.randn(20, 6, dtype=dtype)
-    d = direction_for(model, dtype=dtype)
-    norm = math.sqrt(sum(t.double().pow(2).sum().item() for t in d.values()))
-    d = {n: t / norm for n, t in d.items()}
+    d = unit_direction_for(model, dtype)
     jvp = sk.tangent_logits(model, x, d, "jvp")
     fd = sk.tangent_logits(model, x, d, "fd", eps=1e-7 if dtype == torch.float64 else 1e-3)
     torch.testing.assert_close(fd, jvp, rtol=tol, atol=tol * jvp.abs().max().item())
@@ -205,6 +209,42 @@ def test_tangent_logits_leaves_model_exactly_as_it_was(method):
     assert tan.shape == logits.shape == (10, 5)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == flags
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 2e-2)])
+def test_train_mode_tangents_replay_the_dropout_masks_and_protect_buffers(dtype, tol):
+    torch.manual_seed(0)
+    model = BNNet().to(dtype).train()  # batch statistics and dropout are live
+    x = torch.randn(20, 6, dtype=dtype)
+    d = unit_direction_for(model, dtype)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = sk.tangent.rng_state(x.device)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    jvp = sk.tangent_logits(model, x, d, "jvp", eval=False, rng_state=rng)
+    fd = sk.tangent_logits(model, x, d, "fd", eps=1e-7 if dtype == torch.float64 else 1e-3, eval=False, rng_state=rng)
+    torch.testing.assert_close(fd, jvp, rtol=tol, atol=tol * jvp.abs().max().item())
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream did not move
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    # the train-mode function differs from the eval-mode one (dropout, batch statistics)
+    assert not torch.allclose(jvp, sk.tangent_logits(model, x, d, "jvp"), rtol=1e-2, atol=1e-3)
+    # logits= reuses a forward run from the same RNG state: one forward fewer, the same tangent
+    with sk.tangent.replay_rng(rng, x.device):
+        logits = model(x).detach()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    reused = sk.tangent_logits(model, x, d, "fd", eps=1e-7 if dtype == torch.float64 else 1e-3, eval=False,
+                               rng_state=rng, logits=logits)
+    hook.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(reused, fd, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="method='fd'"):
+        sk.tangent_logits(model, x, d, "jvp", logits=logits)
+    with pytest.raises(ValueError, match="shape"):
+        sk.tangent_logits(model, x, d, "fd", eval=False, logits=logits[:3])
 
 
 def test_tangent_logits_inputs_logits_fn_and_direction_forms():

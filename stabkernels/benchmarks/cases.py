@@ -207,12 +207,18 @@ def radius_cases(device: str, quick: bool) -> Iterator[Case]:
         candidates[f"RadiusAdamW-{method}"] = train_step(
             m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method,
                             capture_inputs=False), True)
-        # the two knobs that trade measurement for time: a radius every other step, half the batch
+        # the knobs that trade measurement for time: a radius every other step, half the batch
         for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
             m3 = cnn()
             candidates[f"RadiusAdamW-{method}-{label}"] = train_step(
                 m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method=method,
                                 capture_inputs=False, **kw), True)
+    # train-mode finite differences reuse the training forward's logits: one extra forward, not two
+    m4, m5 = cnn(), cnn()
+    candidates["RadiusController-fd-train"] = train_step(
+        m4, RadiusController(torch.optim.Adam(m4.parameters(), lr=1e-3), m4, method="fd", probe_mode="train"), True)
+    candidates["RadiusAdamW-fd-train"] = train_step(
+        m5, RadiusAdamW(m5.parameters(), lr=1e-3, weight_decay=0.0, model=m5, method="fd", probe_mode="train"), True)
     nparams = sum(p.numel() for p in m0.parameters())
     yield Case(op="train_step_small_cnn", shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
                nbytes=nparams * 4, baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),

@@ -49,14 +49,18 @@ class RadiusReport:
                 "ratio": f(self.ratio), "scale": f(self.scale), "lr": [f(x) for x in self.lr]}
 
 
+PROBE_MODES = ("eval", "train")
+
+
 class RadiusProbe:
-    """Measures the radius along a direction for one model: captures the last training forward's inputs
-    (so ``step()`` without arguments works under Trainer-style loops), selects the sample set and computes
-    the tangent logits (JVP, finite differences, or the fused output-head spread)."""
+    """Measures the radius along a direction for one model: captures the last training forward (its inputs,
+    so ``step()`` without arguments works under Trainer-style loops; in ``probe_mode="train"`` also its RNG
+    state and logits, which the finite-difference probe reuses), selects the sample set and computes the
+    tangent logits (JVP, finite differences, or the fused output-head spread)."""
 
     def __init__(self, model: nn.Module, method: str = "jvp", samples: int | None = None,
                  logits_fn: Callable | None = None, *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None,
-                 capture_inputs: bool = True, backend: str = "auto"):
+                 capture_inputs: bool = True, probe_mode: str = "eval", backend: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in tangent.METHODS:
@@ -65,25 +69,43 @@ class RadiusProbe:
             raise ValueError("the fused output-head path (head=...) uses method='jvp'")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be >= 1 or None, got {samples}")
+        if probe_mode not in PROBE_MODES:
+            raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
         spread._check_reduce(reduce)
         if reduce == "none":
             raise ValueError("reduce must aggregate over samples: 'max' or a quantile")
         self.model, self.method, self.samples, self.logits_fn = model, method, samples, logits_fn
         self.reduce, self.eps, self.head, self.backend = reduce, eps, head, backend
+        self.probe_mode = probe_mode
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self.captured = None
+        self.captured = None  # (args, kwargs) of the last training forward
+        self.captured_rng = None  # train mode: the RNG state that forward started from
+        self.captured_logits = None  # train mode, fd: its logits, or None when they cannot be reused
         self._probing = False
-        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True) if capture_inputs else None
+        self._hooks = []
+        if capture_inputs:
+            self._hooks.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
+            if probe_mode == "train" and method == "fd" and samples is None:
+                self._hooks.append(model.register_forward_hook(self._capture_logits))
 
     def _capture(self, module, args, kwargs):
         if module.training and not self._probing:
             self.captured = (args, kwargs)
+            self.captured_logits = None
+            if self.probe_mode == "train":
+                device = next(module.parameters()).device
+                self.captured_rng = tangent.rng_state(device)
+
+    def _capture_logits(self, module, args, output):
+        # logits computed under autocast are too coarse to difference against fp32 probe logits
+        if module.training and not self._probing and not _autocast_on():
+            self.captured_logits = tangent.as_logits(output, self.logits_fn).detach()
 
     def remove_hook(self) -> None:
         """Stops capturing forward inputs (then ``step(inputs)`` must be given the sample set)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def sample_set(self, inputs):
         if inputs is None:
@@ -101,6 +123,19 @@ class RadiusProbe:
             return type(inputs)(take(v) for v in inputs)
         return take(inputs)
 
+    def _is_captured(self, inputs) -> bool:
+        """Whether ``inputs`` (the sample set) are the captured training forward's own objects."""
+        if self.captured is None:
+            return False
+        args, kwargs = self.captured
+        if kwargs:
+            return isinstance(inputs, dict) and inputs.keys() == kwargs.keys() and all(
+                inputs[k] is kwargs[k] for k in kwargs)
+        if len(args) == 1:
+            return inputs is args[0]
+        return isinstance(inputs, (tuple, list)) and len(inputs) == len(args) and all(
+            a is b for a, b in zip(inputs, args))
+
     def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
         """rho along the unit direction ``direction * scale`` ({id(param): tensor}); 0-d tensor."""
         named = {self.names[i]: t for i, t in direction.items() if i in self.names}
@@ -109,7 +144,8 @@ class RadiusProbe:
         self._probing = True
         try:
             if self.head is not None:
-                h, h_dot = tangent.tangent_features(self.model, inputs, named, self.head, self.logits_fn)
+                h, h_dot = tangent.tangent_features(self.model, inputs, named, self.head, self.logits_fn,
+                                                    eval=self.probe_mode == "eval")
                 w_dot, b_dot = tangent.head_direction(self.model, self.head, named)
                 acc = h_dot.dtype
                 spreads = spread.tangent_spread_linear(
@@ -120,10 +156,18 @@ class RadiusProbe:
                 return math.pi / (delta * scale).clamp_min(spread.RADIUS_GUARD)
             # the unit direction is scale * u, so a step eps along it is a step eps * scale along u
             eps = self.eps * scale if self.method == "fd" else self.eps
-            a = tangent.tangent_logits(self.model, inputs, named, self.method, eps, self.logits_fn)
+            train = self.probe_mode == "train"
+            same = train and self._is_captured(inputs)  # the training forward's dropout masks and logits
+            a = tangent.tangent_logits(self.model, inputs, named, self.method, eps, self.logits_fn, eval=not train,
+                                       logits=self.captured_logits if same and self.method == "fd" else None,
+                                       rng_state=self.captured_rng if same else None)
             return spread.softmax_radius(a * scale, reduce=self.reduce, backend=self.backend)
         finally:
             self._probing = False
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
 
 
 def _control_scale(rho: Tensor, tau: Tensor, r: float, mode: str) -> Tensor:
@@ -197,8 +241,8 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
     Args:
         optimizer: SGD (momentum, dampening, Nesterov, weight decay, maximize), Adam or AdamW (amsgrad,
             maximize). Anything else raises ``TypeError``.
-        model: the module whose logits define the radius (evaluated functionally in eval mode; parameters,
-            buffers and train/eval flags are left exactly as they were).
+        model: the module whose logits define the radius (evaluated functionally; parameters, buffers,
+            train/eval flags and the global RNG are left exactly as they were).
         r: the normalised step bound (1: the paper's).
         mode: ``"cap"`` (eta_eff = min(eta, r rho / ||u||)) or ``"set"`` (eta_eff = r rho / ||u||).
         method: ``"jvp"`` (exact) or ``"fd"`` (finite differences, ``eps`` along the unit direction).
@@ -210,6 +254,11 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             tangent (large vocabularies).
         capture_inputs: capture the inputs of each training-mode forward of ``model`` for ``step()`` without
             arguments (a forward pre-hook; ``remove_hook()`` turns it off).
+        probe_mode: ``"eval"`` (default; the paper's: BatchNorm running statistics, no dropout) or ``"train"``:
+            the tangent of the training-mode function (batch statistics on copies of the buffers, the
+            training forward's dropout masks). With ``method="fd"``, ``samples=None`` and the captured
+            training forward (``step()`` or ``step(x)`` with that forward's own ``x``), its logits are reused:
+            one extra forward per step instead of two. Logits computed under autocast are not reused.
 
     ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
     moments still advance); a zero proposal steps normally.
@@ -220,7 +269,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, r: float = 1.0, mode: str = "cap",
                  method: str = "jvp", samples: int | None = None, every: int = 1, logits_fn: Callable | None = None,
                  *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
-                 backend: str = "auto"):
+                 probe_mode: str = "eval", backend: str = "auto"):
         super().__init__(optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self.kind = "adam"
@@ -234,7 +283,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
                 raise ValueError("RadiusController needs float learning rates and differentiable=False")
         self.backend = backend
         self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
-                          capture_inputs=capture_inputs, backend=backend)
+                          capture_inputs=capture_inputs, probe_mode=probe_mode, backend=backend)
 
     def remove_hook(self) -> None:
         self.probe.remove_hook()
