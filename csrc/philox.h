@@ -1,12 +1,14 @@
 // The direction stream of the directional family, shared by the C++ and CUDA kernels (the torch reference
 // and the Triton kernels follow the same definition; see stabkernels/directional.py):
 //   Philox4x32-10 as in Triton's tl.randint4x: key (k0, k1) = the two halves of a 64-bit key, counter
-//   (c_lo, c_hi, 0, 0) with c = element index / 4; each 32-bit word w gives a uniform u = (w + 0.5) 2^-32
-//   in (0, 1); Box-Muller in float64 on (u0, u1) and (u2, u3) gives element 4c + j its normal
-//   n_j: r cos(2 pi u1), r sin(2 pi u1) with r = sqrt(-2 ln u0), and likewise from (u2, u3); each normal
-//   is rounded once to float32.
+//   (c_lo, c_hi, 0, 0) with c = element index / 4; words (w0, w1) give elements 4c, 4c + 1 and (w2, w3)
+//   elements 4c + 2, 4c + 3 through box_muller below: float32 Box-Muller made of IEEE-exact operations only
+//   (+, -, *, /, sqrt, exact integer-to-float conversions, in a fixed order, no FMA contraction), so every
+//   CPU implementation, vectorised or not, produces the same bits.
 #pragma once
 #include <cstdint>
+#include <cmath>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define STABKERNELS_HD __host__ __device__ __forceinline__
@@ -20,9 +22,6 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
-constexpr double kTwoPi = 6.283185307179586;         // 2 pi rounded to double, as every backend uses it
-constexpr double kTwoPowMinus32 = 2.3283064365386963e-10;  // 2^-32
-
 // w[0..3] = Philox4x32-10(key = (k0, k1), counter = (lo32(ctr), hi32(ctr), 0, 0)).
 STABKERNELS_HD void philox4x32_10(uint32_t k0, uint32_t k1, uint64_t ctr, uint32_t w[4]) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
@@ -41,6 +40,62 @@ STABKERNELS_HD void philox4x32_10(uint32_t k0, uint32_t k1, uint64_t ctr, uint32
   w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
 }
 
-STABKERNELS_HD double philox_uniform(uint32_t w) { return (static_cast<double>(w) + 0.5) * kTwoPowMinus32; }
+
+// The constants of box_muller, float32 values written exactly (hex).
+constexpr float kLn2 = 0x1.62e43p-1f;       // ln 2
+constexpr float kSqrt2 = 0x1.6a09e6p+0f;    // sqrt 2
+constexpr float kL3 = 0x1.555556p-1f, kL5 = 0x1.99999ap-2f, kL7 = 0x1.24924ap-2f, kL9 = 0x1.c71c72p-3f;  // 2/k
+constexpr float kPiOver4 = 0x1.921fb6p-1f;  // pi / 4
+constexpr float kS3 = -0x1.555556p-3f, kS5 = 0x1.111112p-7f, kS7 = -0x1.a01a02p-13f, kS9 = 0x1.71de3ap-19f;
+constexpr float kC2 = -0x1p-1f, kC4 = 0x1.555556p-5f, kC6 = -0x1.6c16c2p-10f, kC8 = 0x1.a01a02p-16f,
+                kC10 = -0x1.27e4fcp-22f;  // (-1)^(k/2) / k! for sin (odd k) and cos (even k)
+constexpr float kTwoPowMinus24 = 0x1p-24f;
+
+// Two standard normals from two Philox words (the stream's step 3):
+//   radius: x = 2 (wa >> 9) + 1, u = x 2^-24 in (0, 1); x = 2^e m with m in [1, 2), halved (e + 1) when
+//     m >= sqrt 2; s = (m - 1) / (m + 1), z = s^2, ln m ~ s (2 + z (2/3 + z (2/5 + z (2/7 + z 2/9)))),
+//     ln u = (e - 24) ln 2 + ln m, r = sqrt(-2 ln u);
+//   angle: octant o = wb >> 29, k = (wb >> 6) & (2^23 - 1), reflected (k = 2^23 - 1 - k) in odd octants;
+//     x = ((2k + 1) 2^-24) pi/4 in (0, pi/4), y = x^2, sin x ~ x (1 + y (S3 + y (S5 + y (S7 + y S9)))),
+//     cos x ~ 1 + y (C2 + y (C4 + y (C6 + y (C8 + y C10)))); (A, B) = (cos x, sin x), swapped when
+//     (o ^ o >> 1) & 1, A negated for o in 2..5, B negated for o >= 4: (A, B) = (cos, sin) of the angle
+//     2 pi (o + f) / 8 with f the unreflected fraction;
+//   (a, b) = (r A, r B). Every operation above, in that order, rounded to float32.
+// Accuracy: the normals are within about 1e-7 (relative) of exact Box-Muller on the same uniforms.
+STABKERNELS_HD void box_muller(uint32_t wa, uint32_t wb, float& a, float& b) {
+  const float x = static_cast<float>(2 * (wa >> 9) + 1);
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  int e = static_cast<int>(bits >> 23) - 127;
+  bits = (bits & 0x7FFFFFu) | 0x3F800000u;
+  float m;
+  memcpy(&m, &bits, sizeof m);
+  if (m >= kSqrt2) m = m * 0.5f, e += 1;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float z = s * s;
+  const float ln_u = static_cast<float>(e - 24) * kLn2 + s * (2.0f + z * (kL3 + z * (kL5 + z * (kL7 + z * kL9))));
+  const float r = sqrtf(-2.0f * ln_u);
+  const uint32_t o = wb >> 29;
+  uint32_t k = (wb >> 6) & 0x7FFFFFu;
+  if (o & 1u) k = 0x7FFFFFu - k;
+  const float t = static_cast<float>(2 * k + 1) * kTwoPowMinus24 * kPiOver4;
+  const float y = t * t;
+  const float sn = t * (1.0f + y * (kS3 + y * (kS5 + y * (kS7 + y * kS9))));
+  const float cs = 1.0f + y * (kC2 + y * (kC4 + y * (kC6 + y * (kC8 + y * kC10))));
+  const bool swap = ((o ^ (o >> 1)) & 1u) != 0;
+  float A = swap ? sn : cs, B = swap ? cs : sn;
+  if (((o + 2) & 4u) != 0) A = -A;
+  if ((o & 4u) != 0) B = -B;
+  a = r * A;
+  b = r * B;
+}
+
+// The four normals of Philox counter `ctr` of stream key `key`: elements 4 ctr .. 4 ctr + 3.
+STABKERNELS_HD void stream_normals4(uint64_t key, uint64_t ctr, float n[4]) {
+  uint32_t w[4];
+  philox4x32_10(static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), ctr, w);
+  box_muller(w[0], w[1], n[0], n[1]);
+  box_muller(w[2], w[3], n[2], n[3]);
+}
 
 }  // namespace stabkernels

@@ -11,18 +11,21 @@ For tensor ``t`` of a list, probe ``p`` and a 64-bit ``seed``:
 2. Element e of the tensor (flat, row-major) takes counter c = e // 4 and word j = e % 4 of
    Philox4x32-10 with key (key mod 2^32, key >> 32) and counter (c mod 2^32, c >> 32, 0, 0), exactly as
    Triton's ``tl.randint4x(key, c)``.
-3. The words become uniforms u_j = (w_j + 0.5) / 2^32 in (0, 1), and Box-Muller in float64 turns (u0, u1) into
-   n_0 = r cos(2 pi u1), n_1 = r sin(2 pi u1), r = sqrt(-2 ln u0), and (u2, u3) into n_2, n_3 likewise
-   (2 pi is the float64 6.283185307179586, multiplied before the cos/sin). Each normal is rounded once to
-   float32.
+3. Words (w0, w1) give elements 4c and 4c + 1, (w2, w3) elements 4c + 2 and 4c + 3, by float32 Box-Muller
+   (``box_muller`` below; csrc/philox.h writes the same steps in C++), built from IEEE-exact operations
+   only (+, -, *, /, sqrt, exact integer-to-float conversions, in a fixed order, no fused multiply-add):
+   radius r = sqrt(-2 ln u) with u = (2 (wa >> 9) + 1) 2^-24, ln u from the exponent and a degree-9 odd
+   polynomial in s = (m - 1) / (m + 1) of the mantissa m in [sqrt(1/2), sqrt 2); angle from the octant
+   (wb >> 29) and a 23-bit fraction, with degree-9/10 polynomials for sin and cos on (0, pi/4). The
+   normals are within about 1e-7 (relative) of exact Box-Muller on the same uniforms, and in (-5.8, 5.8).
 4. The direction is unit norm per tensor: d = n * s with s = 1 / (sqrt(S) + 1e-12) rounded to float32, S the
    sum of n^2 accumulated in float64, and the product taken in the tensor's math dtype (float32; float64 for
    float64 tensors, where n * s is exact). Rounding s hides the last-bit differences that summing S in another
    order makes, so every backend arrives at the same s.
 
-Independent implementations (torch, C++ with Sleef, Triton's interpreter with numpy) agree bit for bit in
-practice: their float64 log/cos/sin differ at most in the last bit, which rounding to float32 hides except
-in the rarest of cases. On a GPU, a few float32 ulps.
+Because step 3 uses correctly rounded operations only, independent implementations (the torch reference, the
+C++ kernels, scalar or AVX-512, and Triton's interpreter with numpy) agree bit for bit. On a GPU the
+compilers may fuse multiply-adds: a float32 ulp or so.
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ from ._library import define_op
 
 MASK32 = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
-TWO_PI = 6.283185307179586
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,17 +94,68 @@ def philox4x32_10(key: int, counters: Tensor) -> tuple[Tensor, ...]:
     return c0, c1, c2, c3
 
 
+def _f32(hex_literal: str) -> float:
+    return float.fromhex(hex_literal)  # every constant below is a float32 value, written exactly
+
+
+LN2, SQRT2, PI_OVER_4 = _f32("0x1.62e43p-1"), _f32("0x1.6a09e6p+0"), _f32("0x1.921fb6p-1")
+LOG_COEFS = [_f32(h) for h in ("0x1.555556p-1", "0x1.99999ap-2", "0x1.24924ap-2", "0x1.c71c72p-3")]  # 2/k
+SIN_COEFS = [_f32(h) for h in ("-0x1.555556p-3", "0x1.111112p-7", "-0x1.a01a02p-13", "0x1.71de3ap-19")]
+COS_COEFS = [_f32(h) for h in ("-0x1p-1", "0x1.555556p-5", "-0x1.6c16c2p-10", "0x1.a01a02p-16", "-0x1.27e4fcp-22")]
+
+
+def _horner(x: Tensor, head: float, coefs: list) -> Tensor:
+    """head + x (c0 + x (c1 + ... + x c_last)), evaluated innermost first, one rounding per operation."""
+    acc = x * coefs[-1]
+    for c in reversed(coefs[:-1]):
+        acc = x * (acc + c)
+    return acc + head
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """Correctly rounded float32 sqrt of positive float32 ``x``. (torch's CPU sqrt may come from MKL's VML,
+    which is within an ulp but not correctly rounded.) Candidate r, then the exact test against the midpoints
+    to its neighbours: those have 25-bit significands, so their squares are exact in float64."""
+    r = torch.sqrt(x.double()).float()
+    down = torch.nextafter(r, torch.zeros_like(r))
+    up = torch.nextafter(r, torch.full_like(r, math.inf))
+    xd, rd = x.double(), r.double()
+    lo, hi = (rd + down.double()) / 2, (rd + up.double()) / 2
+    return torch.where(xd < lo * lo, down, torch.where(xd > hi * hi, up, r))
+
+
+def box_muller(wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference step 3: two float32 normals from two int64 tensors of Philox words (see csrc/philox.h)."""
+    x = (2 * (wa >> 9) + 1).to(torch.float32)
+    mant, ex = torch.frexp(x)  # x = mant 2^ex, mant in [1/2, 1)
+    m, e = mant * 2.0, ex - 1
+    big = m >= SQRT2
+    m, e = torch.where(big, m * 0.5, m), e + big.to(e.dtype)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    ln_u = (e - 24).to(torch.float32) * LN2 + s * _horner(z, 2.0, LOG_COEFS)
+    r = _sqrt_rn(-2.0 * ln_u)
+    o = wb >> 29
+    k = (wb >> 6) & 0x7FFFFF
+    k = torch.where((o & 1) == 1, 0x7FFFFF - k, k)
+    t = (2 * k + 1).to(torch.float32) * 2.0 ** -24 * PI_OVER_4
+    y = t * t
+    sn = t * _horner(y, 1.0, SIN_COEFS)
+    cs = _horner(y, 1.0, COS_COEFS)
+    swap = ((o ^ (o >> 1)) & 1) == 1
+    a, b = torch.where(swap, sn, cs), torch.where(swap, cs, sn)
+    a = torch.where(((o + 2) & 4) != 0, -a, a)
+    b = torch.where((o & 4) != 0, -b, b)
+    return r * a, r * b
+
+
 def stream_normals(key: int, numel: int, device=None) -> Tensor:
     """Reference: the float32 normals n_0 .. n_{numel-1} of one tensor's stream (steps 2 and 3)."""
     counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     w = philox4x32_10(key, counters)
-    u = [(x.to(torch.float64) + 0.5) * 2.0 ** -32 for x in w]
-    out = []
-    for a, b in ((u[0], u[1]), (u[2], u[3])):
-        r = torch.sqrt(-2.0 * torch.log(a))
-        theta = TWO_PI * b
-        out += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(out, dim=1).reshape(-1)[:numel].to(torch.float32)
+    n0, n1 = box_muller(w[0], w[1])
+    n2, n3 = box_muller(w[2], w[3])
+    return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[:numel]
 
 
 def _unit_scale(n: Tensor, dtype: torch.dtype) -> Tensor:

@@ -43,6 +43,30 @@ def test_stream_reference_matches_an_independent_philox():
         [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
+def test_stream_normals_are_box_muller_to_float32_accuracy():
+    """The float32 Box-Muller of step 3 against float64 Box-Muller with libm's log/cos/sin on the same uniforms
+    (radius u = (2 (wa >> 9) + 1) 2^-24, angle 2 pi (octant + fraction) / 8), and its moments."""
+    w = D.philox4x32_10(D.stream_key(3, 1, 4), torch.arange(250_000))
+    for wa, wb in ((w[0], w[1]), (w[2], w[3])):
+        a, b = D.box_muller(wa, wb)
+        assert a.dtype == b.dtype == torch.float32
+        u = (2 * (wa >> 9) + 1).double() * 2.0 ** -24
+        k = (wb >> 6) & 0x7FFFFF
+        angle = 2 * math.pi * ((wb >> 29).double() + (2 * k + 1).double() * 2.0 ** -24) / 8
+        r = torch.sqrt(-2 * torch.log(u))
+        torch.testing.assert_close(a.double(), r * torch.cos(angle), rtol=4e-7, atol=4e-7)
+        torch.testing.assert_close(b.double(), r * torch.sin(angle), rtol=4e-7, atol=4e-7)
+    n = torch.cat([a, b]).double()
+    assert abs(n.mean().item()) < 0.01 and abs(n.std().item() - 1) < 0.01
+    assert abs(((n - n.mean()) ** 4).mean().item() / n.var().item() ** 2 - 3) < 0.05  # Gaussian kurtosis
+
+
+def test_reference_sqrt_is_correctly_rounded():
+    numpy = pytest.importorskip("numpy")
+    x = torch.rand(100_000, dtype=torch.float64).mul(40).float() + 1e-30
+    assert torch.equal(D._sqrt_rn(x), torch.from_numpy(numpy.sqrt(x.numpy())))  # numpy's is IEEE
+
+
 @pytest.mark.parametrize("backend,device", DIR_BACKENDS)
 def test_random_directions_equal_the_reference_bit_for_bit(backend, device):
     like = tensors(device) + [torch.empty(3, 7, device=device, dtype=torch.float64),

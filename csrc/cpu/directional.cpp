@@ -2,60 +2,31 @@
 // stream of csrc/philox.h, never stored; perturbation theta + sigma d into scratch tensors; K directional
 // derivatives g . d_k in one read of g; the OrthoGrad projection.
 //
-// Generation: Philox for 8 counters at a time in AVX-512 integer vectors (scalar elsewhere), then Box-Muller on whole vectors with Sleef's float64 log and sincos (the 3.5-ulp variants:
-// 1.6x faster than the 1-ulp ones, and a float64 error of a few ulps changes the float32 normal only when
-// it straddles a rounding boundary, about once in 10^8 elements), so normals agree bit for bit with the
-// torch reference in practice.
+// Generation: Philox for 8 counters at a time in AVX-512 integer vectors, then the stream's float32
+// Box-Muller (csrc/philox.h) on 16 lanes; elsewhere the scalar definition itself. Both use only correctly
+// rounded operations in the definition's order (and the build passes -ffp-contract=off), so they agree bit
+// for bit with each other and with the torch reference.
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstring>
 
 #include "../philox.h"
 #include "common.h"
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
-#include <sleef.h>
 #endif
 
 namespace stabkernels::cpu {
 namespace {
 
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kLanes = 8;
-inline void box_muller(const double* u0, const double* u1, double* n_cos, double* n_sin) {
-  const __m512d r = _mm512_sqrt_pd(_mm512_mul_pd(_mm512_set1_pd(-2.0), Sleef_logd8_u35(_mm512_loadu_pd(u0))));
-  const Sleef___m512d_2 sc = Sleef_sincosd8_u35(_mm512_mul_pd(_mm512_set1_pd(kTwoPi), _mm512_loadu_pd(u1)));
-  _mm512_storeu_pd(n_cos, _mm512_mul_pd(r, sc.y));
-  _mm512_storeu_pd(n_sin, _mm512_mul_pd(r, sc.x));
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kLanes = 4;
-inline void box_muller(const double* u0, const double* u1, double* n_cos, double* n_sin) {
-  const __m256d r = _mm256_sqrt_pd(_mm256_mul_pd(_mm256_set1_pd(-2.0), Sleef_logd4_u35(_mm256_loadu_pd(u0))));
-  const Sleef___m256d_2 sc = Sleef_sincosd4_u35(_mm256_mul_pd(_mm256_set1_pd(kTwoPi), _mm256_loadu_pd(u1)));
-  _mm256_storeu_pd(n_cos, _mm256_mul_pd(r, sc.y));
-  _mm256_storeu_pd(n_sin, _mm256_mul_pd(r, sc.x));
-}
-#else
-constexpr int kLanes = 4;
-inline void box_muller(const double* u0, const double* u1, double* n_cos, double* n_sin) {
-  for (int l = 0; l < kLanes; ++l) {
-    const double r = std::sqrt(-2.0 * std::log(u0[l])), t = kTwoPi * u1[l];
-    n_cos[l] = r * std::cos(t);
-    n_sin[l] = r * std::sin(t);
-  }
-}
-#endif
-
-// Elements per generation block: a multiple of 4 * kLanes, small enough to stay in L1.
+// Elements per generation block: a multiple of 32, small enough to stay in L1.
 constexpr int64_t kBlock = 2048;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Philox and the uniforms for kLanes = 8 counters, each 32-bit word in a 64-bit lane (vpmuludq gives the
-// full product; hi/lo are a shift and a mask).
-inline void philox_uniforms(uint32_t k0, uint32_t k1, int64_t c, double* u0, double* u1, double* u2, double* u3) {
+// Philox for counters c .. c + 7, each 32-bit word in a 64-bit lane (vpmuludq gives the full product; hi/lo
+// are a shift and a mask), packed to 32-bit lanes: wa = (w0 | w2), wb = (w1 | w3) of the 8 counters.
+inline void philox8(uint32_t k0, uint32_t k1, int64_t c, __m512i& wa, __m512i& wb) {
   const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFLL);
   const __m512i ctr = _mm512_add_epi64(_mm512_set1_epi64(c), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
   __m512i s0 = _mm512_and_si512(ctr, lo32), s1 = _mm512_srli_epi64(ctr, 32);
@@ -73,59 +44,100 @@ inline void philox_uniforms(uint32_t k0, uint32_t k1, int64_t c, double* u0, dou
     ka += kPhiloxKeyA;
     kb += kPhiloxKeyB;
   }
-  const __m512d half = _mm512_set1_pd(0.5), scale = _mm512_set1_pd(kTwoPowMinus32);
-  _mm512_storeu_pd(u0, _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu64_pd(s0), half), scale));
-  _mm512_storeu_pd(u1, _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu64_pd(s1), half), scale));
-  _mm512_storeu_pd(u2, _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu64_pd(s2), half), scale));
-  _mm512_storeu_pd(u3, _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu64_pd(s3), half), scale));
+  auto pack = [](__m512i lo, __m512i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+  };
+  wa = pack(s0, s2);
+  wb = pack(s1, s3);
 }
-#else
-inline void philox_uniforms(uint32_t k0, uint32_t k1, int64_t c, double* u0, double* u1, double* u2, double* u3) {
-  for (int l = 0; l < kLanes; ++l) {
-    uint32_t w[4];
-    philox4x32_10(k0, k1, static_cast<uint64_t>(c + l), w);
-    u0[l] = philox_uniform(w[0]), u1[l] = philox_uniform(w[1]);
-    u2[l] = philox_uniform(w[2]), u3[l] = philox_uniform(w[3]);
-  }
-}
-#endif
 
-#if defined(CPU_CAPABILITY_AVX512)
-inline void interleave(const double (&n)[4][kLanes], float* out) {
-  const __m256 a0 = _mm512_cvtpd_ps(_mm512_loadu_pd(n[0])), a1 = _mm512_cvtpd_ps(_mm512_loadu_pd(n[1]));
-  const __m256 a2 = _mm512_cvtpd_ps(_mm512_loadu_pd(n[2])), a3 = _mm512_cvtpd_ps(_mm512_loadu_pd(n[3]));
-  const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
-  const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  _mm256_store_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
-  _mm256_store_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
-  _mm256_store_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
-  _mm256_store_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+// box_muller of csrc/philox.h on 16 lanes, operation for operation.
+inline void box_muller16(__m512i wa, __m512i wb, __m512& a, __m512& b) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512 x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(wa, 9), 1), one));
+  const __m512i bits = _mm512_castps_si512(x);
+  __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127));
+  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF)),
+                                                 _mm512_set1_epi32(0x3F800000)));
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrt2), _CMP_GE_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_epi32(e, big, e, one);
+  const __m512 c1 = _mm512_set1_ps(1.0f);
+  const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, c1), _mm512_add_ps(m, c1));
+  const __m512 z = _mm512_mul_ps(s, s);
+  __m512 p = _mm512_mul_ps(z, _mm512_set1_ps(kL9));
+  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL7)));
+  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL5)));
+  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL3)));
+  p = _mm512_mul_ps(s, _mm512_add_ps(p, _mm512_set1_ps(2.0f)));
+  const __m512 ln_u = _mm512_add_ps(
+      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(24))), _mm512_set1_ps(kLn2)), p);
+  const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), ln_u));
+
+  const __m512i o = _mm512_srli_epi32(wb, 29);
+  __m512i k = _mm512_and_si512(_mm512_srli_epi32(wb, 6), _mm512_set1_epi32(0x7FFFFF));
+  k = _mm512_mask_sub_epi32(k, _mm512_test_epi32_mask(o, one), _mm512_set1_epi32(0x7FFFFF), k);
+  const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(k, 1), one)),
+                                 _mm512_set1_ps(kTwoPowMinus24));
+  const __m512 t = _mm512_mul_ps(f, _mm512_set1_ps(kPiOver4));
+  const __m512 y = _mm512_mul_ps(t, t);
+  __m512 sn = _mm512_mul_ps(y, _mm512_set1_ps(kS9));
+  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS7)));
+  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS5)));
+  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS3)));
+  sn = _mm512_mul_ps(t, _mm512_add_ps(sn, c1));
+  __m512 cs = _mm512_mul_ps(y, _mm512_set1_ps(kC10));
+  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC8)));
+  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC6)));
+  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC4)));
+  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC2)));
+  cs = _mm512_add_ps(cs, c1);
+  const __mmask16 swap = _mm512_test_epi32_mask(_mm512_xor_si512(o, _mm512_srli_epi32(o, 1)), one);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u)), four = _mm512_set1_epi32(4);
+  __m512i A = _mm512_castps_si512(_mm512_mask_blend_ps(swap, cs, sn));
+  __m512i B = _mm512_castps_si512(_mm512_mask_blend_ps(swap, sn, cs));
+  A = _mm512_mask_xor_epi32(A, _mm512_test_epi32_mask(_mm512_add_epi32(o, _mm512_set1_epi32(2)), four), A, sign);
+  B = _mm512_mask_xor_epi32(B, _mm512_test_epi32_mask(o, four), B, sign);
+  a = _mm512_mul_ps(r, _mm512_castsi512_ps(A));
+  b = _mm512_mul_ps(r, _mm512_castsi512_ps(B));
 }
-#else
-inline void interleave(const double (&n)[4][kLanes], float* out) {
-  for (int l = 0; l < kLanes; ++l)
-    for (int j = 0; j < 4; ++j) out[4 * l + j] = static_cast<float>(n[j][l]);
-}
-#endif
 
 // n[0 .. end - begin) = the stream's normals of elements [begin, end) for `key`; begin % 4 == 0.
 void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
   const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int64_t c = begin / 4; 4 * c < end; c += kLanes) {
-    double u0[kLanes], u1[kLanes], u2[kLanes], u3[kLanes], n_[4][kLanes];
-    philox_uniforms(k0, k1, c, u0, u1, u2, u3);
-    box_muller(u0, u1, n_[0], n_[1]);
-    box_muller(u2, u3, n_[2], n_[3]);
-    // Element 4(c + l) + j is n_[j][l]: round to float32 and interleave (a 4 x 8 transpose); only the last
-    // batch of a range is cut short.
-    alignas(64) float tmp[4 * kLanes];
-    interleave(n_, tmp);
+  // Lanes 0-7 of (a, b) are elements 4(c + l) and 4(c + l) + 1, lanes 8-15 elements 4(c + l) + 2 and + 3:
+  // pairs (a_l, b_l) as 64-bit units, reordered to counter order (l, l + 8) by two permutes.
+  const __m512i first = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13);
+  const __m512i second = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
+  for (int64_t c = begin / 4; 4 * c < end; c += 8) {
+    __m512i wa, wb;
+    __m512 a, b;
+    philox8(k0, k1, c, wa, wb);
+    box_muller16(wa, wb, a, b);
+    const __m512d lo = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), hi = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
     const int64_t e0 = 4 * c;
-    std::memcpy(n + (e0 - begin), tmp, sizeof(float) * std::min<int64_t>(4 * kLanes, end - e0));
+    float* dst = n + (e0 - begin);
+    if (end - e0 >= 32) {
+      _mm512_storeu_pd(reinterpret_cast<double*>(dst), _mm512_permutex2var_pd(lo, first, hi));
+      _mm512_storeu_pd(reinterpret_cast<double*>(dst + 16), _mm512_permutex2var_pd(lo, second, hi));
+    } else {  // the last batch of a range
+      alignas(64) float tmp[32];
+      _mm512_store_pd(reinterpret_cast<double*>(tmp), _mm512_permutex2var_pd(lo, first, hi));
+      _mm512_store_pd(reinterpret_cast<double*>(tmp + 16), _mm512_permutex2var_pd(lo, second, hi));
+      std::memcpy(dst, tmp, sizeof(float) * (end - e0));
+    }
   }
 }
+#else
+void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
+  for (int64_t c = begin / 4; 4 * c < end; ++c) {
+    float v[4];
+    stream_normals4(key, static_cast<uint64_t>(c), v);
+    const int64_t e0 = 4 * c;
+    std::memcpy(n + (e0 - begin), v, sizeof(float) * std::min<int64_t>(4, end - e0));
+  }
+}
+#endif
 
 uint64_t key_at(const at::Tensor& keys, int64_t i) {
   return static_cast<uint64_t>(keys.const_data_ptr<int64_t>()[i]);

@@ -1,5 +1,5 @@
-// Directional family on CUDA: the Philox stream of csrc/philox.h with float64 Box-Muller (within a few
-// float32 ulps of the CPU backends), one thread per Philox counter (four elements).
+// Directional family on CUDA: the Philox stream and float32 Box-Muller of csrc/philox.h (the CPU backends'
+// bits up to nvcc's fused multiply-adds), one thread per Philox counter (four elements).
 #include "../philox.h"
 #include "common.cuh"
 
@@ -8,17 +8,7 @@ namespace {
 
 constexpr int kThreads = static_cast<int>(kStreamCounters);
 
-__device__ __forceinline__ void normals4(uint64_t key, uint64_t ctr, float n[4]) {
-  uint32_t w[4];
-  philox4x32_10(static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), ctr, w);
-  for (int p = 0; p < 2; ++p) {
-    const double r = sqrt(-2.0 * log(philox_uniform(w[2 * p])));
-    double s, c;
-    sincos(kTwoPi * philox_uniform(w[2 * p + 1]), &s, &c);
-    n[2 * p] = static_cast<float>(r * c);
-    n[2 * p + 1] = static_cast<float>(r * s);
-  }
-}
+__device__ __forceinline__ void normals4(uint64_t key, uint64_t ctr, float n[4]) { stream_normals4(key, ctr, n); }
 
 __global__ void sq_sums_kernel(StreamTables t, double* sums) {
   const int64_t i = t.blk_tensor[blockIdx.x];

@@ -1,6 +1,6 @@
 """Triton kernels of the directional family. The stream (stabkernels/directional.py) uses
-``tl.randint4x(key, counter)`` for Philox and float64 Box-Muller, so it matches the torch reference and the
-C++ kernels. One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; sums are
+``tl.randint4x(key, counter)`` for Philox and the stream's float32 Box-Muller, so it matches the torch
+reference and the C++ kernels (bit for bit under the interpreter; on a GPU, up to fused multiply-adds). One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; sums are
 accumulated with float64 atomics and finished on the device by torch."""
 import torch
 import triton
@@ -13,19 +13,45 @@ BLOCK = 256  # counters per program: 1024 elements
 
 
 @triton.jit
+def _box_muller(wa, wb):
+    """Step 3 of the stream (csrc/philox.h, box_muller): two float32 normals from two uint32 Philox words."""
+    x = (2 * (wa >> 9) + 1).to(tl.float32)
+    bits = x.to(tl.uint32, bitcast=True)
+    e = (bits >> 23).to(tl.int32) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m >= 1.4142135381698608
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e)
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    z = s * s
+    poly = 2.0 + z * (0.6666666865348816 + z * (0.4000000059604645 + z * (0.2857142984867096
+                                                                         + z * 0.2222222238779068)))
+    ln_u = (e - 24).to(tl.float32) * 0.6931471824645996 + s * poly
+    r = tl.sqrt_rn(-2.0 * ln_u)
+    o = wb >> 29
+    k = (wb >> 6) & 0x7FFFFF
+    k = tl.where((o & 1) == 1, 0x7FFFFF - k, k)
+    t = (2 * k + 1).to(tl.float32) * 5.960464477539063e-08 * 0.7853981852531433
+    y = t * t
+    sn = t * (1.0 + y * (-0.1666666716337204 + y * (0.008333333767950535 + y * (-0.00019841270113829523
+                                                                              + y * 2.7557318844628753e-06))))
+    cs = 1.0 + y * (-0.5 + y * (0.0416666679084301 + y * (-0.0013888889225199819 + y * (
+        2.4801587642286904e-05 + y * -2.755731998149713e-07))))
+    swap = ((o ^ (o >> 1)) & 1) == 1
+    a = tl.where(swap, sn, cs)
+    b = tl.where(swap, cs, sn)
+    a = tl.where(((o + 2) & 4) != 0, -a, a)
+    b = tl.where((o & 4) != 0, -b, b)
+    return r * a, r * b
+
+
+@triton.jit
 def _normals(key, ctr):
     """The four float32 normals of each counter in ``ctr`` (SPEC stream steps 2-3)."""
     w0, w1, w2, w3 = tl.randint4x(key, ctr)
-    u0 = (w0.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    u1 = (w1.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    u2 = (w2.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    u3 = (w3.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    r1 = tl.sqrt(-2.0 * tl.log(u0))
-    t1 = 6.283185307179586 * u1
-    r2 = tl.sqrt(-2.0 * tl.log(u2))
-    t2 = 6.283185307179586 * u3
-    return ((r1 * tl.cos(t1)).to(tl.float32), (r1 * tl.sin(t1)).to(tl.float32),
-            (r2 * tl.cos(t2)).to(tl.float32), (r2 * tl.sin(t2)).to(tl.float32))
+    n0, n1 = _box_muller(w0, w1)
+    n2, n3 = _box_muller(w2, w3)
+    return n0, n1, n2, n3
 
 
 @triton.jit
