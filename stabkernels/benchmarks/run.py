@@ -12,7 +12,7 @@ import sys
 import torch
 
 from .cases import FAMILIES, Case
-from .timing import measure
+from .timing import keep_freed_memory, measure
 
 COLUMNS = ["op", "backend", "shape", "dtype", "device", "time_ms", "statistic", "GB_per_s", "speedup",
            "peak_extra_MB", "baseline"]
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         p.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    kept = keep_freed_memory()
     cases = [c for f in families for c in FAMILIES[f](args.device, args.quick)]
     rows = []
     for i, case in enumerate(cases):
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     title = (f"{machine_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-             f"{', quick shapes' if args.quick else ''}")
+             f"{', malloc keeps freed memory' if kept else ''}{', quick shapes' if args.quick else ''}")
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, title))
     chart(rows, stem + ".png", title)
