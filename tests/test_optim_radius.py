@@ -165,6 +165,25 @@ def test_train_probe_mode_reuses_the_training_forward(make):
     torch.testing.assert_close(rhos[0], rhos[1], rtol=1e-6, atol=0)
 
 
+def test_train_probe_capture_never_breaks_the_users_forward():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(10, 5)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    model = DictOut()
+    opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd", probe_mode="train")
+    x, y = batch(0)
+    loss = F.cross_entropy(model(x)["logits"], y)  # the hook cannot read this output: no error here
+    loss.backward()
+    assert opt.probe.captured_logits is None
+    with pytest.raises(TypeError, match="logits_fn"):
+        opt.step()
+
+
 def test_train_probe_mode_does_not_reuse_autocast_logits():
     model = dropout_bn_mlp()
     opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd", probe_mode="train")

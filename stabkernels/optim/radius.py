@@ -78,6 +78,8 @@ class RadiusProbe:
         self.reduce, self.eps, self.head, self.backend = reduce, eps, head, backend
         self.probe_mode = probe_mode
         self.names = {id(p): n for n, p in model.named_parameters()}
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.captured = None  # (args, kwargs) of the last training forward
         self.captured_rng = None  # train mode: the RNG state that forward started from
         self.captured_logits = None  # train mode, fd: its logits, or None when they cannot be reused
@@ -93,13 +95,16 @@ class RadiusProbe:
             self.captured = (args, kwargs)
             self.captured_logits = None
             if self.probe_mode == "train":
-                device = next(module.parameters()).device
-                self.captured_rng = tangent.rng_state(device)
+                self.captured_rng = tangent.rng_state(self.device)
 
     def _capture_logits(self, module, args, output):
-        # logits computed under autocast are too coarse to difference against fp32 probe logits
+        # logits computed under autocast are too coarse to difference against fp32 probe logits; an output
+        # that is not logits is left for the probe to report (a hook must not break the user's forward)
         if module.training and not self._probing and not _autocast_on():
-            self.captured_logits = tangent.as_logits(output, self.logits_fn).detach()
+            try:
+                self.captured_logits = tangent.as_logits(output, self.logits_fn).detach()
+            except (TypeError, AttributeError, KeyError, IndexError):
+                self.captured_logits = None
 
     def remove_hook(self) -> None:
         """Stops capturing forward inputs (then ``step(inputs)`` must be given the sample set)."""
