@@ -19,6 +19,12 @@ from torch.autograd import forward_ad as fwd_ad
 from torch.func import functional_call
 
 METHODS = ("jvp", "fd")
+PROBE_MODES = ("eval", "train")  # the mode probes of a model run in (radius controller, S-Adam)
+
+
+def check_probe_mode(probe_mode: str) -> None:
+    if probe_mode not in PROBE_MODES:
+        raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
 
 
 @contextlib.contextmanager

@@ -73,6 +73,7 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
 
     from .. import spectral
     from ..optim import PSS
+    from ..optim.pss import global_grad_norm
 
     shapes = gpt2_weight_shapes(quick)
     label = f"gpt2{'-quick' if quick else ''}:{len(shapes)} mats"
@@ -114,7 +115,7 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
     fired = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None, every=1)
     # a training loop that clips already has the gradient norm: step(grad_norm=...) skips PSS's own pass
     given = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None)
-    norm = float(sum(p.grad.double().square().sum() for g in given.param_groups for p in g["params"]).sqrt())
+    norm = float(global_grad_norm(given.params()))
     step_bytes = sum(p.numel() * 4 for g in plain.param_groups for p in g["params"])
     yield Case(op="pss_adamw_step", shape=label, dtype="float32", nbytes=step_bytes, baseline=plain.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()",

@@ -49,9 +49,6 @@ class RadiusReport:
                 "ratio": f(self.ratio), "scale": f(self.scale), "lr": [f(x) for x in self.lr]}
 
 
-PROBE_MODES = ("eval", "train")
-
-
 class RadiusProbe:
     """Measures the radius along a direction for one model: captures the last training forward (its inputs,
     so ``step()`` without arguments works under Trainer-style loops; in ``probe_mode="train"`` also its RNG
@@ -69,8 +66,7 @@ class RadiusProbe:
             raise ValueError("the fused output-head path (head=...) uses method='jvp'")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be >= 1 or None, got {samples}")
-        if probe_mode not in PROBE_MODES:
-            raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
+        tangent.check_probe_mode(probe_mode)
         spread._check_reduce(reduce)
         if reduce == "none":
             raise ValueError("reduce must aggregate over samples: 'max' or a quantile")
@@ -112,13 +108,17 @@ class RadiusProbe:
             h.remove()
         self._hooks = []
 
+    def _captured_inputs(self):
+        """The captured forward's inputs in the form ``tangent_logits`` takes (its own objects)."""
+        args, kwargs = self.captured
+        return kwargs if kwargs else (args[0] if len(args) == 1 else args)
+
     def sample_set(self, inputs):
         if inputs is None:
             if self.captured is None:
                 raise RuntimeError("no inputs: pass the batch to step(inputs), or run a training forward of the "
                                    "model first (its inputs are captured)")
-            args, kwargs = self.captured
-            inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+            inputs = self._captured_inputs()
         if self.samples is None:
             return inputs
         take = lambda t: t[: self.samples] if isinstance(t, Tensor) and t.dim() > 0 else t  # noqa: E731
@@ -132,14 +132,13 @@ class RadiusProbe:
         """Whether ``inputs`` (the sample set) are the captured training forward's own objects."""
         if self.captured is None:
             return False
-        args, kwargs = self.captured
-        if kwargs:
-            return isinstance(inputs, dict) and inputs.keys() == kwargs.keys() and all(
-                inputs[k] is kwargs[k] for k in kwargs)
-        if len(args) == 1:
-            return inputs is args[0]
-        return isinstance(inputs, (tuple, list)) and len(inputs) == len(args) and all(
-            a is b for a, b in zip(inputs, args))
+        c = self._captured_inputs()
+        if inputs is c:
+            return True
+        if isinstance(c, dict):
+            return isinstance(inputs, dict) and inputs.keys() == c.keys() and all(inputs[k] is c[k] for k in c)
+        return (isinstance(c, tuple) and isinstance(inputs, (tuple, list)) and len(inputs) == len(c)
+                and all(a is b for a, b in zip(inputs, c)))
 
     def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
         """rho along the unit direction ``direction * scale`` ({id(param): tensor}); 0-d tensor."""

@@ -11,11 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import directional, update
-from ..tangent import eval_mode
+from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
 from ._wrapper import ExtraStateMixin
 
-PROBE_MODES = ("eval", "train")
 EPS_MODES = ("torch", "authors")
 
 
@@ -97,8 +96,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
-        if probe_mode not in PROBE_MODES:
-            raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
+        check_probe_mode(probe_mode)
         if eps_mode not in EPS_MODES:
             raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, probes=probes, sigma=sigma,
