@@ -1,15 +1,24 @@
 """Triton kernels of the directional family. The stream (stabkernels/directional.py) uses
 ``tl.randint4x(key, counter)`` for Philox and the stream's float32 Box-Muller, so it matches the torch
-reference and the C++ kernels (bit for bit under the interpreter; on a GPU, up to fused multiply-adds). One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; sums are
-accumulated with float64 atomics and finished on the device by torch."""
+reference and the C++ kernels (bit for bit under the interpreter; on a GPU, up to fused multiply-adds).
+One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; sums are accumulated with
+float64 atomics and finished on the device by torch."""
 import torch
 import triton
 import triton.language as tl
 
+from .. import directional as D
 from .._checks import acc_dtype, grouped_acc_dtype
 from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
 
 BLOCK = 256  # counters per program: 1024 elements
+
+
+# The stream's float32 constants, from the reference (stabkernels/directional.py), not written again.
+_SQRT2, _LN2, _PI_OVER_4 = tl.constexpr(D.SQRT2), tl.constexpr(D.LN2), tl.constexpr(D.PI_OVER_4)
+_L3, _L5, _L7, _L9 = (tl.constexpr(c) for c in D.LOG_COEFS)
+_S3, _S5, _S7, _S9 = (tl.constexpr(c) for c in D.SIN_COEFS)
+_C2, _C4, _C6, _C8, _C10 = (tl.constexpr(c) for c in D.COS_COEFS)
 
 
 @triton.jit
@@ -19,24 +28,20 @@ def _box_muller(wa, wb):
     bits = x.to(tl.uint32, bitcast=True)
     e = (bits >> 23).to(tl.int32) - 127
     m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
-    big = m >= 1.4142135381698608
+    big = m >= _SQRT2
     m = tl.where(big, m * 0.5, m)
     e = tl.where(big, e + 1, e)
     s = tl.div_rn(m - 1.0, m + 1.0)
     z = s * s
-    poly = 2.0 + z * (0.6666666865348816 + z * (0.4000000059604645 + z * (0.2857142984867096
-                                                                         + z * 0.2222222238779068)))
-    ln_u = (e - 24).to(tl.float32) * 0.6931471824645996 + s * poly
+    ln_u = (e - 24).to(tl.float32) * _LN2 + s * (2.0 + z * (_L3 + z * (_L5 + z * (_L7 + z * _L9))))
     r = tl.sqrt_rn(-2.0 * ln_u)
     o = wb >> 29
     k = (wb >> 6) & 0x7FFFFF
     k = tl.where((o & 1) == 1, 0x7FFFFF - k, k)
-    t = (2 * k + 1).to(tl.float32) * 5.960464477539063e-08 * 0.7853981852531433
+    t = (2 * k + 1).to(tl.float32) * 5.960464477539063e-08 * _PI_OVER_4  # (2k + 1) 2^-24 pi/4
     y = t * t
-    sn = t * (1.0 + y * (-0.1666666716337204 + y * (0.008333333767950535 + y * (-0.00019841270113829523
-                                                                              + y * 2.7557318844628753e-06))))
-    cs = 1.0 + y * (-0.5 + y * (0.0416666679084301 + y * (-0.0013888889225199819 + y * (
-        2.4801587642286904e-05 + y * -2.755731998149713e-07))))
+    sn = t * (1.0 + y * (_S3 + y * (_S5 + y * (_S7 + y * _S9))))
+    cs = 1.0 + y * (_C2 + y * (_C4 + y * (_C6 + y * (_C8 + y * _C10))))
     swap = ((o ^ (o >> 1)) & 1) == 1
     a = tl.where(swap, sn, cs)
     b = tl.where(swap, cs, sn)
