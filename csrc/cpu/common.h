@@ -52,21 +52,21 @@ template <typename A>
 inline A lane_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
-template <typename A>
-inline A lane_max(const Vectorized<A>& v) {
+template <typename A, typename F>
+inline A lane_fold(const Vectorized<A>& v, F combine) {
   A lanes[Vectorized<A>::size()];
   v.store(lanes);
   A out = lanes[0];
-  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) out = nan_max(out, lanes[l]);
+  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) out = combine(out, lanes[l]);
   return out;
 }
 template <typename A>
+inline A lane_max(const Vectorized<A>& v) {
+  return lane_fold(v, nan_max<A>);
+}
+template <typename A>
 inline A lane_min(const Vectorized<A>& v) {
-  A lanes[Vectorized<A>::size()];
-  v.store(lanes);
-  A out = lanes[0];
-  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) out = nan_min(out, lanes[l]);
-  return out;
+  return lane_fold(v, nan_min<A>);
 }
 
 // Rows per parallel_for chunk so that each chunk touches at least ~32K elements.
