@@ -102,9 +102,11 @@ def test_cap_does_not_bind_at_small_lr_and_schedulers_work():
     assert ctrl.param_groups[0]["lr"] == pytest.approx(1e-4 / 16)
 
 
-def test_buffers_flags_untouched_and_inputs_captured():
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_buffers_flags_untouched_and_inputs_captured(method):
     model = mlp(bn=True)
-    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9), model, samples=8)
+    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9), model, samples=8,
+                            method=method)
     x, y = batch(0)
     backward(model, x, y)  # a training forward: its inputs are captured, BN statistics move once
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -163,6 +165,23 @@ def test_train_probe_mode_reuses_the_training_forward(make):
             assert all(torch.equal(after[k], state[k]) for k in state if "running" in k or "num_batches" in k)
             assert all(m.training for m in model.modules())
     torch.testing.assert_close(rhos[0], rhos[1], rtol=1e-6, atol=0)
+
+
+def test_default_probe_mode_is_eval_for_jvp_and_train_for_fd():
+    """fd defaults to the training-mode function and reuses the training forward: one extra forward."""
+    model = dropout_bn_mlp()
+    assert RadiusAdamW(model.parameters(), model=model).probe.probe_mode == "eval"
+    assert RadiusController(torch.optim.Adam(model.parameters()), model, method="jvp").probe.probe_mode == "eval"
+    opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd")
+    assert opt.probe.probe_mode == "train"
+    assert RadiusAdamW(model.parameters(), model=model, method="fd", probe_mode="eval").probe.probe_mode == "eval"
+    x, y = batch(0)
+    backward(model, x, y)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    opt.step()
+    hook.remove()
+    assert len(calls) == 1 and torch.isfinite(opt.last.rho)
 
 
 def test_train_probe_capture_never_breaks_the_users_forward():

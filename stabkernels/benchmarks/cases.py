@@ -150,11 +150,7 @@ def peak_extra_mb(setup: str, statement: str) -> float:
 
 
 def radius_cases(device: str, quick: bool) -> Iterator[Case]:
-    from torch import nn
-    from torch.nn import functional as F
-
     from .. import spread
-    from ..optim import RadiusAdamW, RadiusController
 
     # tangent_spread_linear against materialise-then-reduce (time and extra peak memory)
     n, d, v = (256, 128, 1024) if quick else (2048, 768, 8192)
@@ -183,15 +179,19 @@ def radius_cases(device: str, quick: bool) -> Iterator[Case]:
                 setup, f"r = stabkernels.tangent_spread_linear(h, hd, w, wd, bd, backend='{b}')")
     yield case
 
-    # a full training step of a small CNN: plain Adam against the controller (wrapper and fused; fd and jvp)
+    yield from radius_train_step_cases(device, quick)
+
+
+def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
+    """A full training step (forward, backward, radius probe, update) against plain Adam's, on two small CNNs:
+    a ResNet in the CIFAR style (convolutions dominate, as in the paper's ResNet-18) and a max-pooling CNN
+    (torch's CPU max-pooling dominates its forward, which then costs 60% of the step)."""
+    from torch.nn import functional as F
+
+    from ..optim import RadiusAdamW, RadiusController
+
     batch = 32 if quick else 128
-
-    def cnn():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).to(device)
-
+    g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
@@ -202,33 +202,32 @@ def radius_cases(device: str, quick: bool) -> Iterator[Case]:
             opt.step(x) if with_inputs else opt.step()
         return fn
 
-    m0 = cnn()
-    candidates = {}
-    for method in ("fd", "jvp"):
-        m1, m2 = cnn(), cnn()
-        candidates[f"RadiusController-{method}"] = train_step(
-            m1, RadiusController(torch.optim.Adam(m1.parameters(), lr=1e-3), m1, method=method, capture_inputs=False),
+    for op, make in (("train_step_small_resnet", small_resnet), ("train_step_small_cnn", small_cnn)):
+        model = lambda: make(device)  # noqa: E731
+        candidates = {}
+        for method in ("fd", "jvp"):
+            m1, m2 = model(), model()
+            candidates[f"RadiusController-{method}"] = train_step(
+                m1, RadiusController(torch.optim.Adam(m1.parameters(), lr=1e-3), m1, method=method), True)
+            candidates[f"RadiusAdamW-{method}"] = train_step(
+                m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method), True)
+        # finite differences on the eval-mode function: f(theta) needs a forward of its own (two in all)
+        m3 = model()
+        candidates["RadiusAdamW-fd-eval"] = train_step(
+            m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method="fd", probe_mode="eval"),
             True)
-        candidates[f"RadiusAdamW-{method}"] = train_step(
-            m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method,
-                            capture_inputs=False), True)
-        # the knobs that trade measurement for time: a radius every other step, half the batch
-        for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
-            m3 = cnn()
-            candidates[f"RadiusAdamW-{method}-{label}"] = train_step(
-                m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method=method,
-                                capture_inputs=False, **kw), True)
-    # train-mode finite differences reuse the training forward's logits: one extra forward, not two
-    m4, m5 = cnn(), cnn()
-    candidates["RadiusController-fd-train"] = train_step(
-        m4, RadiusController(torch.optim.Adam(m4.parameters(), lr=1e-3), m4, method="fd", probe_mode="train"), True)
-    candidates["RadiusAdamW-fd-train"] = train_step(
-        m5, RadiusAdamW(m5.parameters(), lr=1e-3, weight_decay=0.0, model=m5, method="fd", probe_mode="train"), True)
-    nparams = sum(p.numel() for p in m0.parameters())
-    yield Case(op="train_step_small_cnn", shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
-               nbytes=nparams * 4, baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),
-               baseline_name="forward + backward + torch.optim.Adam.step()", candidates=candidates,
-               statistic="mean")
+        if op == "train_step_small_cnn":
+            # the knobs that trade measurement for time: a radius every other step, half the batch
+            for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
+                m4 = model()
+                candidates[f"RadiusAdamW-jvp-{label}"] = train_step(
+                    m4, RadiusAdamW(m4.parameters(), lr=1e-3, weight_decay=0.0, model=m4, method="jvp", **kw), True)
+        m0 = model()
+        nparams = sum(p.numel() for p in m0.parameters())
+        yield Case(op=op, shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32", nbytes=nparams * 4,
+                   baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),
+                   baseline_name="forward + backward + torch.optim.Adam.step()", candidates=candidates,
+                   statistic="mean", min_rounds=5 if quick else 20)  # steps of this VM vary 10-20% run to run
 
 
 def small_cnn(device: str, seed: int = 0):
@@ -238,6 +237,33 @@ def small_cnn(device: str, seed: int = 0):
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).to(device)
+
+
+class _BasicBlock(torch.nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm, and a projected shortcut when the shape
+    changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        from torch import nn
+
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def small_resnet(device: str, seed: int = 0):
+    """A CIFAR-style ResNet-8 (He et al.'s 16/32/64 widths, one basic block per stage; 78k parameters)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         _BasicBlock(16, 16, 1), _BasicBlock(16, 32, 2), _BasicBlock(32, 64, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).to(device)
 
 
 def resnet18_case_shapes(quick: bool) -> tuple[list[tuple[int, ...]], str]:

@@ -57,7 +57,7 @@ class RadiusProbe:
 
     def __init__(self, model: nn.Module, method: str = "jvp", samples: int | None = None,
                  logits_fn: Callable | None = None, *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None,
-                 capture_inputs: bool = True, probe_mode: str = "eval", backend: str = "auto"):
+                 capture_inputs: bool = True, probe_mode: str | None = None, backend: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in tangent.METHODS:
@@ -66,6 +66,7 @@ class RadiusProbe:
             raise ValueError("the fused output-head path (head=...) uses method='jvp'")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be >= 1 or None, got {samples}")
+        probe_mode = default_probe_mode(method) if probe_mode is None else probe_mode
         tangent.check_probe_mode(probe_mode)
         spread._check_reduce(reduce)
         if reduce == "none":
@@ -170,6 +171,13 @@ class RadiusProbe:
             self._probing = False
 
 
+def default_probe_mode(method: str) -> str:
+    """The probe mode when none is given: JVP in eval mode (SPEC 2.3: BatchNorm running statistics untouched),
+    finite differences in train mode (SPEC 2.3 has the difference restore BatchNorm buffers, which only a
+    train-mode forward moves): the training-mode function, whose own forward then supplies f(theta)."""
+    return "train" if method == "fd" else "eval"
+
+
 def _autocast_on() -> bool:
     return any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
 
@@ -258,11 +266,14 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             tangent (large vocabularies).
         capture_inputs: capture the inputs of each training-mode forward of ``model`` for ``step()`` without
             arguments (a forward pre-hook; ``remove_hook()`` turns it off).
-        probe_mode: ``"eval"`` (default; the paper's: BatchNorm running statistics, no dropout) or ``"train"``:
-            the tangent of the training-mode function (batch statistics on copies of the buffers, the
-            training forward's dropout masks). With ``method="fd"``, ``samples=None`` and the captured
-            training forward (``step()`` or ``step(x)`` with that forward's own ``x``), its logits are reused:
-            one extra forward per step instead of two. Logits computed under autocast are not reused.
+        probe_mode: which function the radius is measured on. ``"eval"``: the eval-mode function (BatchNorm
+            running statistics, no dropout). ``"train"``: the training-mode function, the one the step
+            minimises (batch statistics on copies of the buffers, the training forward's dropout masks). With
+            ``method="fd"``, ``samples=None`` and the captured training forward (``step()`` or ``step(x)``
+            with that forward's own ``x``), its logits are f(theta): one extra forward per step instead of two.
+            Logits computed under autocast are not reused. Default (None): ``"eval"`` for ``"jvp"`` (SPEC 2.3),
+            ``"train"`` for ``"fd"`` (SPEC 2.3's difference restores BatchNorm buffers: a train-mode forward).
+            Both agree on models without BatchNorm or dropout.
 
     ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
     moments still advance); a zero proposal steps normally.
@@ -273,7 +284,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, r: float = 1.0, mode: str = "cap",
                  method: str = "jvp", samples: int | None = None, every: int = 1, logits_fn: Callable | None = None,
                  *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
-                 probe_mode: str = "eval", backend: str = "auto"):
+                 probe_mode: str | None = None, backend: str = "auto"):
         super().__init__(optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self.kind = "adam"
