@@ -1,6 +1,8 @@
 """Shared test helpers: which backends run here, dtype tolerances, odd shapes and layouts."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -9,6 +11,17 @@ from stabkernels import backend
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ODD_SHAPES = [(1, 1), (7, 100), (257, 33)]
 HAS_CUDA = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def count_forwards(model: torch.nn.Module):
+    """Yields a list that gets one entry per forward of ``model`` run inside the block."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 def backend_params(op: str, devices=("cpu", "cuda")):

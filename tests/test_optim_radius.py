@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from stabkernels import digits
 from stabkernels.optim import RadiusAdamW, RadiusController, RadiusSGD
 
-from .helpers import backend_params
+from .helpers import backend_params, count_forwards
 
 
 def mlp(seed=0, bn=False):
@@ -147,16 +147,14 @@ def test_train_probe_mode_reuses_the_training_forward(make):
         backward(model, x, y)
         after_forward = torch.get_rng_state()
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        calls = []
-        hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
-        if opt is reuse:
-            opt.step(x)  # the training forward's own inputs
-        else:
-            # no capture: two forwards, both from the current RNG state, set to the training forward's
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(rng)
-                opt.step(x)
-        hook.remove()
+        with count_forwards(model) as calls:
+            if opt is reuse:
+                opt.step(x)  # the training forward's own inputs
+            else:
+                # no capture: two forwards, both from the current RNG state, set to the training forward's
+                with torch.random.fork_rng(devices=[]):
+                    torch.set_rng_state(rng)
+                    opt.step(x)
         assert len(calls) == (1 if opt is reuse else 2)
         rhos.append(opt.last.rho)
         if opt is reuse:
@@ -177,10 +175,8 @@ def test_default_probe_mode_is_eval_for_jvp_and_train_for_fd():
     assert RadiusAdamW(model.parameters(), model=model, method="fd", probe_mode="eval").probe.probe_mode == "eval"
     x, y = batch(0)
     backward(model, x, y)
-    calls = []
-    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
-    opt.step()
-    hook.remove()
+    with count_forwards(model) as calls:
+        opt.step()
     assert len(calls) == 1 and torch.isfinite(opt.last.rho)
 
 
@@ -211,10 +207,8 @@ def test_train_probe_mode_does_not_reuse_autocast_logits():
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     assert opt.probe.captured_logits is None
-    calls = []
-    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
-    opt.step()
-    hook.remove()
+    with count_forwards(model) as calls:
+        opt.step()
     assert len(calls) == 2 and torch.isfinite(opt.last.rho)
 
 

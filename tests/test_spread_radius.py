@@ -9,7 +9,7 @@ from torch import nn
 import stabkernels as sk
 from stabkernels.spread import row_spread_reference, tangent_spread_linear_reference
 
-from .helpers import FLOAT_DTYPES, backend_params
+from .helpers import FLOAT_DTYPES, backend_params, count_forwards
 
 TS_BACKENDS = backend_params("tangent_spread_linear")
 
@@ -234,11 +234,9 @@ def test_train_mode_tangents_replay_the_dropout_masks_and_protect_buffers(dtype,
         logits = model(x).detach()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if "running" not in k
                and "num_batches" not in k)
-    calls = []
-    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
-    reused = sk.tangent_logits(model, x, d, "fd", eps=1e-7 if dtype == torch.float64 else 1e-3, eval=False,
-                               rng_state=rng, logits=logits)
-    hook.remove()
+    with count_forwards(model) as calls:
+        reused = sk.tangent_logits(model, x, d, "fd", eps=1e-7 if dtype == torch.float64 else 1e-3, eval=False,
+                                   rng_state=rng, logits=logits)
     assert len(calls) == 1
     torch.testing.assert_close(reused, fd, rtol=0, atol=0)
     with pytest.raises(ValueError, match="method='fd'"):
