@@ -186,8 +186,6 @@ def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
     """A full training step (forward, backward, radius probe, update) against plain Adam's, on two small CNNs:
     a ResNet in the CIFAR style (convolutions dominate, as in the paper's ResNet-18) and a max-pooling CNN
     (torch's CPU max-pooling dominates its forward, which then costs 60% of the step)."""
-    from torch.nn import functional as F
-
     from ..optim import RadiusAdamW, RadiusController
 
     batch = 32 if quick else 128
@@ -196,11 +194,7 @@ def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
     def train_step(model, opt, with_inputs):
-        def fn():
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step(x) if with_inputs else opt.step()
-        return fn
+        return cnn_train_step(model, opt, x, y, (lambda loss: opt.step(x)) if with_inputs else None)
 
     for op, make in (("train_step_small_resnet", small_resnet), ("train_step_small_cnn", small_cnn)):
         model = lambda: make(device)  # noqa: E731
@@ -228,6 +222,19 @@ def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
                    baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),
                    baseline_name="forward + backward + torch.optim.Adam.step()", candidates=candidates,
                    statistic="mean", min_rounds=5 if quick else 20)  # steps of this VM vary 10-20% run to run
+
+
+def cnn_train_step(model, opt, x, y, step: Callable[[torch.Tensor], object] | None = None) -> Callable[[], None]:
+    """One training step on a fixed batch: zero the gradients, cross-entropy forward and backward, then
+    ``step(loss)`` (default: ``opt.step()``)."""
+    from torch.nn import functional as F
+
+    def fn():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step() if step is None else step(loss)
+    return fn
 
 
 def small_cnn(device: str, seed: int = 0):
@@ -426,15 +433,8 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
     def train_step(model, opt, sadam):
-        def fn():
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if sadam:
-                opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
-            else:
-                opt.step()
-        return fn
+        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+        return cnn_train_step(model, opt, x, y, (lambda loss: opt.step(closure, loss=loss)) if sadam else None)
 
     m0 = small_cnn(device)
     candidates = {}
