@@ -104,7 +104,7 @@ def _extensions():
         sources += _sources("cuda/*.cpp") + _sources("cuda/*.cu")
         include = os.path.join(cuda_home, "include")
         kwargs["extra_compile_args"]["cxx"].append("-DSTABKERNELS_WITH_CUDA")
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DSTABKERNELS_WITH_CUDA", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = list(_load_toolkit_helpers().NVCC_FLAGS)
         # Toolkit headers first: the nvidia wheels' include dirs only fill in what the toolkit lacks.
         extra = sorted(glob.glob(os.path.join(os.path.dirname(torch.__path__[0]), "nvidia", "*", "include")))
         kwargs["include_dirs"] = [include, *extra]

@@ -11,6 +11,10 @@ import re
 import shutil
 import subprocess
 
+# Our own nvcc flags, on top of torch's (setup.py passes them; tests/test_build.py compiles with them and torch's
+# COMMON_NVCC_FLAGS / arch flags, so the compile test sees what the real build sees).
+NVCC_FLAGS = ["-O3", "-DSTABKERNELS_WITH_CUDA", "-lineinfo"]
+
 
 def _toolkit_root(nvcc: str) -> str:
     try:

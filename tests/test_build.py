@@ -1,7 +1,9 @@
 """Build checks that need no GPU: the raw CUDA kernels compile with nvcc, and the CUDA glue (.cpp files
 under csrc/cuda) is valid C++ against torch's headers, whenever a CUDA toolkit is present."""
 import glob
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -9,7 +11,7 @@ import sysconfig
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-from stabkernels._toolkit import find_cuda_home
+from stabkernels._toolkit import NVCC_FLAGS, find_cuda_home
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(REPO, "csrc", "**", "*.cu"), recursive=True))
@@ -22,12 +24,38 @@ def test_there_are_cuda_kernels_and_glue():
     assert CU_FILES and GLUE_FILES
 
 
+def torch_nvcc_flags(monkeypatch) -> list[str]:
+    """The flags torch's BuildExtension gives nvcc for every .cu, taken from torch itself: COMMON_NVCC_FLAGS
+    (no implicit half/bfloat16 conversions or operators), the arch flags of TORCH_CUDA_ARCH_LIST (9.0 when
+    unset: there is no GPU to ask), the C++ standard BuildExtension appends, then our own NVCC_FLAGS."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    std = sorted(set(re.findall(r"c\+\+(\d\d)", inspect.getsource(cpp_extension.BuildExtension))))[-1]
+    return (list(cpp_extension.COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"] + NVCC_FLAGS
+            + cpp_extension._get_cuda_arch_flags(NVCC_FLAGS) + [f"-std=c++{std}"])
+
+
+def _nvcc(flags, path, out):
+    return subprocess.run(["nvcc", "-c", *flags, "-I", os.path.dirname(path), path, "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+
+
 @needs_toolkit
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: os.path.relpath(p, REPO))
-def test_cuda_kernel_compiles(path, tmp_path):
-    r = subprocess.run(["nvcc", "-c", "-std=c++17", "-arch=sm_90", "-I", os.path.dirname(path), path,
-                        "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
+def test_cuda_kernel_compiles_with_torch_flags(path, tmp_path, monkeypatch):
+    r = _nvcc(torch_nvcc_flags(monkeypatch), path, tmp_path / "k.o")
     assert r.returncode == 0, r.stderr
+
+
+@needs_toolkit
+def test_torch_flags_forbid_implicit_half_conversions(tmp_path, monkeypatch):
+    # The check above is only worth something if the flags are torch's: a plain `nvcc -c` accepted the
+    # double -> __half conversion that broke the real build.
+    src = tmp_path / "half.cu"
+    src.write_text("#include <cuda_fp16.h>\n__global__ void k(__half* o, double v) { o[0] = v; }\n")
+    assert _nvcc(["-arch=sm_90"], str(src), tmp_path / "a.o").returncode == 0
+    r = _nvcc(torch_nvcc_flags(monkeypatch), str(src), tmp_path / "b.o")
+    assert r.returncode != 0 and "__half" in r.stderr, r.stderr
 
 
 @needs_toolkit

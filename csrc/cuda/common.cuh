@@ -23,6 +23,12 @@ template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) {
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
   return __float2bfloat16_rn(v);
 }
+// float64 math stored as a half type: one correct rounding (torch builds every .cu with
+// __CUDA_NO_HALF_CONVERSIONS__, so no implicit double -> __half / __nv_bfloat16 conversion exists).
+template <> __device__ __forceinline__ __half from_acc<__half, double>(double v) { return __double2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, double>(double v) {
+  return __double2bfloat16(v);
+}
 
 // NaN-propagating max/min (fmaxf/fminf drop NaN; torch.amax keeps it).
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || a > b) ? a : b; }

@@ -103,7 +103,7 @@ __global__ void ortho_write_kernel(UpdateTables t, const double* coef, const dou
   const T* w = reinterpret_cast<const T*>(t.p[i]);
   T* g = reinterpret_cast<T*>(t.g[i]);  // the table is const, the gradient it points to is not
   const A c = static_cast<A>(coef[i]), s = static_cast<A>(scale[i]);
-  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) g[j] = static_cast<T>((static_cast<A>(to_acc(g[j])) - c * static_cast<A>(to_acc(w[j]))) * s);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) g[j] = from_acc<T>((static_cast<A>(to_acc(g[j])) - c * static_cast<A>(to_acc(w[j]))) * s);
 }
 
 }  // namespace
