@@ -8,10 +8,36 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := stabkernels/_C_build.json
 CSRC   := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test demo bench bench-pytest info clean
+# The CUDA build check (no GPU needed): a second venv with a CUDA torch builds the whole extension with CUDA
+# kernels in a copy of the tracked tree (its _C would otherwise replace the CPU one), checks that `info`
+# reports them, and runs the CPU suite under that torch.
+CUDA_TORCH := torch==2.14.1
+CUDA_VENV  := .venv-cuda
+CUDA_TREE  := .cuda-tree
+CUDA_ARCH  ?= 9.0
+
+.PHONY: test test-cuda-build demo bench bench-pytest info gpu-check clean
 
 test: $(EXT)
 	STABKERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
+
+test-cuda-build:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	grep -v '^torch==' requirements-dev.txt > $(CUDA_VENV)/requirements.txt
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" -r $(CUDA_VENV)/requirements.txt
+	rm -rf $(CUDA_TREE) && mkdir $(CUDA_TREE)
+	git ls-files -z | xargs -0 tar -cf - | tar -xf - -C $(CUDA_TREE)
+	cd $(CUDA_TREE) && STABKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH)" MAX_JOBS=$$(nproc) CXXFLAGS=-g0 \
+		../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
+	cd $(CUDA_TREE) && ../$(CUDA_VENV)/bin/python -m stabkernels info | tee info.txt
+	grep -q "CUDA kernels: yes" $(CUDA_TREE)/info.txt
+	cd $(CUDA_TREE) && STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 \
+		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# On a machine with an NVIDIA GPU and torch, triton and a CUDA toolkit preinstalled (no network, no venv):
+# builds in place, runs every CUDA/Triton test, the GPU benchmark and the sync/graph checks (bench/gpu_check.sh).
+gpu-check:
+	bash bench/gpu_check.sh
 
 demo: $(EXT)
 	$(BIN)/python -m stabkernels demo $(ARGS)
@@ -37,4 +63,4 @@ $(EXT): $(DEPS) $(CSRC)
 	test -f $@
 
 clean:
-	rm -rf build *.egg-info stabkernels/_C*.so $(EXT)
+	rm -rf build *.egg-info stabkernels/_C*.so $(EXT) $(CUDA_TREE)

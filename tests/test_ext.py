@@ -30,6 +30,14 @@ def test_extension_is_loaded_when_required():
     assert sk.backend.resolve("row_spread", "auto", "cpu") == "cpp"
 
 
+@pytest.mark.skipif(os.environ.get("STABKERNELS_REQUIRE_CUDA_BUILD") != "1",
+                    reason="make test-cuda-build sets STABKERNELS_REQUIRE_CUDA_BUILD=1: there _C has CUDA kernels")
+def test_cuda_build_is_loaded_with_cuda_kernels():
+    assert _ext.loaded, _ext.load_error
+    assert _ext.has_cuda_kernels() and _ext.build_info["cuda"] == torch.version.cuda
+    assert hasattr(torch.ops.stabkernels_C, "adam_step_")
+
+
 def test_refusal_reasons():
     ok = {"torch": torch.__version__, "cpu_capability": "DEFAULT"}
     assert _ext._refusal(ok) is None

@@ -31,16 +31,21 @@ def train(model, opt, steps, seed=1, after_step=None):
             after_step(t)
 
 
-def test_ratio_trigger_ema_and_warmup():
+@pytest.mark.parametrize("lagged", [True, False])
+def test_ratio_trigger_ema_and_warmup(lagged):
     model = small_model()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    pss = PSS(torch.optim.SGD(model.parameters(), lr=0.0), warmup=3)
+    pss = PSS(torch.optim.SGD(model.parameters(), lr=0.0), warmup=3, lagged=lagged)
     norms = [1.0, 10.0, 1.0, 1.0, 1.0, 2.0, 6.0, 1.0]  # EMA before step 7: 1.69; 6 > 2.5 * 1.69
     fired = []
     for g in norms:
         ema_before = pss.ema
         pss.step(grad_norm=g)
+        # lagged: the decision is applied by the next step or by flush(); not lagged: already applied
+        flushed = pss.flush()
+        if not lagged:
+            assert flushed is False
         fired.append(pss.last.triggered)
         if pss.last.triggered:
             assert pss.ema == ema_before  # the spike stays out of the EMA
@@ -57,7 +62,7 @@ def test_every_and_manual_smoothing():
     model = small_model()
     pss = PSS(torch.optim.SGD(model.parameters(), lr=0.01), every=2, trigger=None)
     reasons = []
-    train(model, pss, 5, after_step=lambda t: reasons.append(pss.last.reason))
+    train(model, pss, 5, after_step=lambda t: (pss.flush(), reasons.append(pss.last.reason)))
     assert reasons == [None, "every", None, "every", None]
     rep = pss.smooth_now()
     assert rep.reason == "manual" and rep.sigma.shape == (3,) and rep.k.dtype == torch.int64
@@ -70,9 +75,12 @@ def test_trigger_smooths_the_selected_matrices():
     model.weight.grad = torch.zeros_like(model.weight)
     pss = PSS(torch.optim.SGD(model.parameters(), lr=0.0), warmup=0)
     pss.step(grad_norm=1.0)
-    pss.step(grad_norm=100.0)  # ratio 100 > 2.5
+    before = model.weight.detach().clone()
+    pss.step(grad_norm=100.0)  # ratio 100 > 2.5, decided on the device
     rep = pss.last
-    assert rep.triggered and rep.reason == "ratio" and rep.k.tolist() == [3]
+    assert not rep.triggered and torch.equal(model.weight, before)  # lagged: applied when the next step begins
+    pss.step(grad_norm=1.0)
+    assert rep.triggered and rep.reason == "ratio" and rep.k.tolist() == [3] and pss.trigger_count == 1
     assert rep.sigma[0].item() == pytest.approx(10.0, rel=1e-3)
     assert rep.stable_rank[0].item() == pytest.approx(sum(s * s for s in SMOOTH_SPECTRUM) / 100, rel=1e-3)
     top = torch.linalg.svdvals(model.weight.double())[0].item()
@@ -83,15 +91,19 @@ def test_nonfinite_grad_norm_leaves_everything_untouched():
     model = small_model()
     pss = PSSAdamW(model.parameters(), lr=1e-2, every=1)
     train(model, pss, 2)
+    assert pss.flush()  # step 2's smoothing (every=1)
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(pss.optimizer.state_dict())
     for p in model.parameters():
         p.grad = torch.full_like(p, float("nan"))
-    pss.step()
+    pss.step()  # the fused AdamW skips on the device-side flag
+    assert not pss.flush()
     assert pss.last.skipped_nonfinite and not pss.last.triggered
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     after = pss.optimizer.state_dict()
-    assert all(torch.equal(after["state"][i]["exp_avg"], state["state"][i]["exp_avg"]) for i in state["state"])
+    for i in state["state"]:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(after["state"][i][key], state["state"][i][key]), key
     pss2 = PSS(torch.optim.SGD(model.parameters(), lr=1.0), skip_nonfinite=False, every=1)
     pss2.step()
     assert pss2.last.skipped_nonfinite and not pss2.last.triggered
@@ -101,7 +113,10 @@ def test_nonfinite_grad_norm_leaves_everything_untouched():
 def test_never_triggered_pss_is_the_wrapped_optimizer():
     a, b = small_model(), small_model()
     train(a, torch.optim.AdamW(a.parameters(), lr=1e-2), 12)
-    train(b, PSSAdamW(b.parameters(), lr=1e-2, trigger=None), 12)
+    train(b, PSSAdamW(b.parameters(), lr=1e-2, trigger=None), 12)  # fused AdamW by default
+    assert all(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    a = small_model()
+    train(a, torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True), 12)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 

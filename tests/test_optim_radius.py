@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabkernels import digits
+from stabkernels import digits, update
 from stabkernels.optim import RadiusAdamW, RadiusController, RadiusSGD
 
 from .helpers import backend_params, count_forwards
@@ -43,23 +43,33 @@ OPTIMIZERS = [
 
 @pytest.mark.parametrize("name,make", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
 def test_unit_proposal_is_the_step_torch_applies_at_lr_1(name, make):
+    # The controller takes the wrapped optimizer's step itself (fused, on its state): u must be the step torch
+    # applies at lr 1 and the state it leaves must be torch's.
     model = mlp()
     opt = make(model.parameters())
     ctrl = RadiusController(opt, model)
     for step in range(3):
         backward(model, *batch(step))
-        ids, us, sums = ctrl._proposal(opt.param_groups[0])
         shadow = copy.deepcopy(model)
         shadow_opt = make(shadow.parameters())
-        shadow_opt.load_state_dict(opt.state_dict())
+        shadow_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else both share the moment tensors
         for p, q in zip(model.parameters(), shadow.parameters()):
             q.grad = p.grad.clone()
         before = [p.detach().clone() for p in shadow.parameters()]
         shadow_opt.step()
+        params, us, sums = ctrl._proposal(opt.param_groups[0])
         for u, b, a in zip(us, before, shadow.parameters()):
             torch.testing.assert_close(u, b - a.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums, torch.stack([u.pow(2).sum() for u in us]), rtol=1e-5, atol=0)
-        opt.step()  # advance the real state (lr 1, uncontrolled) for the next round
+        mine, torchs = opt.state_dict()["state"], shadow_opt.state_dict()["state"]
+        assert mine.keys() == torchs.keys()
+        for i in torchs:
+            assert mine[i].keys() == torchs[i].keys()
+            for k in torchs[i]:
+                torch.testing.assert_close(mine[i][k], torchs[i][k], rtol=1e-6, atol=1e-7)
+        update.apply_update_(params, us, 1.0, 0.0)  # the step at lr 1, for the next round
+        for p, q in zip(model.parameters(), shadow.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["jvp", "fd"])

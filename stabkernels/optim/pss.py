@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import spectral
 from .._checks import acc_dtype
+from .._hostread import DeferredRead, capturing
 from ._wrapper import OptimizerWrapper
 
 
@@ -32,6 +33,9 @@ def global_grad_norm(params: Iterable[torch.Tensor], backend: str = "auto") -> t
     return torch.stack([p.to(first, torch.float64) for p in parts]).sum().sqrt().to(parts[0].dtype)
 
 
+_FOUND_INF_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
 def _is_embedding_weight(module: nn.Module, name: str) -> bool:
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and name == "weight"
 
@@ -41,11 +45,11 @@ class PSSReport:
     """What one :meth:`PSS.step` did."""
 
     step: int
-    grad_norm: float
-    ema: float | None  # the EMA the ratio test compared against (before this step's update)
-    triggered: bool = False
+    grad_norm: torch.Tensor  # 0-d, on the parameters' device
+    ema: torch.Tensor  # the EMA the ratio test compared against (before this step's update; NaN: none yet)
+    triggered: bool = False  # set when the smoothing this step decided runs (lagged: at the next step)
     reason: str | None = None  # "ratio", "every" or "manual"
-    skipped_nonfinite: bool = False  # non-finite gradient norm: no smoothing (and no step, by default)
+    skipped_nonfinite: bool | torch.Tensor = False  # non-finite gradient norm: no smoothing (and no step)
     sigma: torch.Tensor | None = None  # per selected matrix, before smoothing (trigger steps only)
     stable_rank: torch.Tensor | None = None
     k: torch.Tensor | None = None
@@ -62,11 +66,21 @@ class PSS(OptimizerWrapper):
     first ``warmup`` steps) decides whether to smooth the top singular values of the selected weight
     matrices in place (:func:`stabkernels.spectral_smooth_`). ``every=N`` also smooths every N steps;
     :meth:`smooth_now` smooths on demand. Untriggered steps cost one fused pass over the gradients (pass a norm
-    you already have, e.g. from ``clip_grad_norm_``, as ``step(grad_norm=...)`` to skip even that); on CUDA
-    the trigger decision reads one number on the host per step.
+    you already have, e.g. from ``clip_grad_norm_``, as ``step(grad_norm=...)`` to skip even that).
+
+    No host synchronisation: the norm, the EMA and the ratio test stay on the device, and their outcome is read
+    back through a non-blocking copy one step later (``lagged=True``, default): a smoothing decided at step t
+    is applied when step t + 1 begins, before its update, so it smooths the same weights; t + 1's gradient was
+    computed before it. :meth:`flush` applies a pending smoothing at once (before evaluating or saving after
+    the last step); ``lagged=False`` decides within the step at the cost of one host read. ``last.triggered``
+    of step t becomes True when its smoothing runs.
 
     A non-finite gradient norm never smooths; with ``skip_nonfinite=True`` (default) the wrapped optimizer's
-    step is skipped as well, so weights and optimizer state stay untouched; ``last.skipped_nonfinite`` says so.
+    step is skipped as well, so weights and optimizer state stay untouched; ``last.skipped_nonfinite`` says so
+    (a 0-d bool tensor). torch's fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad; PSSAdamW's
+    default) skip on a device-side flag, as under GradScaler; any other wrapped optimizer needs one host read
+    per step for the skip (``skip_nonfinite=False`` avoids it). Under CUDA graph capture the step records
+    only device work; a smoothing it decides waits for the next eager ``step()`` or :meth:`flush`.
 
     Args:
         optimizer: any torch optimizer (its param_groups and state are shared, so LR schedulers and
@@ -91,7 +105,8 @@ class PSS(OptimizerWrapper):
                  ema: float = 0.1, warmup: int = 10, every: int | None = None, rule: str = "clip",
                  max_rank: int = 8, power_iters: int = 1, *, min_rank: int = 1, cap: float | None = None,
                  window: int = 3, oversample: int = 8, subspace_iters: int = 2, warmup_iters: int = 15,
-                 warm_subspace: bool = True, skip_nonfinite: bool = True, seed: int = 0, backend: str = "auto"):
+                 warm_subspace: bool = True, skip_nonfinite: bool = True, seed: int = 0, lagged: bool = True,
+                 backend: str = "auto"):
         super().__init__(optimizer)
         if trigger is not None and not trigger > 0:
             raise ValueError(f"trigger must be > 0 or None, got {trigger}")
@@ -115,11 +130,17 @@ class PSS(OptimizerWrapper):
         self.matrices = self._select(params)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
-        self.ema: float | None = None
+        self.lagged = lagged
+        self._ema = torch.full((), math.nan, dtype=torch.float64, device=self._device())
+        self._pending: tuple[DeferredRead, PSSReport] | None = None  # the last step's undecided smoothing
         self.trigger_count = 0
         self._vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._subspace: dict[int, torch.Tensor] = {}
         self.last: PSSReport | None = None
+
+    def _device(self) -> torch.device:
+        params = self.params()
+        return params[0].device if params else torch.device("cpu")
 
     def _select(self, params) -> list[torch.Tensor]:
         owned = self.params()
@@ -145,36 +166,91 @@ class PSS(OptimizerWrapper):
         return chosen
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def ema(self) -> float | None:
+        """The gradient-norm EMA as a number (reads the device; None before the first finite step)."""
+        v = float(self._ema)
+        return None if math.isnan(v) else v
+
+    def _device_skip(self) -> bool:
+        """Whether the wrapped optimizer skips its own step on a device-side flag (torch's fused Adam, AdamW,
+        SGD and Adagrad read ``found_inf``, as they do under GradScaler), so no host read is needed."""
+        return (isinstance(self.optimizer, _FOUND_INF_OPTIMIZERS)
+                and all(g.get("fused") for g in self.optimizer.param_groups))
+
+    def _norm(self, grad_norm) -> torch.Tensor:
+        if grad_norm is None:
+            g = global_grad_norm(self.params(), self.backend)
+        else:
+            g = torch.as_tensor(grad_norm)
+        device = self.params()[0].device if self.params() else g.device
+        return g.detach().to(device=device, dtype=torch.float64).reshape(())
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, grad_norm: float | torch.Tensor | None = None):
-        """Runs the wrapped optimizer's step, then the trigger test and, if it fires, the smoothing."""
+        """Runs the wrapped optimizer's step and the trigger test; smooths when it fires.
+
+        With ``lagged=True`` (default) the test runs on the device and its outcome is read back without a
+        synchronisation: a smoothing it decides is applied at the start of the next ``step()`` (before that
+        step's update, so the smoothed weights are the same; only one backward ran at unsmoothed weights),
+        or by :meth:`flush`. With ``lagged=False`` it is applied here, at the cost of one host read."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        g = float(global_grad_norm(self.params(), self.backend) if grad_norm is None else grad_norm)
+        if not capturing():
+            self.flush()
+        g = self._norm(grad_norm)
+        if self._ema.device != g.device:  # the model moved after construction
+            self._ema = self._ema.to(g.device)
         self.steps += 1
-        report = PSSReport(step=self.steps, grad_norm=g, ema=self.ema)
-        if not math.isfinite(g):
-            report.skipped_nonfinite = True
-            if not self.skip_nonfinite:
+        finite = torch.isfinite(g)
+        report = PSSReport(step=self.steps, grad_norm=g, ema=self._ema.clone(), skipped_nonfinite=~finite)
+        if not self.skip_nonfinite:
+            self.optimizer.step()
+        elif self._device_skip():
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            try:
                 self.optimizer.step()
-            self.last = report
-            return loss
-        self.optimizer.step()
-        ratio = (self.trigger is not None and self.ema is not None and self.steps > self.warmup
-                 and g > self.trigger * self.ema)
-        if not ratio:  # a spike stays out of the average
-            self.ema = g if self.ema is None else (1 - self.ema_alpha) * self.ema + self.ema_alpha * g
-        if ratio or (self.every is not None and self.steps % self.every == 0):
-            self._smooth(report, "ratio" if ratio else "every")
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
+            self.optimizer.step()
+        have_ema = ~torch.isnan(self._ema)
+        if self.trigger is not None and self.steps > self.warmup:
+            fired = finite & have_ema & (g > self.trigger * self._ema)
+        else:
+            fired = torch.zeros_like(finite)
+        # a spike stays out of the average, and so does a non-finite norm
+        blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
+        self._ema.copy_(torch.where(finite & ~fired, blended, self._ema))
+        every = self.every is not None and self.steps % self.every == 0
+        want = fired | (finite & every)
         self.last = report
+        self._pending = (DeferredRead(torch.stack([want, fired])), report)
+        if not self.lagged:
+            self.flush()
         return loss
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Applies a smoothing that the last step decided on the device but has not applied yet (reads that
+        decision, waiting for the device if it is not there yet). Returns whether it smoothed. ``step()``
+        calls it first; call it yourself before evaluating or saving the model after the last step."""
+        if self._pending is None:
+            return False
+        decision, report = self._pending
+        self._pending = None
+        want, fired = decision.values()
+        if want:
+            self._smooth(report, "ratio" if fired else "every")
+        return bool(want)
 
     @torch.no_grad()
     def smooth_now(self) -> PSSReport:
         """Smooths the selected matrices now, whatever the trigger says; returns (and stores) the report."""
-        report = PSSReport(step=self.steps, grad_norm=float("nan"), ema=self.ema)
+        nan = torch.full((), math.nan, dtype=torch.float64)
+        report = PSSReport(step=self.steps, grad_norm=nan, ema=self._ema.clone())
         self._smooth(report, "manual")
         self.last = report
         return report
@@ -224,6 +300,8 @@ class PSS(OptimizerWrapper):
     def _wrapper_state(self) -> dict:
         return {
             "steps": self.steps, "ema": self.ema, "trigger_count": self.trigger_count,
+            # a smoothing decided by the last step and not applied yet: the resumed run applies it first
+            "pending": None if self._pending is None else self._pending[0].values(),
             "generator": self.generator.get_state(),
             "vectors": {i: (u.clone(), v.clone()) for i, (u, v) in self._vectors.items()},
             "subspace": {i: V.clone() for i, V in self._subspace.items()},
@@ -234,7 +312,13 @@ class PSS(OptimizerWrapper):
         if state["num_matrices"] != len(self.matrices):
             raise ValueError(f"state dict is for {state['num_matrices']} smoothed matrices, this PSS selects "
                              f"{len(self.matrices)}")
-        self.steps, self.ema, self.trigger_count = state["steps"], state["ema"], state["trigger_count"]
+        self.steps, self.trigger_count = state["steps"], state["trigger_count"]
+        self._ema.fill_(math.nan if state["ema"] is None else state["ema"])
+        pending = state.get("pending")
+        self._pending = None
+        if pending is not None:
+            report = PSSReport(step=self.steps, grad_norm=torch.full((), math.nan), ema=self._ema.clone())
+            self._pending = (DeferredRead(torch.tensor(pending, dtype=torch.bool)), report)
         self.generator.set_state(state["generator"])
         self._vectors = {}
         for i, (u, v) in state["vectors"].items():
@@ -255,7 +339,9 @@ class PSSAdamW(PSS):
         opt = PSSAdamW(model.parameters(), lr=3e-4)           # or parameters: every ndim >= 2 one
 
     AdamW's arguments (lr, betas, eps, weight_decay, amsgrad, foreach, fused, ...) go to AdamW, everything
-    else to :class:`PSS`.
+    else to :class:`PSS`. AdamW is fused (``fused=True``) unless ``fused`` or ``foreach`` is given or a
+    parameter is on a device or of a dtype torch's fused AdamW does not take: the fused step skips itself on a
+    non-finite gradient norm without a host read.
     """
 
     _ADAMW_ARGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
@@ -267,4 +353,14 @@ class PSSAdamW(PSS):
         if isinstance(params, nn.Module):
             select = params if select is None else select
             params = params.parameters()
+        params = list(params)
+        if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs and _fused_adamw_takes(params):
+            adamw_kwargs["fused"] = True
         super().__init__(torch.optim.AdamW(params, lr=lr, **adamw_kwargs), select, **kwargs)
+
+
+def _fused_adamw_takes(params) -> bool:
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return bool(tensors) and all(isinstance(t, torch.Tensor) and t.device.type in ("cpu", "cuda")
+                                 and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+                                 for t in tensors)

@@ -5,12 +5,12 @@ Taylor expansion along that update's own direction, and its length is capped at 
 ``cap`` mode (the paper's): eta_eff = min(eta, r rho / ||u||); ``set`` mode: eta_eff = r rho / ||u||.
 The moments advance once; only the step length changes.
 
-- :class:`RadiusController` wraps ``torch.optim.SGD``, ``Adam`` or ``AdamW``: it computes the unit proposal
-  u exactly as the wrapped optimizer will (on copies of its state), sets each group's lr for this one step,
-  calls the wrapped ``step()``, and restores the lr (LR schedulers keep working).
-- :class:`RadiusAdamW` and :class:`RadiusSGD` do the same with fused kernels: one pass advances the moments
-  and writes u with its norm, a second applies the step; rho, ||u|| and eta_eff stay 0-d device tensors
-  (no ``.item()`` on the step path).
+- :class:`RadiusController` wraps ``torch.optim.SGD``, ``Adam`` or ``AdamW`` and takes their step with fused
+  kernels on their own state (exp_avg, exp_avg_sq, step / momentum_buffer), so the wrapped optimizer, a
+  checkpoint of it and LR schedulers see exactly what its own step would have left, at lr = eta_eff.
+- :class:`RadiusAdamW` and :class:`RadiusSGD` are the same as self-contained optimizers.
+Both: one pass advances the moments and writes u with its norm, a second applies the step; rho, ||u|| and
+eta_eff stay 0-d device tensors (no host read in a step).
 """
 from __future__ import annotations
 
@@ -297,70 +297,97 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             if g.get("differentiable") or isinstance(g["lr"], Tensor):
                 raise ValueError("RadiusController needs float learning rates and differentiable=False")
         self.backend = backend
+        self._scratch = ScratchBuffers()
+        self._device_steps: dict[int, int] = {}
         self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
                           capture_inputs=capture_inputs, probe_mode=probe_mode, backend=backend)
 
     def remove_hook(self) -> None:
         self.probe.remove_hook()
 
-    # -- the unit proposal, exactly as the wrapped optimizer will compute it (on copies of its state)
-    def _proposal(self, group) -> tuple[list[int], list[Tensor], Tensor]:
+    # -- the wrapped optimizer's own step, fused: the moments advance in its state, u goes to scratch
+    def _proposal(self, group) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Advances the wrapped optimizer's state for ``group`` exactly as its ``step()`` would and returns
+        (params, u, sum(u^2) per tensor) with u the step it would take at lr = 1 (without decoupled decay)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return [], [], torch.zeros(1)
         grads = [p.grad for p in params]
-        us = [torch.empty_like(p, dtype=acc_dtype(p.dtype)) for p in params]
+        us = [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]
+        state = self.optimizer.state
         if self.kind == "adam":
-            st = [self.optimizer.state.get(p, {}) for p in params]
-            zeros = lambda key: [s[key].clone() if key in s else torch.zeros_like(p)  # noqa: E731
-                                 for s, p in zip(st, params)]
-            step = int(st[0]["step"]) + 1 if "step" in st[0] else 1
-            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-            sums = update.adam_step_(params, grads, zeros("exp_avg"), zeros("exp_avg_sq"), step=step, lr=1.0,
-                                     betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                                     decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
-                                     max_exp_avg_sqs=zeros("max_exp_avg_sq") if group["amsgrad"] else None,
-                                     updates=us, apply=False, backend=self.backend)
+            for p in params:
+                s = state[p]
+                if not s:  # torch's layout: a float32 step counter (on the device if fused or capturable)
+                    on_device = group.get("fused") or group.get("capturable")
+                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else None)
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["step"] += 1
+            states = [state[p] for p in params]
+            sums = update.adam_step_(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                step=self._host_step(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled=self._decoupled(group), amsgrad=group["amsgrad"],
+                maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states]
+                if group["amsgrad"] else None, updates=us, apply=False, backend=self.backend)
         else:
-            bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-            first = any(b is None for b in bufs)
-            if first and not all(b is None for b in bufs):
-                raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
-            bufs = [torch.zeros_like(p) if b is None else b.clone() for b, p in zip(bufs, params)]
+            bufs, first = None, False
+            if group["momentum"] != 0:
+                have = [state[p].get("momentum_buffer") is not None for p in params]
+                if any(have) and not all(have):
+                    raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
+                first = not any(have)
+                for p in params:
+                    if first:
+                        state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                bufs = [state[p]["momentum_buffer"] for p in params]
             sums = update.sgd_step_(params, grads, bufs, lr=1.0, momentum=group["momentum"],
                                     dampening=group["dampening"], weight_decay=group["weight_decay"],
                                     nesterov=group["nesterov"], maximize=group["maximize"], first=first,
                                     updates=us, apply=False, backend=self.backend)
-        return [id(p) for p in params], us, sums
+        return params, us, sums
+
+    def _decoupled(self, group) -> bool:
+        return isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+    def _host_step(self, step: Tensor) -> int:
+        """The step number for the bias corrections. torch keeps it in a CPU tensor (read directly); a fused or
+        capturable optimizer keeps it on the device, mirrored here on the host after one read."""
+        if step.device.type == "cpu":
+            return int(step)
+        key = id(step)
+        if key not in self._device_steps:
+            self._device_steps.clear()
+            self._device_steps[key] = int(step)  # once, after construction or load_state_dict
+        else:
+            self._device_steps[key] += 1
+        return self._device_steps[key]
 
     @torch.no_grad()
     def step(self, inputs=None, closure: Callable | None = None):
-        """Measures the radius along this step's proposal on ``inputs`` (or the captured ones), sets each
-        group's lr to eta_eff for this step, runs the wrapped optimizer's step, restores the lrs."""
+        """Measures the radius along this step's proposal on ``inputs`` (or the captured ones) and takes the
+        wrapped optimizer's step with each group's lr scaled to eta_eff (a device tensor: no host read). The
+        moments advance in the wrapped optimizer's own state; its ``step()`` itself is not called."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = [g for g in self.param_groups if g["lr"] != 0]
-        proposals = [self._proposal(g) for g in groups]
-        live = [(g, p) for g, p in zip(groups, proposals) if p[0]]
+        live = [g for g in self.param_groups if g["lr"] != 0 and any(p.grad is not None for p in g["params"])]
         self.steps += 1
         if not live:
-            self.optimizer.step()
             return loss
+        proposals = [self._proposal(g) for g in live]
         rho, tau, unit_norm, recomputed = self._measure(
-            inputs, [(p[0], p[1]) for _, p in live], [g["lr"] for g, _ in live], [p[2] for _, p in live])
+            inputs, [([id(p) for p in ps], us) for ps, us, _ in proposals], [g["lr"] for g in live],
+            [sums for _, _, sums in proposals])
         scale = _control_scale(rho, tau, self.r, self.mode)
-        c = float(scale)
-        saved = [g["lr"] for g in self.param_groups]
-        try:
-            for g in self.param_groups:
-                g["lr"] = g["lr"] * c
-            self.optimizer.step()
-            lrs = [g["lr"] for g in self.param_groups]
-        finally:
-            for g, lr in zip(self.param_groups, saved):
-                g["lr"] = lr
+        lrs = []
+        for g, (ps, us, _) in zip(live, proposals):
+            lr_eff = (scale * g["lr"]).to(ps[0].device)
+            wd = g["weight_decay"] if self.kind == "adam" and self._decoupled(g) else 0.0
+            update.apply_update_(ps, us, lr_eff, wd, backend=self.backend)
+            lrs.append(lr_eff)
         self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
         return loss
 
@@ -368,6 +395,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         return self._radius_state()
 
     def _load_wrapper_state(self, state: dict) -> None:
+        self._device_steps.clear()
         self._load_radius_state(state, self.params()[0].device)
 
 

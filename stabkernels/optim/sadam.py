@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import directional, update
+from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
 from ._wrapper import ExtraStateMixin
@@ -83,7 +84,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         model: the module the closure evaluates (implied when ``params`` is a module).
         eps_mode: ``"torch"`` (torch.optim.AdamW's eps placement) or ``"authors"`` (eps added to the
             uncorrected sqrt(v), as the authors' code does; about 1e-5 relative difference).
-        warn_nonfinite: warn when probes are dropped (one host read per step; ``last.dropped`` says it too).
+        warn_nonfinite: warn when probes are dropped; the count is read back without a synchronisation, so the
+            warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -117,6 +119,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self.warn_nonfinite, self.backend = warn_nonfinite, backend
         self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
         self.probe_counter = 0
+        self._step_count = 0
+        self._dropped: tuple[int, DeferredRead] | None = None  # the last probing step's dropped count
         self._scratch = ScratchBuffers()
         self.last: SAdamReport | None = None
 
@@ -149,6 +153,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         probing = self._probing()
         if probing and closure is None:
             raise ValueError("SAdam.step needs a closure returning the batch loss (or probes=0 / damping=0)")
+        self._warn_dropped()
+        self._step_count += 1
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         groups = [(g, ps) for g, ps in groups if ps]
         if not groups:
@@ -183,14 +189,24 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             finally:
                 for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
                     b.copy_(saved)
-            if self.warn_nonfinite and report.dropped and int(sum(d for d in report.dropped)) > 0:
-                warnings.warn("SAdam: dropped probes whose loss was not finite (see opt.last.dropped)",
-                              RuntimeWarning, stacklevel=2)
+            if self.warn_nonfinite and report.dropped:
+                self._dropped = (self._step_count, DeferredRead(torch.stack(report.dropped).sum()))
         for (g, params), alpha in zip(groups, alphas):
             report.alpha.append(alpha)
             self._adamw(g, params, alpha)
         self.last = report
         return report.loss if probing else loss
+
+    def _warn_dropped(self) -> None:
+        """Warns about an earlier step's dropped probes once its count has reached the host (read back without
+        a synchronisation, so the warning comes a step late)."""
+        if self._dropped is None or not self._dropped[1].ready():
+            return
+        step, count = self._dropped
+        self._dropped = None
+        if count.values()[0] > 0:
+            warnings.warn(f"SAdam: step {step} dropped probes whose loss was not finite (see opt.last.dropped)",
+                          RuntimeWarning, stacklevel=3)
 
     def _adamw(self, group, params, alpha: Tensor) -> None:
         states = [self.state[p] for p in params]
