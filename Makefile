@@ -10,7 +10,8 @@ CSRC   := $(shell find csrc -type f) setup.py pyproject.toml
 
 # The CUDA build check (no GPU needed): a second venv with a CUDA torch builds the whole extension with CUDA
 # kernels in a copy of the tracked tree (its _C would otherwise replace the CPU one), checks that `info`
-# reports them, and runs the CPU suite under that torch.
+# reports them, and runs the CPU suite under that torch (less the slow end-to-end runs of demo, bench and
+# examples, which `make test` runs; CI's time).
 CUDA_TORCH := torch==2.14.1
 CUDA_VENV  := .venv-cuda
 CUDA_TREE  := .cuda-tree
@@ -32,7 +33,7 @@ test-cuda-build:
 	cd $(CUDA_TREE) && ../$(CUDA_VENV)/bin/python -m stabkernels info | tee info.txt
 	grep -q "CUDA kernels: yes" $(CUDA_TREE)/info.txt
 	cd $(CUDA_TREE) && STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 \
-		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # On a machine with an NVIDIA GPU and torch, triton and a CUDA toolkit preinstalled (no network, no venv):
 # builds in place, runs every CUDA/Triton test, the GPU benchmark and the sync/graph checks (bench/gpu_check.sh).

@@ -8,6 +8,27 @@ import torch
 
 from . import _ext, backend
 
+# Tested ranges: torch 2.11 (the borrowed GPU machine) to 2.14 (the CUDA build in CI); triton 3.6 to 3.9.
+# pyproject.toml states the same (tests/test_ext.py checks).
+SUPPORTED = {"torch": ((2, 11), (2, 14)), "triton": ((3, 6), (3, 9))}
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def support_note(package: str, version: str | None) -> str:
+    """'' when ``version`` of ``package`` is in the supported range, else a short warning."""
+    if not version:
+        return ""
+    lo, hi = SUPPORTED[package]
+    try:
+        ok = lo <= _minor(version) <= hi
+    except ValueError:
+        return f"  [cannot parse {package} version {version!r}]"
+    return "" if ok else f"  [outside the supported {package} {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}]"
+
 
 def collect() -> dict:
     """Everything ``info`` reports, as a dict."""
@@ -26,16 +47,19 @@ def collect() -> dict:
         "ext_problem": _ext.load_error,
         "ext_build": dict(_ext.build_info),
         "cpu_threads": torch.get_num_threads(),
+        "supported": {k: [f"{a}.{b}" for a, b in v] for k, v in SUPPORTED.items()},
         "backends": backend.status(),
     }
 
 
 def format_info(d: dict) -> str:
+    (t_lo, t_hi), (tr_lo, tr_hi) = SUPPORTED["torch"], SUPPORTED["triton"]
     lines = [
         f"stabkernels {d['stabkernels']}  python {d['python']}  torch {d['torch']}"
-        f" (CUDA {d['torch_cuda'] or 'none: CPU build'})",
+        f" (CUDA {d['torch_cuda'] or 'none: CPU build'}){support_note('torch', d['torch'])}",
+        f"supported: torch {t_lo[0]}.{t_lo[1]}-{t_hi[0]}.{t_hi[1]}, triton {tr_lo[0]}.{tr_lo[1]}-{tr_hi[0]}.{tr_hi[1]}",
         f"GPU: {d['gpu'] or 'none visible'}",
-        f"triton: {d['triton'] or 'unavailable: ' + d['triton_problem']}"
+        f"triton: {d['triton'] or 'unavailable: ' + d['triton_problem']}{support_note('triton', d['triton'])}"
         + ("  [TRITON_INTERPRET=1: kernels run on CPU tensors]" if d["triton_interpret"] else ""),
     ]
     if d["ext_loaded"]:

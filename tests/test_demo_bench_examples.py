@@ -51,3 +51,23 @@ def test_example_resumes_identically(script, monkeypatch, capsys):
     module = importlib.import_module(script)
     assert module.main(steps=30) == 0
     assert "resumed run identical: True" in capsys.readouterr().out
+
+
+def test_bench_compile_column_and_best_peer():
+    import torch
+
+    from stabkernels.benchmarks.cases import Case
+    from stabkernels.benchmarks.run import COMPILED, run_case
+
+    x = torch.randn(64, 300)
+    case = Case(op="row_spread", shape="64x300", dtype="float32", nbytes=x.numel() * 4,
+                baseline=lambda: (x.amax(1) - x.amin(1)).max(),
+                candidates={"torch-again": lambda: (x.amax(1) - x.amin(1)).max()})
+    rows = {r["backend"]: r for r in run_case(case, "cpu", 0.01, compile_baseline=True, copy_gbps=10.0)}
+    assert set(rows) == {"torch-baseline", "torch-again", COMPILED}
+    best = min(rows["torch-baseline"]["time_ms"], rows[COMPILED]["time_ms"])
+    # vs_best_peer: best peer time / this time (rounded), for every row; peers are the baseline and its compiled form
+    for r in rows.values():
+        assert abs(r["vs_best_peer"] - best / r["time_ms"]) < 2e-3 * max(1, best / r["time_ms"])
+        assert r["pct_of_copy"] == round(100 * r["GB_per_s"] / 10.0, 1) or abs(
+            r["pct_of_copy"] - 100 * r["GB_per_s"] / 10.0) < 0.2

@@ -98,3 +98,19 @@ def test_info_command_prints_versions_and_backend_table():
     d = sk.info(print_=False)
     assert d["torch"] == torch.__version__ and "row_spread" in d["backends"]
     assert d["backends"]["row_spread"]["torch"] == "yes"
+
+
+def test_supported_versions_agree_with_pyproject_and_info():
+    import re
+
+    from stabkernels import _info
+
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        text = f.read()
+    for package in ("torch", "triton"):
+        (lo_major, lo_minor), (hi_major, hi_minor) = _info.SUPPORTED[package]
+        want = f'"{package}>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}"'
+        assert want in text, (want, re.findall(rf'"{package}[^"]*"', text))
+    assert _info.support_note("torch", "2.11.0+cu130") == "" and _info.support_note("torch", "2.14.1") == ""
+    assert "outside" in _info.support_note("torch", "2.10.0") and "outside" in _info.support_note("triton", "3.10.0")
+    assert "supported: torch 2.11-2.14, triton 3.6-3.9" in _info.format_info(sk.info(print_=False))

@@ -23,6 +23,7 @@ class Case:
     peak_mb: dict[str, float] = field(default_factory=dict)  # extra peak memory per candidate ("baseline" too)
     statistic: str = "median"  # "mean" where calls alternate cheap and expensive ones (every=N)
     min_rounds: int = 5  # more for small differences between slow calls, where 5 medians are too noisy
+    compile_baseline: bool = True  # --compile also times torch.compile(baseline) (not for whole training steps)
 
 
 def kernel_backends(op: str, device: str) -> list[str]:
@@ -117,7 +118,7 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
     given = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None)
     norm = float(global_grad_norm(given.params()))
     step_bytes = sum(p.numel() * 4 for g in plain.param_groups for p in g["params"])
-    yield Case(op="pss_adamw_step", shape=label, dtype="float32", nbytes=step_bytes, baseline=plain.step,
+    yield Case(op="pss_adamw_step", compile_baseline=False, shape=label, dtype="float32", nbytes=step_bytes, baseline=plain.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()",
                candidates={"pss-untriggered": quiet.step, "pss-triggered": fired.step,
                            "pss-untriggered-grad_norm-given": lambda: given.step(grad_norm=norm)},
@@ -221,7 +222,8 @@ def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
         yield Case(op=op, shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32", nbytes=nparams * 4,
                    baseline=train_step(m0, torch.optim.Adam(m0.parameters(), lr=1e-3), False),
                    baseline_name="forward + backward + torch.optim.Adam.step()", candidates=candidates,
-                   statistic="mean", min_rounds=5 if quick else 20)  # steps of this VM vary 10-20% run to run
+                   statistic="mean", min_rounds=5 if quick else 20,  # steps of this VM vary 10-20% run to run
+                   compile_baseline=False)
 
 
 def cnn_train_step(model, opt, x, y, step: Callable[[torch.Tensor], object] | None = None) -> Callable[[], None]:
@@ -421,7 +423,7 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
     update_only = SAdam(params_with_grads(), lr=1e-3, probes=0, probe_mode="train")
     free_closure = SAdam(params_with_grads(), lr=1e-3, probes=k, probe_mode="train")
     zero = torch.zeros((), device=device)
-    yield Case(op="sadam_step_without_forwards", shape=label, dtype="float32",
+    yield Case(op="sadam_step_without_forwards", compile_baseline=False, shape=label, dtype="float32",
                nbytes=sum(p.numel() * 4 for p in plain.param_groups[0]["params"]), baseline=plain.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()",
                candidates={"sadam-update": update_only.step,
@@ -442,7 +444,7 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
         m = small_cnn(device)
         candidates[f"SAdam-k{probes}"] = train_step(m, SAdam(m, lr=1e-3, probes=probes), True)
     nparams = sum(p.numel() for p in m0.parameters())
-    yield Case(op="train_step_small_cnn_sadam", shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
+    yield Case(op="train_step_small_cnn_sadam", compile_baseline=False, shape=f"batch{batch}x3x32x32:{nparams}params", dtype="float32",
                nbytes=nparams * 4, baseline=train_step(m0, torch.optim.AdamW(m0.parameters(), lr=1e-3), False),
                baseline_name="forward + backward + torch.optim.AdamW.step()", candidates=candidates)
 

@@ -14,8 +14,30 @@ import torch
 from .cases import FAMILIES, Case
 from .timing import keep_freed_memory, measure
 
-COLUMNS = ["op", "backend", "shape", "dtype", "device", "time_ms", "statistic", "GB_per_s", "speedup",
-           "peak_extra_MB", "baseline"]
+COLUMNS = ["op", "backend", "shape", "dtype", "device", "time_ms", "statistic", "GB_per_s", "pct_of_copy",
+           "speedup", "vs_best_peer", "peak_extra_MB", "baseline", "cpu_isa"]
+COMPILED = "torch.compile"
+
+
+def is_peer(name: str) -> bool:
+    """Whether a timed entry is a torch peer a user could pick instead (the composition, its compiled form,
+    torch's fused optimizers), as opposed to our kernels or a bandwidth reference."""
+    return name in ("baseline", COMPILED) or (name.startswith("ref:") and "clone" not in name)
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
+    """GB/s of ``dst.copy_(src)`` over ``nbytes`` (bytes read per second, as our GB/s columns count)."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = measure({"copy": lambda: dst.copy_(src)}, device=device, min_time=0.2)["copy"]
+    return nbytes / t.median_s / 1e9
+
+
+def cpu_isa() -> str:
+    """The SIMD level of our CPU kernels in this process (DEFAULT, AVX2, AVX512), or '' without _C."""
+    from .. import _ext
+
+    return str(_ext.build_info.get("cpu_capability", "")) if _ext.loaded else ""
 
 
 def machine_name() -> str:
@@ -43,20 +65,26 @@ def progress(i: int, n: int, label: str, width: int = 30) -> None:
         sys.stderr.write("\n")
 
 
-def run_case(case: Case, device: str, min_time: float) -> list[dict]:
+def run_case(case: Case, device: str, min_time: float, compile_baseline: bool = False,
+             copy_gbps: float | None = None) -> list[dict]:
     fns = {"baseline": case.baseline, **case.candidates}
+    if compile_baseline and case.compile_baseline:
+        fns[COMPILED] = torch.compile(case.baseline)  # compiled in measure()'s warm-up call, not timed
     t = measure(fns, device=device, min_time=min_time, min_rounds=case.min_rounds)
     stat = (lambda x: x.mean_s) if case.statistic == "mean" else (lambda x: x.median_s)  # noqa: E731
     base = stat(t["baseline"])
+    best_peer = min(stat(timing) for name, timing in t.items() if is_peer(name))
     rows = []
     for name, timing in t.items():
+        gbps = case.nbytes / stat(timing) / 1e9
         rows.append({
             "op": case.op, "backend": "torch-baseline" if name == "baseline" else name, "shape": case.shape,
             "dtype": case.dtype, "device": device, "time_ms": round(stat(timing) * 1e3, 4),
-            "statistic": case.statistic, "GB_per_s": round(case.nbytes / stat(timing) / 1e9, 2),
-            "speedup": round(base / stat(timing), 3),
+            "statistic": case.statistic, "GB_per_s": round(gbps, 2),
+            "pct_of_copy": round(100 * gbps / copy_gbps, 1) if copy_gbps else "",
+            "speedup": round(base / stat(timing), 3), "vs_best_peer": round(best_peer / stat(timing), 3),
             "peak_extra_MB": round(case.peak_mb[name], 1) if name in case.peak_mb else "",
-            "baseline": case.baseline_name,
+            "baseline": case.baseline_name, "cpu_isa": cpu_isa() if device == "cpu" else "",
         })
     return rows
 
@@ -71,8 +99,8 @@ def format_table(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], title: str) -> str:
     """The table for the README: candidates with their speed-up over the torch baseline of their case."""
-    lines = [title, "", "| op | shape | dtype | backend | time (ms) | baseline (ms) | speed-up | GB/s | extra peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| op | shape | dtype | backend | time (ms) | baseline (ms) | speed-up | vs best torch peer "
+             "| GB/s | % of copy | extra peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["op"], r["shape"], r["dtype"]): r for r in rows if r["backend"] == "torch-baseline"}
     for r in rows:
         if r["backend"] == "torch-baseline":
@@ -80,7 +108,8 @@ def markdown(rows: list[dict], title: str) -> str:
         b = base[(r["op"], r["shape"], r["dtype"])]
         mem = f"{r['peak_extra_MB']} (baseline {b['peak_extra_MB']})" if r["peak_extra_MB"] != "" else ""
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['time_ms']:.2f} | "
-                     f"{b['time_ms']:.2f} | {r['speedup']:.2f}x | {r['GB_per_s']} | {mem} |")
+                     f"{b['time_ms']:.2f} | {r['speedup']:.2f}x | {r['vs_best_peer']:.2f}x | {r['GB_per_s']} | "
+                     f"{r['pct_of_copy']} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the CSV")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-time", type=float, default=None, help="seconds per candidate (default 0.4, quick 0.05)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of each op's torch composition (compile time not counted)")
+    p.add_argument("--name", default=None, help="results file stem (default: this machine's name)")
     args = p.parse_args(argv)
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.4)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -122,20 +154,24 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     kept = keep_freed_memory()
+    copy_gbps = copy_bandwidth(args.device, (32 << 20) if args.quick else (256 << 20))
     cases = [c for f in families for c in FAMILIES[f](args.device, args.quick)]
     rows = []
     for i, case in enumerate(cases):
         progress(i, len(cases), f"{case.op} {case.shape} {case.dtype}")
-        rows += run_case(case, args.device, min_time)
+        rows += run_case(case, args.device, min_time, args.compile, copy_gbps)
     progress(len(cases), len(cases), "done")
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{machine_name()}{'-quick' if args.quick else ''}")
+    name = args.name or machine_name() + (f"-{cpu_isa().lower()}" if args.device == "cpu" and cpu_isa() else "")
+    stem = os.path.join(args.out, f"{name}{'-quick' if args.quick else ''}")
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    title = (f"{machine_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{torch.get_num_threads()} threads, CPU kernels {cpu_isa() or 'not loaded'}")
+    title = (f"{machine_name()}, {where}, torch {torch.__version__}, copy {copy_gbps:.1f} GB/s"
              f"{', malloc keeps freed memory' if kept else ''}{', quick shapes' if args.quick else ''}")
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, title))

@@ -209,11 +209,12 @@ class PSS(OptimizerWrapper):
         if not self.skip_nonfinite:
             self.optimizer.step()
         elif self._device_skip():
+            saved = getattr(self.optimizer, "found_inf", None)
             self.optimizer.found_inf = (~finite).to(torch.float32)
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                self.optimizer.found_inf = saved
         elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
         have_ema = ~torch.isnan(self._ema)
