@@ -63,6 +63,7 @@ def _signed(k: int) -> int:
     return k - (1 << 64) if k >= 1 << 63 else k
 
 
+@torch.compiler.disable  # plain host integer arithmetic: traced symbolically, its 64-bit constants overflow inductor
 def key_table(seed: int, probes: Sequence[int], count: int, device=None) -> Tensor:
     """(len(probes), count) int64 tensor of keys (bit patterns of the unsigned keys)."""
     return torch.tensor([[_signed(stream_key(seed, p, t)) for t in range(count)] for p in probes],

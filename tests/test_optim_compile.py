@@ -37,20 +37,28 @@ def run(name, compiled, steps=3):
             step()
     if hasattr(opt, "flush"):
         opt.flush()
-    return [p.detach().clone() for p in model.parameters()]
+    # the optimizer's own bookkeeping must advance under compile too (dynamo once dropped it)
+    book = {k: getattr(opt, k) for k in ("steps", "probe_counter", "trigger_count", "ema") if hasattr(opt, k)}
+    book["has_last"] = getattr(opt, "last", None) is not None
+    return [p.detach().clone() for p in model.parameters()], book
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_compiled_step_matches_eager(name):
     from torch._dynamo.utils import counters
 
-    eager = run(name, compiled=False)
+    eager, eager_book = run(name, compiled=False)
     torch._dynamo.reset()
     counters.clear()
-    compiled = run(name, compiled=True)
+    compiled, compiled_book = run(name, compiled=True)
+    if "ema" in eager_book:
+        assert compiled_book.pop("ema") == pytest.approx(eager_book.pop("ema"), rel=1e-5)
+    assert compiled_book == eager_book
     assert counters["stats"]["unique_graphs"] > 0  # something was compiled, not all skipped
     assert eager[0].abs().sum() > 0
+    # inductor's AdamW kernel rounds differently from torch's eager one (a few fp32 ulps); S-Adam's slopes
+    # divide loss differences by sigma = 0.01, so the compiled probe losses' rounding reaches alpha x100
+    atol = 2e-5 if name == "SAdam" else 1e-6
     for a, b in zip(eager, compiled):
-        # inductor's AdamW kernel rounds differently from torch's eager one (a few fp32 ulps)
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=atol)
     torch._dynamo.reset()

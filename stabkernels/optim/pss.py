@@ -198,12 +198,10 @@ class PSS(OptimizerWrapper):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not capturing():
-            self.flush()
+        self._begin_step()
         g = self._norm(grad_norm)
         if self._ema.device != g.device:  # the model moved after construction
             self._ema = self._ema.to(g.device)
-        self.steps += 1
         finite = torch.isfinite(g)
         report = PSSReport(step=self.steps, grad_norm=g, ema=self._ema.clone(), skipped_nonfinite=~finite)
         if not self.skip_nonfinite:
@@ -224,14 +222,27 @@ class PSS(OptimizerWrapper):
             fired = torch.zeros_like(finite)
         # a spike stays out of the average, and so does a non-finite norm
         blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
-        self._ema.copy_(torch.where(finite & ~fired, blended, self._ema))
         every = self.every is not None and self.steps % self.every == 0
-        want = fired | (finite & every)
+        self._end_step(report, torch.where(finite & ~fired, blended, self._ema),
+                       torch.stack([fired | (finite & every), fired]))
+        return loss
+
+    # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
+    # wrapper (measured: steps stayed 0, the EMA kept its first value and no smoothing ran under
+    # torch.compile(opt.step)).
+    @torch.compiler.disable
+    def _begin_step(self) -> None:
+        if not capturing():
+            self.flush()
+        self.steps += 1
+
+    @torch.compiler.disable
+    def _end_step(self, report: PSSReport, ema: torch.Tensor, decision: torch.Tensor) -> None:
+        self._ema.copy_(ema)
         self.last = report
-        self._pending = (DeferredRead(torch.stack([want, fired])), report)
+        self._pending = (DeferredRead(decision), report)  # [smooth?, by the ratio test?]
         if not self.lagged:
             self.flush()
-        return loss
 
     @torch.no_grad()
     def flush(self) -> bool:
@@ -256,6 +267,9 @@ class PSS(OptimizerWrapper):
         self.last = report
         return report
 
+    # rare and host-driven (generator draws, per-matrix ranks): never traced by torch.compile, which would
+    # replay the generator differently
+    @torch.compiler.disable
     def _smooth(self, report: PSSReport, reason: str) -> None:
         report.triggered, report.reason = True, reason
         self.trigger_count += 1

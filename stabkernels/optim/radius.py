@@ -218,6 +218,7 @@ class _RadiusMixin:
         tau = (lrs.square() * sq).sum().sqrt()
         unit_norm = sq.sum().sqrt()
         recompute = self._rho is None or self.steps % self.every == 0
+        rho = self._rho
         if recompute:
             same_lr = len(set(group_lrs)) == 1
             direction = {}
@@ -228,8 +229,19 @@ class _RadiusMixin:
             scale = torch.where(tau > 0, scale, torch.zeros_like(scale))
             with torch.no_grad():
                 rho = self.probe.radius(self.probe.sample_set(inputs), direction, scale.float())
-            self._rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
-        return self._rho, tau, unit_norm, recompute
+            rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
+        return rho, tau, unit_norm, recompute
+
+    # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
+    # optimizer object (measured: steps and last stayed at their initial values under torch.compile(opt.step)).
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        self.steps += 1
+
+    @torch.compiler.disable
+    def _record(self, report: RadiusReport, rho: Tensor) -> None:
+        self._rho = rho
+        self.last = report
 
     def _radius_state(self) -> dict:
         return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu()}
@@ -374,7 +386,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             with torch.enable_grad():
                 loss = closure()
         live = [g for g in self.param_groups if g["lr"] != 0 and any(p.grad is not None for p in g["params"])]
-        self.steps += 1
+        self._count_step()
         if not live:
             return loss
         proposals = [self._proposal(g) for g in live]
@@ -388,7 +400,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             wd = g["weight_decay"] if self.kind == "adam" and self._decoupled(g) else 0.0
             update.apply_update_(ps, us, lr_eff, wd, backend=self.backend)
             lrs.append(lr_eff)
-        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
+        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
         return loss
 
     def _wrapper_state(self) -> dict:
@@ -429,7 +441,7 @@ class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer
             params = [p for p in g["params"] if p.grad is not None]
             if params and g["lr"] != 0:
                 live.append((g, params, self._buffers(params)))
-        self.steps += 1
+        self._count_step()
         if not live:
             return loss
         sums = [self._propose(g, ps) for g, ps, _ in live]
@@ -441,7 +453,7 @@ class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer
             lr_eff = (scale * g["lr"]).to(ps[0].device)
             update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
             lrs.append(lr_eff)
-        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
+        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
         return loss
 
     def _decoupled_decay(self, group) -> float:
