@@ -11,12 +11,15 @@ the global RNG are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwd_ad
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 METHODS = ("jvp", "fd")
 PROBE_MODES = ("eval", "train")  # the mode probes of a model run in (radius controller, S-Adam)
@@ -90,11 +93,30 @@ def replay_rng(state: RngState | None, device: torch.device):
 
 
 def as_logits(out, logits_fn: Callable | None) -> Tensor:
-    """The model output as (rows, classes) logits: ``logits_fn`` applied, leading dimensions flattened."""
-    out = logits_fn(out) if logits_fn is not None else out
+    """The model output as (rows, classes) logits: ``logits_fn`` applied (else an output's ``.logits``, as
+    Hugging Face ``ModelOutput`` has), leading dimensions flattened: for (batch, seq, vocab) logits every token
+    position is a sample."""
+    if logits_fn is not None:
+        out = logits_fn(out)
+    elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        out = out.logits
     if not isinstance(out, Tensor):
         raise TypeError(f"the model's output is a {type(out).__name__}; pass logits_fn to extract the logits")
     return out.reshape(-1, out.shape[-1]) if out.dim() != 2 else out
+
+
+_warned_ops: set[str] = set()
+
+
+def _warn_no_forward_ad(error: NotImplementedError) -> None:
+    """One warning per op that has no forward-mode AD rule, naming it; the probe then uses finite differences."""
+    m = re.search(r"forward AD with (\S+)", str(error))
+    op = m.group(1).rstrip(".") if m else str(error).splitlines()[0]
+    if op not in _warned_ops:
+        _warned_ops.add(op)
+        warnings.warn(f"stabkernels: {op} has no forward-mode AD rule; the JVP probe falls back to finite "
+                      "differences for this model (method='fd' chooses that explicitly)", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], inputs, logits_fn):
@@ -153,16 +175,26 @@ def tangent_logits(model: nn.Module, inputs, direction, method: str = "jvp", eps
         tangents = tuple(dirs[n].detach().to(named[n].dtype) for n in names)
         if method == "jvp":
             # autograd's forward mode directly: torch.func.jvp computes the same numbers about 20% slower on a
-            # small CNN (its max_pool2d rule runs the pooling twice)
-            with fwd_ad.dual_level():
-                out = call({n: fwd_ad.make_dual(p, t) for n, p, t in zip(names, primals, tangents)})
-                logits, tangent = fwd_ad.unpack_dual(out)
-            if tangent is None:  # the logits do not depend on the parameters that move
-                tangent = torch.zeros_like(logits)
-        else:
+            # small CNN (its max_pool2d rule runs the pooling twice). The fused attention kernels (flash,
+            # memory-efficient, CPU flash) have no forward-mode rule; the math backend has.
+            try:
+                with fwd_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+                    out = call({n: fwd_ad.make_dual(p, t) for n, p, t in zip(names, primals, tangents)})
+                    logits, tangent = fwd_ad.unpack_dual(out)
+            except NotImplementedError as e:
+                if not re.search(r"forward[ -](mode )?AD", str(e)):
+                    raise
+                _warn_no_forward_ad(e)
+                method = "fd"
+                # a step eps along the unit direction: eps / ||direction|| along the given one (no host read)
+                eps = eps / torch.sqrt(sum(t.double().square().sum() for t in tangents)).clamp_min(1e-30)
+            else:
+                if tangent is None:  # the logits do not depend on the parameters that move
+                    tangent = torch.zeros_like(logits)
+        if method == "fd":
             if logits is None:
                 logits = call(dict(zip(names, primals)))
-            moved = call({n: p + eps * t for n, p, t in zip(names, primals, tangents)})
+            moved = call({n: p + (eps * t).to(p.dtype) for n, p, t in zip(names, primals, tangents)})
             if moved.shape != logits.shape:
                 raise ValueError(f"logits has shape {tuple(logits.shape)}, the model gives {tuple(moved.shape)} "
                                  "on these inputs")
