@@ -13,7 +13,7 @@ from stabkernels.optim import SAdam
 
 def build(model):
     opt = SAdam(model, lr=3e-3, probes=4, seed=0)  # was: torch.optim.AdamW(model.parameters(), lr=3e-3)
-    return opt, None, lambda x, y, loss: opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+    return opt, None, lambda x, y, loss: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
 
 
 def main(steps=120):

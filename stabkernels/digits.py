@@ -163,7 +163,7 @@ def sadam_factory(model, lr):
     from .optim import SAdam
 
     opt = SAdam(model, lr=lr, weight_decay=1e-2, seed=0)
-    return opt, lambda x, y, sample_set, loss: opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+    return opt, lambda x, y, sample_set, loss: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
 
 
 def orthograd_adamw_factory(model, lr):

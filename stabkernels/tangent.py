@@ -94,10 +94,12 @@ def replay_rng(state: RngState | None, device: torch.device):
 
 def as_logits(out, logits_fn: Callable | None) -> Tensor:
     """The model output as (rows, classes) logits: ``logits_fn`` applied (else an output's ``.logits``, as
-    Hugging Face ``ModelOutput`` has), leading dimensions flattened: for (batch, seq, vocab) logits every token
+    Hugging Face ``ModelOutput`` has, or a dict's ``"logits"``), leading dimensions flattened: for (batch, seq, vocab) logits every token
     position is a sample."""
     if logits_fn is not None:
         out = logits_fn(out)
+    elif isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        out = out["logits"]
     elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
         out = out.logits
     if not isinstance(out, Tensor):

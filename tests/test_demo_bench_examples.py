@@ -1,6 +1,7 @@
 """The user-facing commands, run small: `demo --quick`, `bench --quick`, and every example script."""
 import csv
 import importlib
+import importlib.util
 import os
 
 import pytest
@@ -50,6 +51,18 @@ def test_example_resumes_identically(script, monkeypatch, capsys):
     monkeypatch.syspath_prepend(os.path.join(REPO, "examples"))
     module = importlib.import_module(script)
     assert module.main(steps=30) == 0
+    assert "resumed run identical: True" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,optimizer", [("hf_trainer", "RadiusAdamW"), ("hf_trainer", "SAdam"),
+                                              ("lightning", "SAdam"), ("lightning", "RadiusAdamW")])
+def test_integration_example_resumes_identically(script, optimizer, capsys):
+    # loaded by path: a module named lightning on sys.path would shadow the lightning package
+    spec = importlib.util.spec_from_file_location(f"example_{script}", os.path.join(REPO, "examples", f"{script}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(optimizer, steps=8) == 0
     assert "resumed run identical: True" in capsys.readouterr().out
 
 

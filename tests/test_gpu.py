@@ -39,7 +39,7 @@ def backward_and_step(model, opt, x, y):
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     if isinstance(opt, SAdam):
-        return lambda: opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+        return lambda: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
     return opt.step
 
 

@@ -32,7 +32,7 @@ def run(name, compiled, steps=3):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         if isinstance(opt, SAdam):
-            step(lambda: F.cross_entropy(model(x), y), loss=loss)
+            step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
         else:
             step()
     if hasattr(opt, "flush"):

@@ -1,7 +1,8 @@
 """SAdam against a plain-PyTorch implementation of SPEC 3.1, its edge cases, and the OrthoGrad wrapper."""
 import io
-import warnings
 import math
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def sadam_step(model, opt, t):
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
-    opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+    opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
 
 
 def spec_reference(model, steps, lr, wd, betas, eps, k, sigma, lam, seed):
@@ -137,7 +138,7 @@ def test_probes_leave_params_buffers_and_flags_bit_identical(probe_mode):
     flags = [m.training for m in model.modules()]
     storages = [p.data_ptr() for p in model.parameters()]
     calls = []
-    opt.step(lambda: (calls.append(1), F.cross_entropy(model(x), y))[1], loss=loss)
+    opt.step(probe_closure=lambda: (calls.append(1), F.cross_entropy(model(x), y))[1], loss=loss)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == flags
     assert [p.data_ptr() for p in model.parameters()] == storages
@@ -159,17 +160,17 @@ def test_nonfinite_probe_is_dropped_and_never_reaches_weights_or_damping():
         out = F.cross_entropy(model(x), y)
         return out * float("inf") if len(calls) == 3 else out
 
-    opt.step(closure)  # the count is read back without a synchronisation: the warning comes a step later
+    opt.step(probe_closure=closure)  # the count is read back without a synchronisation: the warning comes a step later
     D = opt.last.D[0]
     assert torch.isnan(D).sum() == 1 and int(opt.last.dropped[0]) == 1
     assert torch.isfinite(opt.last.rho[0]) and torch.isfinite(opt.last.alpha[0])
     assert opt.last.rho[0].item() == pytest.approx(lgi(D[torch.isfinite(D)]).item())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="step 1 dropped probes"):
-        opt.step(closure)
+        opt.step(probe_closure=closure)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step(closure)  # step 2 dropped none
+        opt.step(probe_closure=closure)  # step 2 dropped none
 
 
 def test_state_dict_round_trip_reproduces_the_directions():
@@ -213,11 +214,75 @@ def test_sadam_errors():
         SAdam(model, probe_mode="test")
     with pytest.raises(ValueError, match="sigma"):
         SAdam(model, sigma=0.0)
-    opt = SAdam(model)
     x, y = batch(0)
+    opt = SAdam(model, capture_inputs=False)
     F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match="needs a closure"):
+    with pytest.raises(ValueError, match="needs the probe losses: pass step.probe_closure"):
         opt.step()
+    opt = SAdam(model)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="has no .loss; pass SAdam.*loss_fn"):
+        opt.step()  # captured, but the output is logits and there is no loss_fn
+    with pytest.raises(TypeError, match="probe_closure"):  # the old-style loss closure, passed positionally
+        opt.step(lambda: F.cross_entropy(model(x), y))
+
+
+class LossOutput(nn.Module):
+    """A model whose forward, given labels, returns an output with .loss and .logits (like Hugging Face's)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return SimpleNamespace(logits=logits, loss=None if labels is None else F.cross_entropy(logits, labels))
+
+
+def test_three_ways_to_the_probe_losses_give_the_same_step():
+    x, y = batch(0)
+    ways = {
+        "probe_closure": (lambda m: SAdam(m, lr=1e-2, seed=5, capture_inputs=False),
+                          lambda m, opt: opt.step(probe_closure=lambda: m(x, labels=y).loss)),
+        "captured .loss": (lambda m: SAdam(m, lr=1e-2, seed=5), lambda m, opt: opt.step()),
+        "loss_fn": (lambda m: SAdam(m, lr=1e-2, seed=5, loss_fn=lambda out, x, labels: F.cross_entropy(out.logits, labels)),
+                    lambda m, opt: opt.step()),
+    }
+    results = {}
+    for name, (make, step) in ways.items():
+        model = LossOutput(mlp())
+        opt = make(model)
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x, labels=y) if name != "loss_fn" else model(x, y)
+            (out.loss if out.loss is not None else F.cross_entropy(out.logits, y)).backward()
+            step(model, opt)
+        assert opt.probe_counter == 16 and float(opt.last.rho[0]) > 0
+        results[name] = [p.detach().clone() for p in model.parameters()]
+    for name in ("captured .loss", "loss_fn"):
+        assert all(torch.equal(a, b) for a, b in zip(results["probe_closure"], results[name])), name
+
+
+def test_torch_style_closure_runs_forward_and_backward_once():
+    x, y = batch(0)
+    a, b = mlp(), mlp()
+    opt_a, opt_b = SAdam(a, lr=1e-2, seed=1, loss_fn=lambda out, x: F.cross_entropy(out, y)), SAdam(b, lr=1e-2, seed=1)
+    calls = []
+
+    def closure():  # what Lightning and LBFGS-style loops pass
+        calls.append(1)
+        opt_a.zero_grad()
+        loss = F.cross_entropy(a(x), y)
+        loss.backward()
+        return loss
+
+    returned = opt_a.step(closure)
+    opt_b.zero_grad()
+    loss = F.cross_entropy(b(x), y)
+    loss.backward()
+    opt_b.step(probe_closure=lambda: F.cross_entropy(b(x), y))
+    assert len(calls) == 1 and returned.requires_grad and returned.grad_fn is not None
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_orthograd_wrapper_steps_orthogonally_with_the_gradient_norm():

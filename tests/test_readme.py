@@ -27,3 +27,16 @@ def test_referenced_files_and_make_targets_exist():
         assert target in targets, target
     for script in re.findall(r"`(examples/\w+\.py|bench/\w+\.py)`", text):
         assert os.path.exists(os.path.join(REPO, script)), script
+
+
+def snippets():
+    """The README's code blocks marked <!-- snippet: NAME -->, by name."""
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```python\n(.*?)```", readme(), re.S))
+
+
+def test_integration_snippets_run(tmp_path):
+    found = snippets()
+    assert set(found) >= {"hf", "lightning"}
+    for name, code in found.items():
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"README snippet {name!r} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

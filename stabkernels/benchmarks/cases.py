@@ -427,7 +427,7 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
                nbytes=sum(p.numel() * 4 for p in plain.param_groups[0]["params"]), baseline=plain.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()",
                candidates={"sadam-update": update_only.step,
-                           f"sadam-update+{k}-perturbations": lambda: free_closure.step(lambda: zero, loss=zero)})
+                           f"sadam-update+{k}-perturbations": lambda: free_closure.step(probe_closure=lambda: zero, loss=zero)})
 
     # a full training step of the small CNN: AdamW against SAdam with k = 8 and k = 2 probes
     batch = 32 if quick else 128
@@ -436,7 +436,7 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
 
     def train_step(model, opt, sadam):
         closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-        return cnn_train_step(model, opt, x, y, (lambda loss: opt.step(closure, loss=loss)) if sadam else None)
+        return cnn_train_step(model, opt, x, y, (lambda loss: opt.step(probe_closure=closure, loss=loss)) if sadam else None)
 
     m0 = small_cnn(device)
     candidates = {}
@@ -498,6 +498,50 @@ def loss_cases(device: str, quick: bool) -> Iterator[Case]:
                candidates={b: stable_fused(b) for b in kernel_backends("stablemax_cross_entropy", device)})
 
 
+def hf_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
+    """What the probes cost in a Hugging Face training step: forward with labels, backward and ``step()`` of a
+    tiny GPT-2 (dropout on) built from a config, as Trainer runs it, against ``torch.optim.AdamW``'s step.
+    Skipped when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    from ..optim import RadiusAdamW, SAdam
+
+    seq, batch = (32, 4) if quick else (128, 8)
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=256, n_positions=seq, n_embd=64 if quick else 128,
+                                         n_layer=2 if quick else 4, n_head=4)
+        return transformers.GPT2LMHeadModel(config).to(device).train()
+
+    def trainer_step(model, opt):
+        def fn():
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        return fn
+
+    candidates = {}
+    for label, make in (
+            ("RadiusAdamW-jvp", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m)),
+            ("RadiusAdamW-fd", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, method="fd")),
+            ("RadiusAdamW-jvp-head", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, head=m.lm_head)),
+            ("SAdam-k8", lambda m: SAdam(m, lr=1e-4)),
+            ("SAdam-k2", lambda m: SAdam(m, lr=1e-4, probes=2))):
+        m = gpt2()
+        candidates[label] = trainer_step(m, make(m))
+    m0 = gpt2()
+    nparams = sum(p.numel() for p in m0.parameters())
+    yield Case(op="hf_gpt2_train_step", compile_baseline=False, shape=f"batch{batch}x{seq}:{nparams}params",
+               dtype="float32", nbytes=nparams * 4,
+               baseline=trainer_step(m0, torch.optim.AdamW(m0.parameters(), lr=1e-4)),
+               baseline_name="GPT-2 forward(labels) + backward + torch.optim.AdamW.step()", candidates=candidates,
+               statistic="mean", min_rounds=3 if quick else 10)
+
+
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
@@ -505,4 +549,5 @@ FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "update": update_cases,
     "directional": directional_cases,
     "losses": loss_cases,
+    "hf": hf_train_step_cases,
 }

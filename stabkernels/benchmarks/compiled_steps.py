@@ -54,7 +54,7 @@ def measure_one(name, make, device, width, batch, min_time):
         probe = lambda model=model: F.cross_entropy(model(x), y)  # noqa: E731
         fn = torch.compile(opt.step) if compiled else opt.step
         steps["compiled" if compiled else "eager"] = (
-            (lambda fn=fn, loss=loss, probe=probe: fn(probe, loss=loss.detach())) if name == "SAdam" else fn)
+            (lambda fn=fn, loss=loss, probe=probe: fn(probe_closure=probe, loss=loss.detach())) if name == "SAdam" else fn)
     torch._dynamo.reset()
     counters.clear()
     steps["compiled"]()  # compiles

@@ -110,8 +110,11 @@ class RadiusProbe:
         self._hooks = []
 
     def _captured_inputs(self):
-        """The captured forward's inputs in the form ``tangent_logits`` takes (its own objects)."""
+        """The captured forward's inputs in the form ``tangent_logits`` takes (its own objects). A ``labels``
+        keyword is left out: the radius needs the logits only, and a Hugging Face model given labels would also
+        compute its loss (on the head's input features, with ``head=``, where it fails)."""
         args, kwargs = self.captured
+        kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
         return kwargs if kwargs else (args[0] if len(args) == 1 else args)
 
     def sample_set(self, inputs):

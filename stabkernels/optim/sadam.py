@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -56,19 +56,30 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
 
     Usage::
 
-        opt = SAdam(model, lr=1e-3)                  # a module: probes run in eval mode, buffers protected
-        loss = F.cross_entropy(model(x), y)
+        opt = SAdam(model, lr=1e-3, loss_fn=lambda out, x, y: F.cross_entropy(out, y))
+        loss = F.cross_entropy(model(x, y), y)       # the training forward (inputs captured)
         opt.zero_grad(); loss.backward()
-        opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+        opt.step()                                   # or opt.step(probe_closure=lambda: F.cross_entropy(model(x), y))
 
-    ``closure`` returns the loss of the current batch for the current parameters and is called under
-    ``no_grad`` at each perturbed point (it must not call ``backward``); ``loss`` is the loss already computed
-    at theta (else the closure is called once more). In ``probe_mode="eval"`` a model in training mode makes
-    that loss a training-mode one (BatchNorm batch statistics, dropout), which the eval-mode probes must not be
-    compared with, so the loss at theta is then evaluated again in eval mode (one more forward). The perturbed points are written into scratch tensors
-    (:func:`stabkernels.perturb`) that the parameters point to while the closure runs; the parameters' own
-    storage is never written, so after the probes parameters, buffers (restored from a copy) and every
-    module's train/eval flag are bit-identical to before.
+    ``step(closure=None, *, loss=None, probe_closure=None)``:
+
+    - ``closure`` follows torch.optim's convention (LBFGS, Lightning): called once, with gradients enabled, to
+      run the forward and the backward; its loss is returned. (A closure that only returns the loss raises a
+      ``TypeError`` that points to ``probe_closure``: earlier versions took the probe function here.)
+    - The probe losses at the perturbed points come from ``probe_closure`` when given (the batch loss at the
+      current parameters, no backward; called under ``no_grad``); else from the last training-mode forward
+      of ``model``, captured by a forward pre-hook (``capture_inputs=True``) and re-run at each perturbed
+      point: its output's ``.loss`` when that call computed one (Hugging Face models given labels), else
+      ``loss_fn(output, *args, **kwargs)`` of the captured arguments. So ``SAdam(model)`` + ``opt.step()``
+      works under HF Trainer, accelerate and Lightning.
+    - ``loss`` is the loss already computed at theta (else the probe function is evaluated there once more).
+      In ``probe_mode="eval"`` a model in training mode makes that loss a training-mode one (BatchNorm batch
+      statistics, dropout), which the eval-mode probes must not be compared with, so the loss at theta is then
+      evaluated again in eval mode (one more forward).
+
+    The perturbed points are written into scratch tensors (:func:`stabkernels.perturb`) that the parameters
+    point to while the probe function runs; the parameters' own storage is never written, so after the probes
+    parameters, buffers (restored from a copy) and every module's train/eval flag are bit-identical to before.
 
     Directions: probe i of step t uses probe number ``probe_counter`` of the stream ``seed`` (the counter
     advances by one per probe); both are saved in the state dict, so a resumed run draws the same directions.
@@ -81,9 +92,13 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         probe_mode: ``"eval"`` (default: BatchNorm statistics and dropout off during probes; needs the
             model) or ``"train"`` (the authors' code, for fidelity).
         seed: the direction stream (None: drawn from torch's global generator).
-        model: the module the closure evaluates (implied when ``params`` is a module).
+        model: the module the probes evaluate (implied when ``params`` is a module).
         eps_mode: ``"torch"`` (torch.optim.AdamW's eps placement) or ``"authors"`` (eps added to the
             uncorrected sqrt(v), as the authors' code does; about 1e-5 relative difference).
+        loss_fn: ``loss_fn(output, *args, **kwargs)`` gives the probe loss from a re-run of the captured
+            training forward whose output has no ``.loss``.
+        capture_inputs: capture the inputs of each training-mode forward of ``model`` (a forward pre-hook;
+            ``remove_hook()`` removes it).
         warn_nonfinite: warn when probes are dropped; the count is read back without a synchronisation, so the
             warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
     """
@@ -91,7 +106,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  probes: int = 8, sigma: float = 0.01, damping: float = 2.0, probe_mode: str = "eval",
                  seed: int | None = None, *, model: nn.Module | None = None, eps_mode: str = "torch",
-                 warn_nonfinite: bool = True, backend: str = "auto"):
+                 loss_fn: Callable | None = None, capture_inputs: bool = True, warn_nonfinite: bool = True,
+                 backend: str = "auto"):
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
@@ -115,7 +131,11 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             raise ValueError("probe_mode='eval' needs the model (to switch BatchNorm/dropout to eval and protect "
                              "buffers during the probes): pass SAdam(model, ...) or model=..., or use "
                              "probe_mode='train'")
-        self.model, self.probe_mode, self.eps_mode = model, probe_mode, eps_mode
+        self.model, self.probe_mode, self.eps_mode, self.loss_fn = model, probe_mode, eps_mode, loss_fn
+        self.captured = None  # (args, kwargs) of the model's last training-mode forward
+        self._in_probe = False
+        self._hook = (model.register_forward_pre_hook(self._capture, with_kwargs=True)
+                      if model is not None and capture_inputs else None)
         self.warn_nonfinite, self.backend = warn_nonfinite, backend
         self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
         self.probe_counter = 0
@@ -147,18 +167,68 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         D = (torch.stack(losses) - loss0) / sigma
         return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
 
+    def _capture(self, module, args, kwargs):
+        if module.training and not self._in_probe:
+            self.captured = (args, kwargs)
+
+    def remove_hook(self) -> None:
+        """Stops capturing the model's forward inputs (then ``step`` needs ``probe_closure``)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _captured_probe(self) -> Callable:
+        """The probe function that re-runs the captured training forward: its ``.loss``, else ``loss_fn``."""
+        if self.captured is None:
+            raise ValueError(
+                "SAdam.step needs the probe losses: pass step(probe_closure=...) (the batch loss, no backward), or "
+                "construct SAdam(model, ...) and run a training forward of the model before step() (its output's "
+                ".loss, or loss_fn=..., gives the loss); or use probes=0 / damping=0")
+        args, kwargs = self.captured
+
+        def probe():
+            out = self.model(*args, **kwargs)
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if loss is not None:
+                return loss
+            if self.loss_fn is None:
+                raise ValueError(f"SAdam: the captured forward's output ({type(out).__name__}) has no .loss; pass "
+                                 "SAdam(..., loss_fn=lambda output, *args, **kwargs: ...) or step(probe_closure=...)")
+            return self.loss_fn(out, *args, **kwargs)
+
+        return probe
+
+    def _grad_versions(self) -> list:
+        return [None if p.grad is None else (id(p.grad), p.grad._version)
+                for g in self.param_groups for p in g["params"]]
+
+    def _run_training_closure(self, closure: Callable):
+        before = self._grad_versions()
+        with torch.enable_grad():
+            out = closure()
+        if self._grad_versions() == before and isinstance(out, Tensor) and out.requires_grad:
+            raise TypeError(
+                "SAdam.step(closure): the closure follows torch.optim's convention and must run the forward and the "
+                "backward (it ran once and changed no gradient). A closure that only returns the batch loss for the "
+                "probes goes in step(probe_closure=...)")
+        return out
+
     @torch.no_grad()
-    def step(self, closure: Callable | None = None, loss: Tensor | float | None = None):
-        """One S-Adam step; see the class docstring for ``closure`` and ``loss``."""
+    def step(self, closure: Callable | None = None, *, loss: Tensor | float | None = None,
+             probe_closure: Callable | None = None):
+        """One S-Adam step; see the class docstring for ``closure``, ``loss`` and ``probe_closure``."""
+        train_loss = self._run_training_closure(closure) if closure is not None else None
+        if loss is None and train_loss is not None:
+            loss = train_loss.detach() if isinstance(train_loss, Tensor) else train_loss
         probing = self._probing()
-        if probing and closure is None:
-            raise ValueError("SAdam.step needs a closure returning the batch loss (or probes=0 / damping=0)")
+        if probing:
+            probe_fn = probe_closure if probe_closure is not None else self._captured_probe()
         self._warn_dropped()
         self._step_count += 1
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         groups = [(g, ps) for g, ps in groups if ps]
         if not groups:
-            return loss
+            return train_loss if closure is not None else loss
         device = groups[0][1][0].device
         report = SAdamReport(loss=torch.tensor(float("nan")), rho=[], alpha=[], D=[], dropped=[])
         alphas = [torch.ones((), dtype=torch.float64, device=device) for _ in groups]
@@ -167,9 +237,10 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             if in_eval and any(m.training for m in self.model.modules()):
                 loss = None  # a training-mode loss; the probes compare against the loss in eval mode
             buffers = [b.clone() for b in self.model.buffers()] if self.model is not None else []
+            self._in_probe = True
             try:
                 with eval_mode(self.model, in_eval):
-                    loss0 = closure() if loss is None else loss
+                    loss0 = probe_fn() if loss is None else loss
                     loss0 = torch.as_tensor(loss0).detach().to(device=device, dtype=torch.float64).reshape(())
                     report.loss = loss0
                     # groups with the same probe settings are probed together: one rho for the bundle
@@ -179,7 +250,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                             bundles.setdefault((int(g["probes"]), float(g["sigma"])), []).append(i)
                     for (k, sigma), members in bundles.items():
                         params = [p for i in members for p in groups[i][1]]
-                        D = self._probe(params, k, sigma, closure, loss0)
+                        D = self._probe(params, k, sigma, probe_fn, loss0)
                         rho = lgi(D)
                         for i in members:
                             alphas[i] = damping_factor(rho, groups[i][0]["damping"])
@@ -187,6 +258,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                             report.rho.append(rho)
                             report.dropped.append((~torch.isfinite(D)).sum())
             finally:
+                self._in_probe = False
                 for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
                     b.copy_(saved)
             if self.warn_nonfinite and report.dropped:
@@ -195,6 +267,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             report.alpha.append(alpha)
             self._adamw(g, params, alpha)
         self.last = report
+        if closure is not None:
+            return train_loss
         return report.loss if probing else loss
 
     def _warn_dropped(self) -> None:
