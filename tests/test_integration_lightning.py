@@ -23,46 +23,74 @@ OPTIMIZERS = {
 
 class Classifier(L.LightningModule):
     """An MLP classifier whose forward, given labels, returns {"loss", "logits"} (what S-Adam re-runs and the
-    radius probe reads its logits from)."""
+    radius probe reads its logits from); or, with kind="gpt2", a tiny Hugging Face GPT-2 (dropout on) whose
+    output has .loss and .logits."""
 
-    def __init__(self, make_opt):
+    def __init__(self, make_opt, kind="mlp"):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+        self.kind = kind
+        if kind == "gpt2":
+            import transformers
+
+            config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)
+            self.net = transformers.GPT2LMHeadModel(config)
+        else:
+            self.net = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
         self.make_opt = make_opt
 
     def forward(self, x, y):
+        if self.kind == "gpt2":
+            return self.net(input_ids=x, labels=y)
         logits = self.net(x)
         return {"loss": F.cross_entropy(logits, y), "logits": logits}
 
     def training_step(self, batch, batch_idx):
-        return self(*batch)["loss"]
+        out = self(*batch)
+        return out["loss"] if isinstance(out, dict) else out.loss
 
     def configure_optimizers(self):
         return self.make_opt(self)
 
+    # Lightning does not checkpoint the global RNG (Hugging Face's Trainer does); GPT-2's dropout draws from it
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
 
-def loader():
+    def on_load_checkpoint(self, checkpoint):
+        torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+VOCAB, SEQ = 61, 16
+
+
+def loader(kind="mlp"):
     g = torch.Generator().manual_seed(0)
+    if kind == "gpt2":
+        x = torch.randint(0, VOCAB, (24, SEQ), generator=g)
+        data = torch.utils.data.TensorDataset(x, x.clone())
+        return torch.utils.data.DataLoader(data, batch_size=4)  # 6 steps an epoch
     x, y = torch.randn(96, 12, generator=g), torch.randint(0, 4, (96,), generator=g)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 6 steps an epoch
 
 
-def fit(make_opt, root, ckpt_path=None):
-    model = Classifier(make_opt)
+def fit(make_opt, root, ckpt_path=None, kind="mlp"):
+    model = Classifier(make_opt, kind)
     every6 = L.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=6, save_top_k=-1,
                                          filename="{step}")
     trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[every6], default_root_dir=root)
-    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    trainer.fit(model, loader(kind), ckpt_path=ckpt_path)
     return [p.detach().clone() for p in model.parameters()]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_lightning_fits_and_resumes_bit_identically(name, tmp_path):
-    full = fit(OPTIMIZERS[name], tmp_path / "full")
+def test_lightning_fits_and_resumes_bit_identically(name, kind, tmp_path):
+    if kind == "gpt2":
+        pytest.importorskip("transformers")
+    full = fit(OPTIMIZERS[name], tmp_path / "full", kind=kind)
     assert all(torch.isfinite(p).all() for p in full)
-    assert any(not torch.equal(a, b) for a, b in zip(full, Classifier(None).parameters()))  # it trained
-    resumed = fit(OPTIMIZERS[name], tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "step=6.ckpt"))
+    assert any(not torch.equal(a, b) for a, b in zip(full, Classifier(None, kind).parameters()))  # it trained
+    resumed = fit(OPTIMIZERS[name], tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "step=6.ckpt"), kind=kind)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))

@@ -300,3 +300,15 @@ def test_orthograd_wrapper_steps_orthogonally_with_the_gradient_norm():
         assert step.norm().item() == pytest.approx(n, rel=1e-5)
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_default_seed_is_reproducible_and_leaves_the_global_rng_alone():
+    model = mlp()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = SAdam(model)
+    assert torch.equal(state, torch.get_rng_state())  # dropout masks and data order are not shifted
+    torch.manual_seed(123)
+    assert SAdam(model).seed == a.seed
+    torch.manual_seed(124)
+    assert SAdam(model).seed != a.seed

@@ -91,7 +91,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         probes, sigma, damping: k, the probe step and lambda (the authors' defaults 8, 0.01, 2.0).
         probe_mode: ``"eval"`` (default: BatchNorm statistics and dropout off during probes; needs the
             model) or ``"train"`` (the authors' code, for fidelity).
-        seed: the direction stream (None: drawn from torch's global generator).
+        seed: the direction stream (None: derived from ``torch.initial_seed()``, so ``torch.manual_seed`` makes
+            it reproducible; nothing is drawn from the global generator, whose stream dropout and data order use).
         model: the module the probes evaluate (implied when ``params`` is a module).
         eps_mode: ``"torch"`` (torch.optim.AdamW's eps placement) or ``"authors"`` (eps added to the
             uncorrected sqrt(v), as the authors' code does; about 1e-5 relative difference).
@@ -137,7 +138,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self._hook = (model.register_forward_pre_hook(self._capture, with_kwargs=True)
                       if model is not None and capture_inputs else None)
         self.warn_nonfinite, self.backend = warn_nonfinite, backend
-        self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
+        self.seed = directional.splitmix64(torch.initial_seed()) >> 2 if seed is None else int(seed)
         self.probe_counter = 0
         self._step_count = 0
         self._dropped: tuple[int, DeferredRead] | None = None  # the last probing step's dropped count
