@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import spread, tangent, update
+from .. import distributed, spread, tangent, update
 from .._checks import acc_dtype
 from ._scratch import ScratchBuffers
 from ._wrapper import ExtraStateMixin, OptimizerWrapper
@@ -57,9 +57,12 @@ class RadiusProbe:
 
     def __init__(self, model: nn.Module, method: str = "jvp", samples: int | None = None,
                  logits_fn: Callable | None = None, *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None,
-                 capture_inputs: bool = True, probe_mode: str | None = None, backend: str = "auto"):
+                 capture_inputs: bool = True, probe_mode: str | None = None, process_group=None,
+                 backend: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap(model)
+        self.process_group = process_group
         if method not in tangent.METHODS:
             raise ValueError(f"method must be one of {tangent.METHODS}, got {method!r}")
         if head is not None and method != "jvp":
@@ -144,6 +147,13 @@ class RadiusProbe:
         return (isinstance(c, tuple) and isinstance(inputs, (tuple, list)) and len(inputs) == len(c)
                 and all(a is b for a, b in zip(inputs, c)))
 
+    def _global_spread(self, spreads: Tensor) -> Tensor:
+        """The spread over the global sample set: the max over ranks of the local max (any split), or the
+        quantile of every rank's per-sample spreads (equal per-rank counts)."""
+        if self.reduce == "max":
+            return distributed.max_(spreads.amax() if spreads.numel() else spreads.new_zeros(()), self.process_group)
+        return spread._reduce_spreads(distributed.gather_rows(spreads, self.process_group), self.reduce)
+
     def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
         """rho along the unit direction ``direction * scale`` ({id(param): tensor}); 0-d tensor."""
         named = {self.names[i]: t for i, t in direction.items() if i in self.names}
@@ -160,8 +170,7 @@ class RadiusProbe:
                     h.to(acc), h_dot, self.head.weight.detach().to(acc),
                     None if w_dot is None else w_dot.to(acc), None if b_dot is None else b_dot.to(acc),
                     "none", backend=self.backend)
-                delta = spread._reduce_spreads(spreads, self.reduce)
-                return math.pi / (delta * scale).clamp_min(spread.RADIUS_GUARD)
+                return math.pi / (self._global_spread(spreads) * scale).clamp_min(spread.RADIUS_GUARD)
             # the unit direction is scale * u, so a step eps along it is a step eps * scale along u
             eps = self.eps * scale if self.method == "fd" else self.eps
             train = self.probe_mode == "train"
@@ -169,7 +178,9 @@ class RadiusProbe:
             a = tangent.tangent_logits(self.model, inputs, named, self.method, eps, self.logits_fn, eval=not train,
                                        logits=self.captured_logits if same and self.method == "fd" else None,
                                        rng_state=self.captured_rng if same else None)
-            return spread.softmax_radius(a * scale, reduce=self.reduce, backend=self.backend)
+            # softmax_radius's bound, pi / spread, with the spread taken over every rank's samples
+            spreads = spread.row_spread(a * scale, "none", backend=self.backend)
+            return math.pi / self._global_spread(spreads).clamp_min(spread.RADIUS_GUARD)
         finally:
             self._probing = False
 
@@ -289,6 +300,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             Logits computed under autocast are not reused. Default (None): ``"eval"`` for ``"jvp"`` (SPEC 2.3),
             ``"train"`` for ``"fd"`` (SPEC 2.3's difference restores BatchNorm buffers: a train-mode forward).
             Both agree on models without BatchNorm or dropout.
+        process_group: under torch.distributed (DDP), the group whose ranks share the step (default: the
+            world). The radius is then the global sample set's: one all-reduce MAX of the spread per step
+            (a quantile ``reduce`` all-gathers the per-sample spreads; equal per-rank counts). ``model`` may be
+            the DDP-wrapped module or the inner one; probes run the inner one, never DDP's forward.
 
     ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
     moments still advance); a zero proposal steps normally.
@@ -299,7 +314,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, r: float = 1.0, mode: str = "cap",
                  method: str = "jvp", samples: int | None = None, every: int = 1, logits_fn: Callable | None = None,
                  *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
-                 probe_mode: str | None = None, backend: str = "auto"):
+                 probe_mode: str | None = None, process_group=None, backend: str = "auto"):
         super().__init__(optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self.kind = "adam"
@@ -315,7 +330,8 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         self._scratch = ScratchBuffers()
         self._device_steps: dict[int, int] = {}
         self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
-                          capture_inputs=capture_inputs, probe_mode=probe_mode, backend=backend)
+                          capture_inputs=capture_inputs, probe_mode=probe_mode, process_group=process_group,
+                          backend=backend)
 
     def remove_hook(self) -> None:
         self.probe.remove_hook()

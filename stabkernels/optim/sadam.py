@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import directional, update
+from .. import directional, distributed, update
 from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
@@ -100,6 +100,10 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             training forward whose output has no ``.loss``.
         capture_inputs: capture the inputs of each training-mode forward of ``model`` (a forward pre-hook;
             ``remove_hook()`` removes it).
+        process_group: under torch.distributed (DDP), the group whose ranks share the step (default: the
+            world): the losses at theta and at the perturbed points are averaged over it (two all-reduces of
+            k + 1 numbers), so every rank computes the global batch's slopes; the seed is rank 0's. ``model``
+            may be DDP-wrapped; probes run the inner module.
         warn_nonfinite: warn when probes are dropped; the count is read back without a synchronisation, so the
             warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
     """
@@ -108,10 +112,11 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                  probes: int = 8, sigma: float = 0.01, damping: float = 2.0, probe_mode: str = "eval",
                  seed: int | None = None, *, model: nn.Module | None = None, eps_mode: str = "torch",
                  loss_fn: Callable | None = None, capture_inputs: bool = True, warn_nonfinite: bool = True,
-                 backend: str = "auto"):
+                 process_group=None, backend: str = "auto"):
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
+        model = None if model is None else distributed.unwrap(model)
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
@@ -133,6 +138,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                              "buffers during the probes): pass SAdam(model, ...) or model=..., or use "
                              "probe_mode='train'")
         self.model, self.probe_mode, self.eps_mode, self.loss_fn = model, probe_mode, eps_mode, loss_fn
+        self.process_group = process_group
+        self._seed_agreed = False
         self.captured = None  # (args, kwargs) of the model's last training-mode forward
         self._in_probe = False
         self._hook = (model.register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -165,7 +172,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                 for p, o in zip(params, originals):
                     p.data = o
             losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
-        D = (torch.stack(losses) - loss0) / sigma
+        D = (distributed.mean(torch.stack(losses), self.process_group) - loss0) / sigma
         return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
 
     def _capture(self, module, args, kwargs):
@@ -224,6 +231,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         probing = self._probing()
         if probing:
             probe_fn = probe_closure if probe_closure is not None else self._captured_probe()
+            if not self._seed_agreed:  # every rank draws rank 0's directions (once; a host integer)
+                self.seed, self._seed_agreed = distributed.broadcast_int(self.seed, self.process_group), True
         self._warn_dropped()
         self._step_count += 1
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
@@ -243,6 +252,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                 with eval_mode(self.model, in_eval):
                     loss0 = probe_fn() if loss is None else loss
                     loss0 = torch.as_tensor(loss0).detach().to(device=device, dtype=torch.float64).reshape(())
+                    loss0 = distributed.mean(loss0, self.process_group)  # the global batch's loss
                     report.loss = loss0
                     # groups with the same probe settings are probed together: one rho for the bundle
                     bundles: dict[tuple, list[int]] = {}
