@@ -33,24 +33,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _all_reduce(t: Tensor, op: str, process_group) -> tuple[Tensor, object]:
+    pg = group(process_group)
+    if pg is None:  # also where torch.distributed is not built in: ReduceOp is not looked up then
+        return t, None
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out, op=getattr(torch.distributed.ReduceOp, op), group=pg)
+    return out, pg
+
+
 def max_(t: Tensor, process_group=None) -> Tensor:
     """The element-wise maximum over ranks (a new tensor; ``t`` itself when there is one process)."""
-    pg = group(process_group)
-    if pg is None:
-        return t
-    out = t.detach().clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX, group=pg)
-    return out
+    return _all_reduce(t, "MAX", process_group)[0]
 
 
 def mean(t: Tensor, process_group=None) -> Tensor:
     """The element-wise mean over ranks (a new tensor; ``t`` itself when there is one process)."""
-    pg = group(process_group)
-    if pg is None:
-        return t
-    out = t.detach().clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=pg)
-    return out / torch.distributed.get_world_size(pg)
+    total, pg = _all_reduce(t, "SUM", process_group)
+    return total if pg is None else total / torch.distributed.get_world_size(pg)
 
 
 _checked_counts: set[tuple[int, int]] = set()
