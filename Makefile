@@ -20,7 +20,7 @@ CUDA_ARCH  ?= 9.0
 .PHONY: test test-cuda-build demo bench bench-pytest info gpu-check clean
 
 test: $(EXT)
-	STABKERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
+	STABKERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 test-cuda-build:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
@@ -33,7 +33,7 @@ test-cuda-build:
 	cd $(CUDA_TREE) && ../$(CUDA_VENV)/bin/python -m stabkernels info | tee info.txt
 	grep -q "CUDA kernels: yes" $(CUDA_TREE)/info.txt
 	cd $(CUDA_TREE) && STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 \
-		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not slow" tests
 
 # On a machine with an NVIDIA GPU and torch, triton and a CUDA toolkit preinstalled (no network, no venv):
 # builds in place, runs every CUDA/Triton test, the GPU benchmark and the sync/graph checks (bench/gpu_check.sh).
