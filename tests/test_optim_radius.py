@@ -197,12 +197,12 @@ def test_train_probe_capture_never_breaks_the_users_forward():
             self.lin = nn.Linear(10, 5)
 
         def forward(self, x):
-            return {"logits": self.lin(x)}
+            return {"scores": self.lin(x)}  # not a key the probe knows ("logits" would be read)
 
     model = DictOut()
     opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd", probe_mode="train")
     x, y = batch(0)
-    loss = F.cross_entropy(model(x)["logits"], y)  # the hook cannot read this output: no error here
+    loss = F.cross_entropy(model(x)["scores"], y)  # the hook cannot read this output: no error here
     loss.backward()
     assert opt.probe.captured_logits is None
     with pytest.raises(TypeError, match="logits_fn"):

@@ -267,6 +267,9 @@ def test_tangent_logits_inputs_logits_fn_and_direction_forms():
         sk.tangent_logits(model, x, {"nope": torch.ones(1)}, logits_fn=fn)
     with pytest.raises(ValueError, match="shape"):
         sk.tangent_logits(model, x, {"lin.weight": torch.ones(3)}, logits_fn=fn)
+    # a dict's "logits" (and an object's .logits, like Hugging Face's ModelOutput) need no logits_fn
+    torch.testing.assert_close(sk.tangent_logits(model, (x, 2.0), d), a1)
+    model.forward = lambda x, scale=1.0: {"scores": model.lin(x) * scale}  # noqa: E731
     with pytest.raises(TypeError, match="logits_fn"):
         sk.tangent_logits(model, x, {"lin.weight": torch.ones(4, 3)})
     with pytest.raises(ValueError, match="method"):
