@@ -40,13 +40,13 @@ part() {  # part <title> <seconds> <command...>
 
 exec > >(tee "$LOG") 2>&1
 echo "gpu-check on $NAME (sm_${ARCH/./}), $(nproc) cores, $("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1)"
-part build 240 env STABKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" CXXFLAGS=-g0 \
+part build 180 env STABKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" CXXFLAGS=-g0 \
   "$PY" setup.py -q build_ext --inplace
-part info 60 "$PY" -m stabkernels info
+part info 30 "$PY" -m stabkernels info
 # every test whose id names cuda or triton (the CUDA/Triton parametrisations), plus the GPU-only file
-part tests 200 env STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider \
+part tests 180 env STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider \
   -o addopts="" -rfEs tests -k "cuda or triton or gpu" --durations=15
 part bench 120 "$PY" -m stabkernels bench --device cuda --compile --min-time 0.1 --name "$NAME" --out "$OUT"
-part compiled-steps 60 "$PY" -m stabkernels.benchmarks.compiled_steps --device cuda --name "$NAME" --out "$OUT"
+part compiled-steps 75 "$PY" -m stabkernels.benchmarks.compiled_steps --device cuda --name "$NAME" --out "$OUT"
 echo "gpu-check: $([ $status -eq 0 ] && echo all parts passed || echo SOME PARTS FAILED), log in $LOG"
 exit $status

@@ -67,6 +67,21 @@ def measure_one(name, make, device, width, batch, min_time):
             "graph_breaks": breaks, "graphs": graphs, "params": sum(p.numel() for p in _model("cpu", width).parameters())}
 
 
+def write(stem, rows, device, width) -> None:
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(f"{machine_name()}, torch {torch.__version__}, {device}, MLP width {width} "
+                f"({rows[0]['params']} parameters), step() alone\n\n")
+        f.write("| optimizer | eager (ms) | torch.compile (ms) | compiled speed-up | graph breaks | graphs |\n")
+        f.write("|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['optimizer']} | {r['eager_ms']} | {r['compiled_ms']} | {r['compiled_speedup']}x | "
+                    f"{r['graph_breaks']} | {r['graphs']} |\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,24 +91,13 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     width = args.width or (512 if args.device == "cuda" else 128)
-    rows = []
-    for name, make in optimizers().items():
-        rows.append(measure_one(name, make, args.device, width, 64, args.min_time))
-        print(rows[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{args.name or machine_name()}-compiled-steps")
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(stem + ".md", "w") as f:
-        f.write(f"{machine_name()}, torch {torch.__version__}, {args.device}, MLP width {width} "
-                f"({rows[0]['params']} parameters), step() alone\n\n")
-        f.write("| optimizer | eager (ms) | torch.compile (ms) | compiled speed-up | graph breaks | graphs |\n")
-        f.write("|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['optimizer']} | {r['eager_ms']} | {r['compiled_ms']} | {r['compiled_speedup']}x | "
-                    f"{r['graph_breaks']} | {r['graphs']} |\n")
+    rows = []
+    for name, make in optimizers().items():  # the files are rewritten after each optimizer (time-limited runs)
+        rows.append(measure_one(name, make, args.device, width, 64, args.min_time))
+        print(rows[-1], flush=True)
+        write(stem, rows, args.device, width)
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
 

@@ -7,6 +7,7 @@ import csv
 import os
 import platform
 import re
+import signal
 import sys
 
 import torch
@@ -155,26 +156,38 @@ def main(argv=None) -> int:
         p.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     kept = keep_freed_memory()
     copy_gbps = copy_bandwidth(args.device, (32 << 20) if args.quick else (256 << 20))
-    cases = [c for f in families for c in FAMILIES[f](args.device, args.quick)]
-    rows = []
-    for i, case in enumerate(cases):
-        progress(i, len(cases), f"{case.op} {case.shape} {case.dtype}")
-        rows += run_case(case, args.device, min_time, args.compile, copy_gbps)
-    progress(len(cases), len(cases), "done")
-    print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     name = args.name or machine_name() + (f"-{cpu_isa().lower()}" if args.device == "cpu" and cpu_isa() else "")
     stem = os.path.join(args.out, f"{name}{'-quick' if args.quick else ''}")
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{torch.get_num_threads()} threads, CPU kernels {cpu_isa() or 'not loaded'}")
     title = (f"{machine_name()}, {where}, torch {torch.__version__}, copy {copy_gbps:.1f} GB/s"
              f"{', malloc keeps freed memory' if kept else ''}{', quick shapes' if args.quick else ''}")
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(rows, title))
-    chart(rows, stem + ".png", title)
+
+    def write(rows, final):
+        with open(stem + ".csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(rows, title + ("" if final else ", INCOMPLETE: stopped early")))
+
+    # a time-limited run (make gpu-check) keeps what it measured: the files are rewritten after every case
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cases = [c for f in families for c in FAMILIES[f](args.device, args.quick)]
+    rows = []
+    done = False
+    try:
+        for i, case in enumerate(cases):
+            progress(i, len(cases), f"{case.op} {case.shape} {case.dtype}")
+            rows += run_case(case, args.device, min_time, args.compile, copy_gbps)
+            write(rows, final=False)
+        progress(len(cases), len(cases), "done")
+        done = True
+    finally:
+        if rows:
+            write(rows, final=done)
+            chart(rows, stem + ".png", title)
+    print(format_table(rows))
     print(f"wrote {stem}.csv, {stem}.md and {stem}.png")
     return 0
