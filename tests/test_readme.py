@@ -38,5 +38,8 @@ def test_integration_snippets_run(tmp_path):
     found = snippets()
     assert set(found) >= {"hf", "lightning"}
     for name, code in found.items():
-        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        # run where a user would (a fresh folder), importing this checkout's stabkernels (built in place or not)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
         assert r.returncode == 0, f"README snippet {name!r} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
