@@ -156,6 +156,9 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         return any(g["probes"] > 0 and g["damping"] != 0 for g in self.param_groups)
 
     # ----------------------------------------------------------------------------------------------
+    # Not traced by torch.compile: the probe counter advances every call (dynamo recompiled the step each time,
+    # measured 39x slower than eager), and the probes call the model anyway.
+    @torch.compiler.disable
     def _probe(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> Tensor:
         """The k slopes D_i for the parameters ``params`` perturbed together; NaN for non-finite probes."""
         scratch = [self._scratch.like(p) for p in params]
@@ -233,8 +236,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             probe_fn = probe_closure if probe_closure is not None else self._captured_probe()
             if not self._seed_agreed:  # every rank draws rank 0's directions (once; a host integer)
                 self.seed, self._seed_agreed = distributed.broadcast_int(self.seed, self.process_group), True
-        self._warn_dropped()
-        self._step_count += 1
+        self._begin_step()
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         groups = [(g, ps) for g, ps in groups if ps]
         if not groups:
@@ -273,14 +275,29 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                 for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
                     b.copy_(saved)
             if self.warn_nonfinite and report.dropped:
-                self._dropped = (self._step_count, DeferredRead(torch.stack(report.dropped).sum()))
+                self._keep_dropped(torch.stack(report.dropped).sum())
         for (g, params), alpha in zip(groups, alphas):
             report.alpha.append(alpha)
             self._adamw(g, params, alpha)
-        self.last = report
+        self._record(report)
         if closure is not None:
             return train_loss
         return report.loss if probing else loss
+
+    # Host bookkeeping outside torch.compile's graphs: a counter or object that changes every step would make
+    # dynamo recompile the step each time (measured), and it dropped such attribute updates in other optimizers.
+    @torch.compiler.disable
+    def _begin_step(self) -> None:
+        self._warn_dropped()
+        self._step_count += 1
+
+    @torch.compiler.disable
+    def _keep_dropped(self, count: Tensor) -> None:
+        self._dropped = (self._step_count, DeferredRead(count))
+
+    @torch.compiler.disable
+    def _record(self, report: SAdamReport) -> None:
+        self.last = report
 
     def _warn_dropped(self) -> None:
         """Warns about an earlier step's dropped probes once its count has reached the host (read back without
