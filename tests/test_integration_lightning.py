@@ -23,24 +23,23 @@ OPTIMIZERS = {
 
 class Classifier(L.LightningModule):
     """An MLP classifier whose forward, given labels, returns {"loss", "logits"} (what S-Adam re-runs and the
-    radius probe reads its logits from); or, with kind="gpt2", a tiny Hugging Face GPT-2 (dropout on) whose
-    output has .loss and .logits."""
+    radius probe reads its logits from); or, with kind="gpt2" / "llama", test_integration_hf's tiny Hugging
+    Face models (GPT-2 with dropout on) whose output has .loss and .logits."""
 
     def __init__(self, make_opt, kind="mlp"):
         super().__init__()
         torch.manual_seed(0)
         self.kind = kind
-        if kind == "gpt2":
-            import transformers
+        if kind in ("gpt2", "llama"):
+            from .test_integration_hf import tiny_model
 
-            config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)
-            self.net = transformers.GPT2LMHeadModel(config)
+            self.net = tiny_model(kind)
         else:
             self.net = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
         self.make_opt = make_opt
 
     def forward(self, x, y):
-        if self.kind == "gpt2":
+        if self.kind != "mlp":
             return self.net(input_ids=x, labels=y)
         logits = self.net(x)
         return {"loss": F.cross_entropy(logits, y), "logits": logits}
@@ -60,12 +59,12 @@ class Classifier(L.LightningModule):
         torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
-VOCAB, SEQ = 61, 16
+VOCAB, SEQ = 61, 16  # test_integration_hf's (not imported at module level: the MLP cases need no transformers)
 
 
 def loader(kind="mlp"):
     g = torch.Generator().manual_seed(0)
-    if kind == "gpt2":
+    if kind != "mlp":
         x = torch.randint(0, VOCAB, (24, SEQ), generator=g)
         data = torch.utils.data.TensorDataset(x, x.clone())
         return torch.utils.data.DataLoader(data, batch_size=4)  # 6 steps an epoch
@@ -84,10 +83,10 @@ def fit(make_opt, root, ckpt_path=None, kind="mlp"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp", "gpt2", "llama"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_lightning_fits_and_resumes_bit_identically(name, kind, tmp_path):
-    if kind == "gpt2":
+    if kind != "mlp":
         pytest.importorskip("transformers")
     full = fit(OPTIMIZERS[name], tmp_path / "full", kind=kind)
     assert all(torch.isfinite(p).all() for p in full)
