@@ -179,12 +179,9 @@ class PSS(OptimizerWrapper):
                 and all(g.get("fused") for g in self.optimizer.param_groups))
 
     def _norm(self, grad_norm) -> torch.Tensor:
-        if grad_norm is None:
-            g = global_grad_norm(self.params(), self.backend)
-        else:
-            g = torch.as_tensor(grad_norm)
-        device = self.params()[0].device if self.params() else g.device
-        return g.detach().to(device=device, dtype=torch.float64).reshape(())
+        params = self.params()
+        g = global_grad_norm(params, self.backend) if grad_norm is None else torch.as_tensor(grad_norm)
+        return g.detach().to(device=params[0].device if params else g.device, dtype=torch.float64).reshape(())
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, grad_norm: float | torch.Tensor | None = None):

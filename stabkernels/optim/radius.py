@@ -151,7 +151,7 @@ class RadiusProbe:
         """The spread over the global sample set: the max over ranks of the local max (any split), or the
         quantile of every rank's per-sample spreads (equal per-rank counts)."""
         if self.reduce == "max":
-            return distributed.max_(spreads.amax() if spreads.numel() else spreads.new_zeros(()), self.process_group)
+            return distributed.max_(spread._reduce_spreads(spreads, "max"), self.process_group)
         return spread._reduce_spreads(distributed.gather_rows(spreads, self.process_group), self.reduce)
 
     def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
@@ -246,6 +246,40 @@ class _RadiusMixin:
             rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
         return rho, tau, unit_norm, recompute
 
+    def _propose(self, group, params, us) -> Tensor:
+        """Advances the optimizer state of ``params`` (one group) as its step would, writes the unit proposal
+        (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor."""
+        raise NotImplementedError
+
+    def _decoupled_decay(self, group) -> float:
+        return 0.0
+
+    def _control_step(self, inputs, closure):
+        """The controlled step: proposal, radius along it, the step at eta_eff (a device tensor)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = []
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if params and g["lr"] != 0:
+                live.append((g, params, [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]))
+        self._count_step()
+        if not live:
+            return loss
+        sums = [self._propose(g, ps, us) for g, ps, us in live]
+        rho, tau, unit_norm, recomputed = self._measure(
+            inputs, [([id(p) for p in ps], us) for _, ps, us in live], [g["lr"] for g, _, _ in live], sums)
+        scale = _control_scale(rho, tau, self.r, self.mode)
+        lrs = []
+        for g, ps, us in live:
+            lr_eff = (scale * g["lr"]).to(ps[0].device)
+            update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
+            lrs.append(lr_eff)
+        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
+        return loss
+
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
     # optimizer object (measured: steps and last stayed at their initial values under torch.compile(opt.step)).
     @torch.compiler.disable
@@ -263,6 +297,30 @@ class _RadiusMixin:
     def _load_radius_state(self, state: dict, device) -> None:
         self.steps = state["steps"]
         self._rho = None if state["rho"] is None else state["rho"].to(device)
+
+
+def _adam_proposal(state, group, params, us, host_step: Callable[[Tensor], int], decoupled: bool,
+                   backend: str) -> Tensor:
+    """Adam/AdamW's step for one group in torch's state layout (a float32 step counter, on the device if the
+    group is fused or capturable; exp_avg, exp_avg_sq, max_exp_avg_sq): the moments advance in ``state``, the
+    unit proposal goes to ``us``; returns sum(u^2) per tensor."""
+    for p in params:
+        s = state[p]
+        if not s:
+            on_device = group.get("fused") or group.get("capturable")
+            s["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else None)
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        s["step"] += 1
+    states = [state[p] for p in params]
+    return update.adam_step_(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        step=host_step(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
+        weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=group["amsgrad"],
+        maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
+        else None, updates=us, apply=False, backend=backend)
 
 
 class RadiusController(_RadiusMixin, OptimizerWrapper):
@@ -337,47 +395,27 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         self.probe.remove_hook()
 
     # -- the wrapped optimizer's own step, fused: the moments advance in its state, u goes to scratch
-    def _proposal(self, group) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Advances the wrapped optimizer's state for ``group`` exactly as its ``step()`` would and returns
-        (params, u, sum(u^2) per tensor) with u the step it would take at lr = 1 (without decoupled decay)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        us = [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]
+    def _propose(self, group, params, us) -> Tensor:
         state = self.optimizer.state
         if self.kind == "adam":
+            return _adam_proposal(state, group, params, us, self._host_step, self._decoupled(group), self.backend)
+        bufs, first = None, False
+        if group["momentum"] != 0:
+            have = [state[p].get("momentum_buffer") is not None for p in params]
+            if any(have) and not all(have):
+                raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
+            first = not any(have)
             for p in params:
-                s = state[p]
-                if not s:  # torch's layout: a float32 step counter (on the device if fused or capturable)
-                    on_device = group.get("fused") or group.get("capturable")
-                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else None)
-                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["step"] += 1
-            states = [state[p] for p in params]
-            sums = update.adam_step_(
-                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                step=self._host_step(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled=self._decoupled(group), amsgrad=group["amsgrad"],
-                maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states]
-                if group["amsgrad"] else None, updates=us, apply=False, backend=self.backend)
-        else:
-            bufs, first = None, False
-            if group["momentum"] != 0:
-                have = [state[p].get("momentum_buffer") is not None for p in params]
-                if any(have) and not all(have):
-                    raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
-                first = not any(have)
-                for p in params:
-                    if first:
-                        state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                bufs = [state[p]["momentum_buffer"] for p in params]
-            sums = update.sgd_step_(params, grads, bufs, lr=1.0, momentum=group["momentum"],
-                                    dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                    nesterov=group["nesterov"], maximize=group["maximize"], first=first,
-                                    updates=us, apply=False, backend=self.backend)
-        return params, us, sums
+                if first:
+                    state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            bufs = [state[p]["momentum_buffer"] for p in params]
+        return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=group["momentum"],
+                                dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                nesterov=group["nesterov"], maximize=group["maximize"], first=first,
+                                updates=us, apply=False, backend=self.backend)
+
+    def _decoupled_decay(self, group) -> float:
+        return group["weight_decay"] if self.kind == "adam" and self._decoupled(group) else 0.0
 
     def _decoupled(self, group) -> bool:
         return isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
@@ -400,27 +438,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         """Measures the radius along this step's proposal on ``inputs`` (or the captured ones) and takes the
         wrapped optimizer's step with each group's lr scaled to eta_eff (a device tensor: no host read). The
         moments advance in the wrapped optimizer's own state; its ``step()`` itself is not called."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        live = [g for g in self.param_groups if g["lr"] != 0 and any(p.grad is not None for p in g["params"])]
-        self._count_step()
-        if not live:
-            return loss
-        proposals = [self._proposal(g) for g in live]
-        rho, tau, unit_norm, recomputed = self._measure(
-            inputs, [([id(p) for p in ps], us) for ps, us, _ in proposals], [g["lr"] for g in live],
-            [sums for _, _, sums in proposals])
-        scale = _control_scale(rho, tau, self.r, self.mode)
-        lrs = []
-        for g, (ps, us, _) in zip(live, proposals):
-            lr_eff = (scale * g["lr"]).to(ps[0].device)
-            wd = g["weight_decay"] if self.kind == "adam" and self._decoupled(g) else 0.0
-            update.apply_update_(ps, us, lr_eff, wd, backend=self.backend)
-            lrs.append(lr_eff)
-        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
-        return loss
+        return self._control_step(inputs, closure)
 
     def _wrapper_state(self) -> dict:
         return self._radius_state()
@@ -443,40 +461,9 @@ class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer
     def remove_hook(self) -> None:
         self.probe.remove_hook()
 
-    def _buffers(self, params):
-        return [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]
-
-    def _propose(self, group, params) -> Tensor:
-        raise NotImplementedError
-
     @torch.no_grad()
     def step(self, inputs=None, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        live = []
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            if params and g["lr"] != 0:
-                live.append((g, params, self._buffers(params)))
-        self._count_step()
-        if not live:
-            return loss
-        sums = [self._propose(g, ps) for g, ps, _ in live]
-        rho, tau, unit_norm, recomputed = self._measure(
-            inputs, [([id(p) for p in ps], us) for _, ps, us in live], [g["lr"] for g, _, _ in live], sums)
-        scale = _control_scale(rho, tau, self.r, self.mode)
-        lrs = []
-        for g, ps, us in live:
-            lr_eff = (scale * g["lr"]).to(ps[0].device)
-            update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
-            lrs.append(lr_eff)
-        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
-        return loss
-
-    def _decoupled_decay(self, group) -> float:
-        return 0.0
+        return self._control_step(inputs, closure)
 
     extra_state_key = "radius"
 
@@ -507,22 +494,8 @@ class RadiusAdamW(_FusedRadiusOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
 
-    def _propose(self, group, params):
-        states = [self.state[p] for p in params]
-        for p, s in zip(params, states):
-            if not s:
-                s["step"] = torch.zeros((), dtype=torch.float32)
-                s["exp_avg"] = torch.zeros_like(p)
-                s["exp_avg_sq"] = torch.zeros_like(p)
-                if group["amsgrad"]:
-                    s["max_exp_avg_sq"] = torch.zeros_like(p)
-            s["step"] += 1
-        return update.adam_step_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            step=int(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled=True, amsgrad=group["amsgrad"],
-            maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
-            else None, updates=self._buffers(params), apply=False, backend=self.backend)
+    def _propose(self, group, params, us):
+        return _adam_proposal(self.state, group, params, us, int, True, self.backend)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"]
@@ -544,7 +517,7 @@ class RadiusSGD(_FusedRadiusOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
 
-    def _propose(self, group, params):
+    def _propose(self, group, params, us):
         momentum = group["momentum"]
         first = False
         bufs = None
@@ -558,4 +531,4 @@ class RadiusSGD(_FusedRadiusOptimizer):
         return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=momentum,
                                 dampening=group["dampening"], weight_decay=group["weight_decay"],
                                 nesterov=group["nesterov"], maximize=group["maximize"], first=first,
-                                updates=self._buffers(params), apply=False, backend=self.backend)
+                                updates=us, apply=False, backend=self.backend)
