@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from . import distributed
 from ._checks import acc_dtype, check_float_tensor, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
@@ -150,13 +151,15 @@ def box_muller(wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
     return r * a, r * b
 
 
-def stream_normals(key: int, numel: int, device=None) -> Tensor:
-    """Reference: the float32 normals n_0 .. n_{numel-1} of one tensor's stream (steps 2 and 3)."""
-    counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+def stream_normals(key: int, numel: int, device=None, start: int = 0) -> Tensor:
+    """Reference: the float32 normals n_start .. n_{start+numel-1} of one tensor's stream (steps 2 and 3)."""
+    first = start // 4
+    counters = torch.arange(first, (start + numel + 3) // 4, dtype=torch.int64, device=device)
     w = philox4x32_10(key, counters)
     n0, n1 = box_muller(w[0], w[1])
     n2, n3 = box_muller(w[2], w[3])
-    return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[:numel]
+    skip = start - 4 * first
+    return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[skip: skip + numel]
 
 
 def _unit_scale(n: Tensor, dtype: torch.dtype) -> Tensor:
@@ -238,6 +241,33 @@ for _op in ("random_directions", "perturb", "directional_dots", "orthograd_"):
 
 
 # --------------------------------------------------------------------------------------------------
+# DTensor (FSDP2) shards: each rank generates the stream of its own elements, keyed by their global index,
+# so a shard holds exactly its slice of the unsharded direction; the unit-norm sums S are summed over the
+# shards (one all-reduce of T numbers per probe). Generation here is the torch reference.
+
+
+def _shard_normals(tensors, keys: list) -> tuple[list[Tensor], Tensor]:
+    """The local shards' normals and the per-tensor float32 scales s of step 4, over the whole tensors."""
+    normals, sq = [], []
+    for t, k in zip(tensors, keys):
+        lay, loc = distributed.layout(t), distributed.local(t)
+        n = stream_normals(k & MASK64, loc.numel(), loc.device, start=lay.offset)
+        normals.append(n)
+        sq.append(n.to(torch.float64).pow(2).sum())
+    S = distributed.sum_shards(torch.stack(sq), tensors)
+    return normals, (1.0 / (S.sqrt() + 1e-12)).to(torch.float32)
+
+
+def _sharded_directions(tensors, keys: list) -> list[Tensor]:
+    normals, scales = _shard_normals(tensors, keys)
+    out = []
+    for t, n, s in zip(tensors, normals, scales):
+        A = acc_dtype(t.dtype)
+        out.append((n.to(A) * s.to(A)).reshape(distributed.local(t).shape))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # public functions
 
 
@@ -252,7 +282,10 @@ def _seed_int(seed) -> int:
 def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backend: str = "auto") -> list[Tensor]:
     """The unit directions d (one per tensor, its shape) of probe ``probe`` of the stream ``seed``: the
     reference definition of the stream (module docstring). Returns float32 tensors (float64 for float64
-    inputs); only the shapes and dtypes of ``tensors`` matter."""
+    inputs); only the shapes and dtypes of ``tensors`` matter. For DTensors (FSDP2) each rank gets its local
+    shard's slice of each direction (plain tensors of the local shape); unit norm is per full tensor."""
+    if distributed.any_sharded(tensors):
+        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0].tolist())
     tensors = check_tensor_list(tensors, "tensors")
     b = _backend.resolve("random_directions", backend, tensors[0].device)
     keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
@@ -266,10 +299,13 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
     ``params`` are only read: evaluate the model at the perturbed point with the outputs (e.g. through
     ``torch.func.functional_call``), and there is nothing to undo. (Adding sigma * d in place and subtracting
     it afterwards is not bit-exact in floating point; that is how the reference S-Adam code drifts.) Math in
-    float32 (float64 for float64), rounded once into the parameter's dtype."""
-    params = check_tensor_list(params, "params")
+    float32 (float64 for float64), rounded once into the parameter's dtype. DTensor (FSDP2) ``params``: ``out``
+    (DTensors or local-shape tensors) receives the local shards (see :func:`random_directions`)."""
     if not math.isfinite(sigma):
         raise ValueError(f"sigma must be finite, got {sigma}")
+    if distributed.any_sharded(params) or (out is not None and distributed.any_sharded(out)):
+        return _perturb_sharded(list(params), _seed_int(seed), probe, sigma, out)
+    params = check_tensor_list(params, "params")
     if out is None:
         out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
     else:
@@ -289,18 +325,65 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
     return out
 
 
+def _perturb_sharded(params, seed: int, probe: int, sigma: float, out) -> list:
+    if out is None:
+        out = [torch.empty_like(p) for p in params]
+    out = list(out)
+    if len(out) != len(params):
+        raise ValueError(f"out has {len(out)} tensors for {len(params)} params")
+    keys = key_table(seed, [probe], len(params))[0].tolist()
+    for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, keys))):
+        pl, ol = distributed.local(p), distributed.local(o)
+        if ol.shape != pl.shape or ol.dtype != pl.dtype:
+            raise ValueError(f"out[{i}] must be a {pl.dtype} tensor of the local shard's shape {tuple(pl.shape)}")
+        if ol.data_ptr() == pl.data_ptr() and pl.numel():
+            raise ValueError(f"out[{i}] aliases params[{i}]: perturb never writes the parameters")
+        A = d.dtype
+        ol.copy_(pl.to(A) + torch.tensor(sigma, dtype=A) * d)
+    return out
+
+
 def directional_dots(grads: Sequence[Tensor], seed: int, num_probes: int, *, first_probe: int = 0,
                      backend: str = "auto") -> Tensor:
     """The K = ``num_probes`` exact directional derivatives g . d_i for probes first_probe .. first_probe + K - 1,
     in one read of the gradients (each block of g stays in cache while the K directions are generated for
     it). Returns a (K,) float32 tensor (float64 if a gradient is float64). With finite-difference slopes D_i,
     D_i - g . d_i isolates the non-smooth and curvature part."""
-    grads = check_tensor_list(grads, "grads")
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    if distributed.any_sharded(grads):
+        return _dots_sharded(list(grads), _seed_int(seed), range(first_probe, first_probe + num_probes))
+    grads = check_tensor_list(grads, "grads")
     b = _backend.resolve("directional_dots", backend, grads[0].device)
     keys = key_table(_seed_int(seed), range(first_probe, first_probe + num_probes), len(grads))
     return _dots_op(grads, keys if b != "triton" else keys.to(grads[0].device), b)
+
+
+def _dots_sharded(grads, seed: int, probes) -> Tensor:
+    """Per probe: sum_t (g_t . n_t) s_t, with the shard dot products and S summed over the shards."""
+    table = key_table(seed, probes, len(grads))
+    out = []
+    for row in table.tolist():
+        normals, scales = _shard_normals(grads, row)
+        dots = torch.stack([distributed.local(g).reshape(-1).to(torch.float64) @ n.to(torch.float64)
+                            for g, n in zip(grads, normals)])
+        out.append((distributed.sum_shards(dots, grads) * scales.to(torch.float64)).sum())
+    return torch.stack(out).to(grouped_acc_dtype(grads))
+
+
+def _orthograd_sharded(params) -> None:
+    """OrthoGrad on DTensor shards: w.g, w.w and g.g per tensor from the local shards, summed over the shards
+    (one all-reduce of 3T numbers), then each rank writes its shard of g (the kernels' formula, float64)."""
+    W = [distributed.local(p.detach()) for p in params]
+    G = [distributed.local(p.grad) for p in params]
+    partial = torch.stack([torch.stack([(w.double() * g.double()).sum(), w.double().square().sum(),
+                                        g.double().square().sum()]) for w, g in zip(W, G)])
+    wg, ww, gg = distributed.sum_shards(partial, params).unbind(1)
+    c = wg / (ww + 1e-30)
+    perp_sq = (gg - 2 * c * wg + c * c * ww).clamp_min(0)
+    scale = gg.sqrt() / (perp_sq.sqrt() + 1e-30)
+    for w, g, ci, si in zip(W, G, c, scale):
+        g.copy_((g.double() - ci * w.double()) * si)
 
 
 def orthograd_(params: Sequence[Tensor], *, backend: str = "auto") -> None:
@@ -311,6 +394,8 @@ def orthograd_(params: Sequence[Tensor], *, backend: str = "auto") -> None:
     params = [p for p in params if p.grad is not None]
     if not params:
         return
+    if distributed.any_sharded(params):
+        return _orthograd_sharded(params)
     for i, p in enumerate(params):
         check_float_tensor(p, f"params[{i}]")
         if p.grad.is_sparse or p.grad.shape != p.shape or p.grad.dtype != p.dtype:

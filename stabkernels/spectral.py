@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from . import distributed
 from ._checks import acc_dtype, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
@@ -61,7 +62,10 @@ _backend.register_kernels("sq_norms", "spectral")
 def sq_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
     """Sum of squares of each tensor in ``tensors`` (any shapes, one device), read once, fp32 accumulation
     (fp64 when any tensor is fp64). Returns a (T,) tensor; ``sq_norms(grads).sum().sqrt()`` is the global
-    gradient norm that ``clip_grad_norm_`` computes."""
+    gradient norm that ``clip_grad_norm_`` computes. DTensors (FSDP2): the local shards' sums, summed over the
+    shards (one all-reduce of T numbers)."""
+    if distributed.any_sharded(tensors):
+        return distributed.sum_shards(sq_norms(distributed.locals_(tensors), backend=backend), tensors)
     tensors = check_tensor_list(tensors, "tensors", allow_empty=True)
     if not tensors:
         return torch.zeros(0)
@@ -142,9 +146,15 @@ def power_iteration_(mats: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[
         check_finite: raise ``ValueError`` naming the matrix when one holds NaN/inf (its vectors are left
             unchanged); this reads the (T,) result on the host.
 
+    Row-sharded DTensor matrices (FSDP2): ``us[i]`` holds the local rows' part of u (a plain tensor of the
+    local row count) and ``vs[i]`` the whole v; x = W v stays local and each iteration sums W^T x and |x|^2
+    over the shards in one all-reduce for all matrices (then every rank holds the same v and sigma).
+
     Returns:
         (T,) sigma_1 estimates, float32 (float64 if any matrix is float64).
     """
+    if distributed.any_sharded(mats):
+        return _power_iteration_sharded(list(mats), list(us), list(vs), iters, eps, check_finite)
     mats = _check_matrices(mats)
     us, vs = list(us), list(vs)
     if not (len(us) == len(vs) == len(mats)):
@@ -172,6 +182,56 @@ def power_iteration_(mats: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[
             raise ValueError(f"mats[{i}] (shape {tuple(mats[i].shape)}) holds non-finite values (NaN or inf); "
                              f"its power-iteration vectors were left unchanged ({len(bad)} such matrices)")
     return sigmas
+
+
+def _power_iteration_sharded(mats, us, vs, iters: int, eps: float, check_finite: bool) -> Tensor:
+    """power_iteration_ on row-sharded DTensors: the reference's steps, with the sums over rows (W^T x, |x|^2)
+    summed over the shards (one all-reduce per iteration for every matrix together)."""
+    if not (len(us) == len(vs) == len(mats)):
+        raise ValueError(f"mats, us and vs must have the same length, got {len(mats)}, {len(us)}, {len(vs)}")
+    if len({distributed.layout(w).groups for w in mats}) > 1:
+        raise ValueError("power_iteration_: the DTensor matrices of one call must be sharded over the same mesh")
+    views = [as_matrix(distributed.local(w)) for w in mats]
+    for i, (w, u, v) in enumerate(zip(views, us, vs)):
+        cols = math.prod(mats[i].shape[1:])
+        for name, t, size in (("us", u, w.shape[0]), ("vs", v, cols)):
+            if t.dim() != 1 or t.numel() != size or t.dtype != acc_dtype(w.dtype):
+                raise ValueError(f"{name}[{i}] must be a 1-D {acc_dtype(w.dtype)} tensor of {size} elements (the "
+                                 f"local rows for us, all columns for vs), got {t.dtype} {tuple(t.shape)}")
+    start = [(u.clone(), v.clone()) for u, v in zip(us, vs)]
+    sigma = [0.0] * len(mats)
+    done = [False] * len(mats)
+    for _ in range(iters):
+        live = [i for i in range(len(mats)) if not done[i]]
+        if not live:
+            break
+        xs = {i: views[i].to(us[i].dtype) @ vs[i] for i in live}
+        ys = {i: views[i].to(us[i].dtype).T @ xs[i] for i in live}
+        # per matrix [W^T x, |x|^2], summed over the shards: a (1, total) row of the first matrix's groups
+        flat = torch.cat([torch.cat([ys[i].double(), xs[i].double().square().sum().reshape(1)]) for i in live])
+        flat = distributed.sum_shards(flat.reshape(1, -1), mats[live[0]:live[0] + 1])[0]
+        at = 0
+        for i in live:
+            n = ys[i].numel()
+            y, nx = flat[at: at + n], float(flat[at + n].sqrt())
+            at += n + 1
+            ny = float(y.norm())
+            if not (math.isfinite(nx) and math.isfinite(ny)):
+                sigma[i], done[i] = math.nan, True
+                us[i].copy_(start[i][0])
+                vs[i].copy_(start[i][1])
+            elif nx <= eps or ny == 0:
+                sigma[i], done[i] = 0.0, True
+            else:
+                us[i].copy_(xs[i] / nx)
+                vs[i].copy_((y / ny).to(vs[i].dtype))
+                sigma[i] = ny / nx
+    if check_finite:
+        bad = [i for i, s in enumerate(sigma) if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"mats[{bad[0]}] (shape {tuple(mats[bad[0]].shape)}) holds non-finite values (NaN or "
+                             f"inf); its power-iteration vectors were left unchanged ({len(bad)} such matrices)")
+    return torch.tensor(sigma, dtype=grouped_acc_dtype(views), device=views[0].device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from torch.autograd import forward_ad as fwd_ad
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import distributed
+
 METHODS = ("jvp", "fd")
 PROBE_MODES = ("eval", "train")  # the mode probes of a model run in (radius controller, S-Adam)
 
@@ -63,10 +65,12 @@ def as_direction(model: nn.Module, direction) -> dict[str, Tensor]:
             raise ValueError(f"direction has {len(items)} tensors, the model has {len(named)} parameters")
         out = {n: t for n, t in zip(named, items) if t is not None}
     for name, t in out.items():
-        p = named[name]
+        p = distributed.local(named[name])  # a DTensor (FSDP2) parameter moves by its local shard's part
+        t = distributed.local(t)
         if not isinstance(t, Tensor) or t.shape != p.shape:
             raise ValueError(f"direction[{name!r}] must have the parameter's shape {tuple(p.shape)}, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
+        out[name] = t
     if not out:
         raise ValueError("direction moves no parameter")
     return out
@@ -121,6 +125,118 @@ def _warn_no_forward_ad(error: NotImplementedError) -> None:
                       stacklevel=4)
 
 
+def _owned_parameters(root: nn.Module, fsdp_type) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every parameter that FSDP2 module ``root`` gathers: those of its submodules that no
+    nested FSDP2 module owns."""
+    owned, stack = [], [root]
+    while stack:
+        m = stack.pop()
+        owned += [(m, n) for n, p in m._parameters.items() if p is not None]
+        stack += [c for c in m.children() if not isinstance(c, fsdp_type)]
+    return owned
+
+
+@contextlib.contextmanager
+def _dual_parameters(model: nn.Module, tangents: dict[int, Tensor]):
+    """Forward-mode AD through FSDP2's own forward, layer by layer: after each FSDP2 module's pre-forward hook
+    has gathered its parameters, a hook of ours replaces each of them (for that forward) by a dual tensor whose
+    tangent is the gathered tangent shard; FSDP's post-forward frees them as usual. Parameters outside every
+    FSDP2 module are made dual for the whole call. ``tangents``: {id(parameter as the model holds it between
+    forwards): its local tangent}. Within an active ``fwd_ad.dual_level()``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    handles, plain = [], []
+
+    def swap(owned):
+        done = []
+        for m, n in owned:
+            t = tangents.get(gathered[(id(m), n)])
+            if t is None:
+                continue
+            full = m._parameters[n]
+            m._parameters[n] = fwd_ad.make_dual(full.detach(), distributed.whole(t, sharded[(id(m), n)]).to(full.dtype))
+            done.append((m, n, full))
+        return done
+
+    gathered, sharded = {}, {}  # (module id, name) -> id of / the parameter held between forwards
+    owned_by: list[tuple[nn.Module, list]] = []
+    in_fsdp = set()
+    for root in model.modules():
+        if isinstance(root, FSDPModule):
+            owned = _owned_parameters(root, FSDPModule)
+            owned_by.append((root, owned))
+            for m, n in owned:
+                gathered[(id(m), n)] = id(m._parameters[n])
+                sharded[(id(m), n)] = m._parameters[n]
+                in_fsdp.add((id(m), n))
+    for root, owned in owned_by:
+        pending: list = []
+
+        def pre(module, args, kwargs, owned=owned, pending=pending):
+            pending.append(swap(owned))
+
+        def post(module, args, kwargs, output, pending=pending):
+            for m, n, full in pending.pop() if pending else []:
+                if fwd_ad.unpack_dual(m._parameters[n]).tangent is not None:  # FSDP left it (the root)
+                    m._parameters[n] = full
+
+        handles.append(root.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
+    for m in model.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None and (id(m), n) not in in_fsdp and id(p) in tangents:
+                m._parameters[n] = fwd_ad.make_dual(p.detach(), tangents[id(p)].to(p.dtype))
+                plain.append((m, n, p))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, n, p in plain:
+            m._parameters[n] = p
+        distributed.reshard(model)
+
+
+def _jvp_in_place(model: nn.Module, named: dict[str, Tensor], tangents: dict[str, Tensor], inputs, logits_fn,
+                  buffers: bool):
+    """The JVP through the model's own forward (FSDP2); with ``buffers``, every buffer is restored after."""
+    saved_buffers = [(b, b.clone()) for b in model.buffers()] if buffers else []
+    try:
+        with _dual_parameters(model, {id(named[n]): t for n, t in tangents.items()}):
+            return as_logits(_run(model, inputs), logits_fn)
+    finally:
+        for b, c in saved_buffers:
+            b.copy_(c)
+
+
+def _run(model: nn.Module, inputs):
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _call_in_place(model: nn.Module, named: dict[str, Tensor], values: dict[str, Tensor], inputs, logits_fn,
+                   buffers: bool):
+    """The model's own forward (FSDP2 gathers its parameters from the shards) with the local shards of the
+    parameters named in ``values`` overwritten by them; shards (and, with ``buffers``, every buffer) are
+    copied back from saved copies afterwards, so they end bit-identical."""
+    shards = {n: distributed.local(named[n]) for n in values}
+    saved = {n: t.clone() for n, t in shards.items()}
+    saved_buffers = [(b, b.clone()) for b in model.buffers()] if buffers else []
+    try:
+        for n, v in values.items():
+            shards[n].copy_(v)
+        return as_logits(_run(model, inputs), logits_fn)
+    finally:
+        distributed.reshard(model)  # the next forward gathers the shards again
+        for n, t in shards.items():
+            t.copy_(saved[n])
+        for b, c in saved_buffers:
+            b.copy_(c)
+
+
 def _call(model: nn.Module, params: dict[str, Tensor], inputs, logits_fn):
     if isinstance(inputs, Mapping):
         out = functional_call(model, params, args=(), kwargs=dict(inputs), strict=False)
@@ -167,13 +283,18 @@ def tangent_logits(model: nn.Module, inputs, direction, method: str = "jvp", eps
     device = named[names[0]].device
     # train mode: BatchNorm updates copies of the buffers; each forward gets fresh ones
     buffers = {} if eval else dict(model.named_buffers())
+    # FSDP2: the model's own forward (functional_call's parameters would be replaced by FSDP's gathered ones):
+    # dual parameters swapped in after each gather (JVP), or perturbed shards (finite differences)
+    sharded = distributed.any_sharded(named.values())
 
     def call(params):
         with replay_rng(rng_state, device) if not eval else contextlib.nullcontext():
+            if sharded:
+                return _call_in_place(model, named, params, inputs, logits_fn, buffers=not eval)
             return _call(model, {**params, **{n: b.clone() for n, b in buffers.items()}}, inputs, logits_fn)
 
     with eval_mode(model, eval), torch.no_grad():
-        primals = tuple(named[n].detach() for n in names)
+        primals = tuple(distributed.local(named[n]).detach() for n in names)
         tangents = tuple(dirs[n].detach().to(named[n].dtype) for n in names)
         if method == "jvp":
             # autograd's forward mode directly: torch.func.jvp computes the same numbers about 20% slower on a
@@ -181,7 +302,12 @@ def tangent_logits(model: nn.Module, inputs, direction, method: str = "jvp", eps
             # memory-efficient, CPU flash) have no forward-mode rule; the math backend has.
             try:
                 with fwd_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]):
-                    out = call({n: fwd_ad.make_dual(p, t) for n, p, t in zip(names, primals, tangents)})
+                    if sharded:
+                        with replay_rng(rng_state, device) if not eval else contextlib.nullcontext():
+                            out = _jvp_in_place(model, named, dict(zip(names, tangents)), inputs, logits_fn,
+                                                buffers=not eval)
+                    else:
+                        out = call({n: fwd_ad.make_dual(p, t) for n, p, t in zip(names, primals, tangents)})
                     logits, tangent = fwd_ad.unpack_dual(out)
             except NotImplementedError as e:
                 if not re.search(r"forward[ -](mode )?AD", str(e)):
@@ -189,13 +315,15 @@ def tangent_logits(model: nn.Module, inputs, direction, method: str = "jvp", eps
                 _warn_no_forward_ad(e)
                 method = "fd"
                 # a step eps along the unit direction: eps / ||direction|| along the given one (no host read)
-                eps = eps / torch.sqrt(sum(t.double().square().sum() for t in tangents)).clamp_min(1e-30)
+                sq = distributed.sum_shards(torch.stack([t.double().square().sum() for t in tangents]),
+                                            [named[n] for n in names])
+                eps = eps / sq.sum().sqrt().clamp_min(1e-30)
             else:
                 if tangent is None:  # the logits do not depend on the parameters that move
                     tangent = torch.zeros_like(logits)
         if method == "fd":
             if logits is None:
-                logits = call(dict(zip(names, primals)))
+                logits = call({} if sharded else dict(zip(names, primals)))
             moved = call({n: p + (eps * t).to(p.dtype) for n, p, t in zip(names, primals, tangents)})
             if moved.shape != logits.shape:
                 raise ValueError(f"logits has shape {tuple(logits.shape)}, the model gives {tuple(moved.shape)} "

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from . import distributed
 from ._checks import acc_dtype, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
@@ -198,7 +199,17 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     (sqrt(v_hat) / sqrt(bc2) + eps) is the unit proposal. ``updates`` (same shapes, math dtype) receive u;
     with ``apply`` the parameters move: p <- p (1 - lr wd) [AdamW] - lr * step_scale * u, where
     ``step_scale`` is a 0-d tensor (kept on the device) or a number. Returns sum(u^2) per parameter
-    (float32, float64 if a parameter is float64). ``step`` is the step number after this step (>= 1)."""
+    (float32, float64 if a parameter is float64). ``step`` is the step number after this step (>= 1).
+    DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
+    all-reduce of T numbers)."""
+    if distributed.any_sharded(params):  # FSDP2: the step is element-wise, so each rank steps its shards
+        L = distributed.locals_
+        sums = adam_step_(L(params), L(grads), L(exp_avgs), L(exp_avg_sqs), step=step, lr=lr, betas=betas, eps=eps,
+                          weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+                          max_exp_avg_sqs=None if max_exp_avg_sqs is None else L(max_exp_avg_sqs),
+                          updates=None if updates is None else L(updates), step_scale=step_scale, apply=apply,
+                          backend=backend)
+        return distributed.sum_shards(sums, params)
     beta1, beta2 = betas
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("adam_step_: amsgrad needs max_exp_avg_sqs")
@@ -224,6 +235,13 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     g' = g + wd p; with momentum b = g' on the ``first`` step, else mu b + (1 - dampening) g';
     u = g' + mu b (Nesterov) or b (or g' without momentum). ``updates`` receive u; with ``apply``,
     p <- p - lr * step_scale * u. Returns sum(u^2) per parameter."""
+    if distributed.any_sharded(params):  # FSDP2: element-wise, each rank steps its shards
+        L = distributed.locals_
+        sums = sgd_step_(L(params), L(grads), None if momentum_buffers is None else L(momentum_buffers), lr=lr,
+                         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                         maximize=maximize, first=first, updates=None if updates is None else L(updates),
+                         step_scale=step_scale, apply=apply, backend=backend)
+        return distributed.sum_shards(sums, params)
     lists = {"grads": grads}
     if momentum != 0:
         if momentum_buffers is None:
@@ -240,6 +258,8 @@ def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tenso
                   weight_decay: float = 0.0, *, backend: str = "auto") -> None:
     """p <- p (1 - lr * weight_decay) - lr * u for every parameter, fused; ``lr`` may be a 0-d device tensor
     (the radius controller's effective learning rate), so applying it needs no host synchronisation."""
+    if distributed.any_sharded(params):
+        params, updates = distributed.locals_(params), distributed.locals_(updates)
     device = _check_lists("apply_update_", params, {}, acc_lists={"updates": updates})
     b = _backend.resolve("apply_update_", backend, device)
     _apply_op(list(params), list(updates), _scale_tensor(lr, device), float(weight_decay), b)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import distributed
+
 
 class ScratchBuffers:
     """One contiguous tensor per parameter, made on first use and made again only when the parameter's shape,
@@ -13,10 +15,13 @@ class ScratchBuffers:
         self._buffers: dict[int, Tensor] = {}
 
     def like(self, p: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """The scratch tensor of ``p``: its shape and device, ``dtype`` (``p``'s own if None); contents undefined."""
+        """The scratch tensor of ``p``: its shape and device, ``dtype`` (``p``'s own if None); contents undefined.
+        For a DTensor (FSDP2) parameter, the shape of its local shard."""
+        key = id(p)
+        p = distributed.local(p)
         dtype = p.dtype if dtype is None else dtype
-        s = self._buffers.get(id(p))
+        s = self._buffers.get(key)
         if s is None or s.shape != p.shape or s.dtype != dtype or s.device != p.device:
             s = torch.empty(p.shape, dtype=dtype, device=p.device)
-            self._buffers[id(p)] = s
+            self._buffers[key] = s
         return s

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import spectral
+from .. import distributed, spectral
 from .._checks import acc_dtype
 from .._hostread import DeferredRead, capturing
 from ._wrapper import OptimizerWrapper
@@ -280,13 +280,15 @@ class PSS(OptimizerWrapper):
         for i, w in enumerate(self.matrices):
             by_device.setdefault(w.device, []).append(i)
         for idx in by_device.values():
-            mats = [self.matrices[i] for i in idx]
-            self._ensure_vectors(idx)
+            mats = [_whole(self.matrices[i]) for i in idx]
+            self._ensure_vectors(idx, mats)
             us = [self._vectors[i][0] for i in idx]
             vs = [self._vectors[i][1] for i in idx]
             init = [self._subspace.get(i) for i in idx] if self.warm_subspace else None
             rep = spectral.spectral_smooth_(mats, us, vs, generator=self.generator, init=init,
                                             backend=self.backend, **self.smooth_options)
+            for i, whole in zip(idx, mats):
+                _write_shard(self.matrices[i], whole)
             if self.warm_subspace:
                 for i, V in zip(idx, rep.V):
                     if V is not None:
@@ -298,11 +300,11 @@ class PSS(OptimizerWrapper):
         report.sigma, report.stable_rank, report.k = sigma, sr, k
         report.sigma_after, report.changed = sigma_after, changed
 
-    def _ensure_vectors(self, idx: list[int]) -> None:
+    def _ensure_vectors(self, idx: list[int], mats: list[torch.Tensor]) -> None:
         new = [i for i in idx if i not in self._vectors]
         if not new:
             return
-        mats = [self.matrices[i] for i in new]
+        mats = [m for i, m in zip(idx, mats) if i in new]
         us, vs = spectral.init_power_vectors(mats, self.generator)
         spectral.power_iteration_(mats, us, vs, self.warmup_iters, backend=self.backend)
         for i, u, v in zip(new, us, vs):
@@ -342,6 +344,20 @@ class PSS(OptimizerWrapper):
     def __repr__(self) -> str:
         return (f"PSS({self.optimizer!r}, matrices={len(self.matrices)}, trigger={self.trigger}, "
                 f"ema={self.ema_alpha}, warmup={self.warmup}, every={self.every}, {self.smooth_options})")
+
+
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """The matrix to smooth: ``w`` itself, or for a DTensor (FSDP2) shard the whole matrix, gathered (smoothing
+    runs on trigger steps only; every rank then smooths the same matrix and keeps its own rows)."""
+    return w.full_tensor() if distributed.is_sharded(w) else w
+
+
+def _write_shard(w: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copies a DTensor's rows back from the smoothed whole matrix (nothing to do for a plain tensor)."""
+    if whole is w:
+        return
+    shard, at = distributed.local(w), distributed.layout(w).offset
+    shard.copy_(whole.reshape(-1)[at: at + shard.numel()].view(shard.shape))
 
 
 class PSSAdamW(PSS):

@@ -165,9 +165,14 @@ class RadiusProbe:
                 h, h_dot = tangent.tangent_features(self.model, inputs, named, self.head, self.logits_fn,
                                                     eval=self.probe_mode == "eval")
                 w_dot, b_dot = tangent.head_direction(self.model, self.head, named)
+                # FSDP2: the head's weight and its direction whole (gathered; the features are whole already)
+                weight = self.head.weight.detach()
+                w_dot = None if w_dot is None else distributed.whole(w_dot, weight)
+                b_dot = None if b_dot is None else distributed.whole(b_dot, self.head.bias)
+                weight = weight.full_tensor() if distributed.is_sharded(weight) else weight
                 acc = h_dot.dtype
                 spreads = spread.tangent_spread_linear(
-                    h.to(acc), h_dot, self.head.weight.detach().to(acc),
+                    h.to(acc), h_dot, weight.to(acc),
                     None if w_dot is None else w_dot.to(acc), None if b_dot is None else b_dot.to(acc),
                     "none", backend=self.backend)
                 return math.pi / (self._global_spread(spreads) * scale).clamp_min(spread.RADIUS_GUARD)
@@ -361,7 +366,9 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         process_group: under torch.distributed (DDP), the group whose ranks share the step (default: the
             world). The radius is then the global sample set's: one all-reduce MAX of the spread per step
             (a quantile ``reduce`` all-gathers the per-sample spreads; equal per-rank counts). ``model`` may be
-            the DDP-wrapped module or the inner one; probes run the inner one, never DDP's forward.
+            the DDP-wrapped module or the inner one; probes run the inner one, never DDP's forward. Under
+            FSDP2 (DTensor parameters) the sums over a tensor's shards run over its mesh, and the probes run
+            FSDP's own forward (README "Distributed training").
 
     ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
     moments still advance); a zero proposal steps normally.

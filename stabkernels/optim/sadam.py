@@ -103,7 +103,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         process_group: under torch.distributed (DDP), the group whose ranks share the step (default: the
             world): the losses at theta and at the perturbed points are averaged over it (two all-reduces of
             k + 1 numbers), so every rank computes the global batch's slopes; the seed is rank 0's. ``model``
-            may be DDP-wrapped; probes run the inner module.
+            may be DDP-wrapped; probes run the inner module. Under FSDP2 (DTensor parameters) the perturbed
+            points are written into the shards and copied back afterwards.
         warn_nonfinite: warn when probes are dropped; the count is read back without a synchronisation, so the
             warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
     """
@@ -161,6 +162,10 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     @torch.compiler.disable
     def _probe(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> Tensor:
         """The k slopes D_i for the parameters ``params`` perturbed together; NaN for non-finite probes."""
+        if distributed.any_sharded(params):
+            losses = self._probe_shards(params, k, sigma, closure, loss0)
+            D = (distributed.mean(torch.stack(losses), self.process_group) - loss0) / sigma
+            return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
         scratch = [self._scratch.like(p) for p in params]
         originals = [p.data for p in params]
         losses = []
@@ -177,6 +182,31 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
         D = (distributed.mean(torch.stack(losses), self.process_group) - loss0) / sigma
         return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
+
+    def _probe_shards(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> list:
+        """FSDP2: the perturbed points are written into the parameters' local shards (FSDP's forward gathers
+        from them) and the shards are copied back from a saved copy afterwards: bit-identical, as with the
+        scratch tensors."""
+        if self.model is None:
+            raise ValueError("SAdam on FSDP2 (DTensor) parameters needs the model (SAdam(model, ...) or model=...): "
+                             "its gathered parameters are freed after each probe forward")
+        shards = distributed.locals_(params)
+        saved = [s.clone() for s in shards]
+        losses = []
+        try:
+            for _ in range(k):
+                directions = directional.random_directions(params, self.seed, self.probe_counter)
+                self.probe_counter += 1
+                distributed.reshard(self.model)  # each probe forward gathers the perturbed shards
+                for s, s0, d in zip(shards, saved, directions):
+                    s.copy_(s0.to(d.dtype) + torch.tensor(sigma, dtype=d.dtype) * d)
+                value = closure()
+                losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
+        finally:
+            distributed.reshard(self.model)
+            for s, s0 in zip(shards, saved):
+                s.copy_(s0)
+        return losses
 
     def _capture(self, module, args, kwargs):
         if module.training and not self._in_probe:
