@@ -23,7 +23,7 @@ from .losses import cross_entropy_z_loss, stablemax_cross_entropy
 from .spread import row_spread, softmax_radius, tangent_spread_linear
 from .tangent import tangent_features, tangent_logits
 from .update import adam_step_, apply_update_, sgd_step_
-from . import diagnostics, nn, optim
+from . import checkpoint, diagnostics, distributed, nn, optim
 from .diagnostics import spectral_report
 
 __version__ = "0.1.0"
@@ -41,5 +41,5 @@ __all__ = [
     "init_power_vectors", "power_iteration_", "spectral_report", "spectral_smooth_", "sq_norms", "stable_rank",
     "top_singular",
     # subpackages
-    "diagnostics", "nn", "optim",
+    "checkpoint", "diagnostics", "distributed", "nn", "optim",
 ]

@@ -1,6 +1,6 @@
-"""DDP: with 2 gloo ranks on CPU, each on its half of every batch, every optimizer keeps the ranks
-bit-identical and equals one process stepping on the global batch (same init) to fp32 rounding. The
-optimizers are constructed with the DDP-wrapped module, as a user would."""
+"""DDP and FSDP2: with 2 gloo ranks on CPU, each on its half of every batch, every optimizer equals one
+process stepping on the global batch (same init) to fp32 rounding, and under DDP keeps the ranks
+bit-identical. The optimizers are constructed with the DDP-wrapped or fully_shard-ed module, as a user would."""
 import datetime
 import os
 import socket
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from stabkernels import distributed
+from stabkernels import checkpoint, distributed
 from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam
 
 STEPS, BATCH = 5, 32
@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "PSSAdamW": lambda m: PSSAdamW(m, lr=1e-2, every=2),
     "PSS(AdamW)": lambda m: PSS(torch.optim.AdamW(m.parameters(), lr=1e-2), m, every=2),
     "OrthoGrad(AdamW)": lambda m: OrthoGrad(torch.optim.AdamW(m.parameters(), lr=1e-2)),
+    "RadiusAdamW-head": lambda m: RadiusAdamW(m.parameters(), lr=0.5, model=m, head=distributed.unwrap(m)[3]),
 }
 
 
@@ -39,13 +40,22 @@ def batches():
     return torch.randn(STEPS, BATCH, 10, generator=g), torch.randint(0, 5, (STEPS, BATCH), generator=g)
 
 
-def train(name, model, wrapped, rows, torch_seed):
+def fully_shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def train(name, model, wrapped, rows, torch_seed, steps=range(STEPS), opt=None):
     """STEPS steps of optimizer ``name`` built on ``wrapped`` (the DDP module or the model), on ``rows``.
     ``torch_seed`` differs by rank, so S-Adam's default seeds differ until the ranks agree on rank 0's."""
     torch.manual_seed(torch_seed)
-    opt = OPTIMIZERS[name](wrapped)
+    opt = OPTIMIZERS[name](wrapped) if opt is None else opt
     xs, ys = batches()
-    for t in range(STEPS):
+    for t in steps:
         x, y = xs[t][rows], ys[t][rows]
         opt.zero_grad()
         loss = F.cross_entropy(wrapped(x), y)
@@ -56,7 +66,7 @@ def train(name, model, wrapped, rows, torch_seed):
             opt.step()
     if hasattr(opt, "flush"):
         opt.flush()
-    return [p.detach().clone() for p in model.parameters()], getattr(opt, "last", None)
+    return [p.detach().clone() for p in model.parameters()], opt
 
 
 def worker(rank, world, port, out_dir):
@@ -70,8 +80,66 @@ def worker(rank, world, port, out_dir):
             ddp = nn.parallel.DistributedDataParallel(model)
             params, _ = train(name, model, ddp, slice(rank * per, (rank + 1) * per), torch_seed=100 + rank)
             torch.save(params, os.path.join(out_dir, f"{name}-{rank}.pt"))
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        for name in OPTIMIZERS:
+            model = fully_shard(make_model(), mesh)
+            train(name, model, model, slice(rank * per, (rank + 1) * per), torch_seed=100 + rank)
+            whole = [p.full_tensor() for p in model.parameters()]
+            torch.save(whole, os.path.join(out_dir, f"fsdp-{name}-{rank}.pt"))
+            # a DCP checkpoint after 3 steps, resumed in a fresh model and optimizer, continues identically
+            rows, cut = slice(rank * per, (rank + 1) * per), 3
+            model = fully_shard(make_model(), mesh)
+            _, opt = train(name, model, model, rows, 100 + rank, steps=range(cut))
+            path = os.path.join(out_dir, f"dcp-{name}")
+            checkpoint.save(path, model, opt)
+            train(name, model, model, rows, 7, range(cut, STEPS), opt)
+            straight = [p.full_tensor() for p in model.parameters()]
+            resumed_model = fully_shard(make_model(), mesh)
+            resumed_opt = OPTIMIZERS[name](resumed_model)
+            checkpoint.load(path, resumed_model, resumed_opt)
+            train(name, resumed_model, resumed_model, rows, 7, range(cut, STEPS), resumed_opt)
+            resumed = [p.full_tensor() for p in resumed_model.parameters()]
+            torch.save((straight, resumed), os.path.join(out_dir, f"dcp-{name}-{rank}.pt"))
+        torch.save(sharded_ops(mesh), os.path.join(out_dir, f"ops-{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# tensors whose row splits over 2 ranks put shard boundaries inside Philox's 4-element groups (offset 9, 21, ...)
+OP_SHAPES = [(5, 3), (7,), (3, 7, 2), (13, 6)]
+
+
+def op_inputs():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(s, generator=g) for s in OP_SHAPES], torch.randn(4, 10, generator=g)
+
+
+def sharded_ops(mesh) -> dict:
+    """The ops on DTensor shards of op_inputs(); each rank returns its local results."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stabkernels import directional, spectral, tangent
+
+    full, x = op_inputs()
+    ts = [distribute_tensor(t, mesh, [Shard(0)]) for t in full]
+    mat = ts[3]
+    u = torch.ones(mat.to_local().shape[0]) / 13 ** 0.5
+    v = torch.ones(6) / 6 ** 0.5
+    sigma = spectral.power_iteration_([mat], [u], [v], iters=20)
+    model = fully_shard(make_model(), mesh)
+    g = torch.Generator().manual_seed(4)
+    direction = {n: distributed.local(distribute_tensor(torch.randn(p.shape, generator=g), mesh, [Shard(0)]))
+                 for n, p in model.named_parameters()}
+    out = {"directions": directional.random_directions(ts, seed=11, probe=2),
+           "perturbed": distributed.locals_(directional.perturb(ts, seed=11, probe=2, sigma=0.5)),
+           "dots": directional.directional_dots(ts, seed=11, num_probes=3),
+           "sq_norms": spectral.sq_norms(ts), "sigma": sigma, "u": u, "v": v,
+           "jvp": tangent.tangent_logits(model, x, direction, "jvp"),
+           "fd": tangent.tangent_logits(model, x, direction, "fd", eps=1e-3)}
+    out["params_after"] = [p.full_tensor() for p in model.parameters()]
+    return out
 
 
 def free_port() -> int:
@@ -103,7 +171,8 @@ def test_ddp_ranks_identical_and_equal_to_one_process_on_the_global_batch(name, 
     r1 = torch.load(ddp_results / f"{name}-1.pt")
     assert all(torch.equal(a, b) for a, b in zip(r0, r1)), "the replicas drifted apart"
     model = make_model()
-    single, last = train(name, model, model, slice(0, BATCH), torch_seed=100)  # rank 0's seed
+    single, opt = train(name, model, model, slice(0, BATCH), torch_seed=100)  # rank 0's seed
+    last = getattr(opt, "last", None)
     if name.startswith("Radius"):
         assert float(last.scale) < 1  # the control binds, so a wrong radius would show
     if name == "SAdam":
@@ -112,6 +181,90 @@ def test_ddp_ranks_identical_and_equal_to_one_process_on_the_global_batch(name, 
     assert any(not torch.equal(a, b) for a, b in zip(single, start))
     for a, b in zip(r0, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fsdp2_equals_one_process_on_the_global_batch(name, ddp_results):
+    model = make_model()
+    single, opt = train(name, model, model, slice(0, BATCH), torch_seed=100)
+    if name.startswith("Radius"):
+        assert float(opt.last.scale) < 1  # the control binds
+    for rank in (0, 1):
+        sharded = torch.load(ddp_results / f"fsdp-{name}-{rank}.pt")
+        for a, b in zip(sharded, single):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fsdp2_checkpoint_resumes_identically(name, ddp_results):
+    for rank in (0, 1):
+        straight, resumed = torch.load(ddp_results / f"dcp-{name}-{rank}.pt")
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed)), "the resumed run took other steps"
+        start = make_model().parameters()
+        assert any(not torch.equal(a, b) for a, b in zip(straight, start))
+
+
+@pytest.mark.parametrize("name", ["RadiusAdamW", "SAdam", "PSS(AdamW)"])
+def test_checkpoint_in_one_process_resumes_identically(name, tmp_path):
+    runs = []
+    for resume in (False, True):
+        model = make_model()
+        _, opt = train(name, model, model, slice(0, BATCH), 100, steps=range(3))
+        if resume:
+            checkpoint.save(tmp_path / name, model, opt)
+            model = make_model()
+            opt = OPTIMIZERS[name](model)
+            checkpoint.load(tmp_path / name, model, opt)
+        runs.append(train(name, model, model, slice(0, BATCH), 7, range(3, STEPS), opt)[0])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_checkpoint_load_refuses_a_foreign_directory(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model = make_model()
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "plain")
+    with pytest.raises(ValueError, match="not written by stabkernels.checkpoint.save"):
+        checkpoint.load(tmp_path / "plain", model, OPTIMIZERS["RadiusAdamW"](model))
+
+
+def test_sharded_ops_equal_the_unsharded_ones(ddp_results):
+    """Direction streams keyed by the global element index (each shard holds its slice of the unsharded
+    direction, bit for bit), sums over the shards, the row-sharded power iteration and the tangent logits
+    through FSDP2's forward."""
+    from stabkernels import directional, spectral, tangent
+
+    full, x = op_inputs()
+    r = [torch.load(ddp_results / f"ops-{rank}.pt") for rank in (0, 1)]
+    cat = lambda key, i: torch.cat([r[0][key][i].reshape(-1), r[1][key][i].reshape(-1)])  # noqa: E731
+    for i, d in enumerate(directional.random_directions(full, seed=11, probe=2)):
+        assert torch.equal(cat("directions", i), d.reshape(-1)), OP_SHAPES[i]
+    for i, d in enumerate(directional.perturb(full, seed=11, probe=2, sigma=0.5)):
+        assert torch.equal(cat("perturbed", i), d.reshape(-1)), OP_SHAPES[i]
+    dots = directional.directional_dots(full, seed=11, num_probes=3)
+    ref = directional.directional_dots(full, seed=11, num_probes=3, backend="torch")
+    for rank in (0, 1):
+        torch.testing.assert_close(r[rank]["dots"], dots, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r[rank]["dots"], ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r[rank]["sq_norms"], spectral.sq_norms(full), rtol=1e-6, atol=0)
+    u = torch.ones(13) / 13 ** 0.5
+    v = torch.ones(6) / 6 ** 0.5
+    sigma = spectral.power_iteration_([full[3]], [u], [v], iters=20)
+    for rank in (0, 1):
+        torch.testing.assert_close(r[rank]["sigma"], sigma, rtol=1e-6, atol=0)
+        torch.testing.assert_close(r[rank]["v"], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[0]["u"], r[1]["u"]]), u, rtol=1e-5, atol=1e-6)
+    model = make_model()
+    g = torch.Generator().manual_seed(4)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    for method, eps, tol in (("jvp", 1e-4, 1e-6), ("fd", 1e-3, 1e-4)):
+        want = tangent.tangent_logits(model, x, direction, method, eps=eps)
+        assert want.abs().max() > 0.1
+        for rank in (0, 1):
+            torch.testing.assert_close(r[rank][method], want, rtol=tol, atol=tol)
+    for rank in (0, 1):  # the probes left the parameters exactly as they were
+        for a, b in zip(r[rank]["params_after"], model.parameters()):
+            assert torch.equal(a, b)
 
 
 def uneven_worker(rank, world, port, out_dir):
