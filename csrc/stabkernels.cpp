@@ -42,6 +42,9 @@ TORCH_LIBRARY(stabkernels_C, m) {
   m.def("perturb(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out) -> ()");
   m.def("directional_dots(Tensor[] grads, Tensor keys) -> Tensor");
   m.def("orthograd_(Tensor[] params, Tensor(a!)[] grads) -> ()");
+  // the float32 normals of elements [offsets[i], offsets[i] + out[i].numel()) of stream i into out[i]
+  // (a DTensor shard's slice); returns their sums of squares (float64). CPU only (Triton serves CUDA).
+  m.def("shard_normals(Tensor(a!)[] out, Tensor keys, int[] offsets) -> Tensor");
   // losses (SPEC 4): per-row losses (float32; 0 for ignored rows) and, when grad is non-empty, the row
   // gradients scaled by grad_scale written into grad (which may alias logits).
   m.def("cross_entropy_z_loss(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, float z_coef, "

@@ -236,30 +236,51 @@ def orthograd_reference(params, grads):
         g.copy_(perp * (g64.norm() / (perp.norm() + 1e-30)))
 
 
+_shard_normals_op = define_op(
+    "shard_normals", "(Tensor(a!)[] out, Tensor keys, int[] offsets, str backend) -> Tensor",
+    lambda out, keys, offsets, backend: out[0].new_empty(len(out), dtype=torch.float64))
+
+
+@_backend.register("shard_normals", "torch")
+def shard_normals_reference(out, keys, offsets):
+    """Reference: the float32 normals of elements [offset, offset + numel) of each stream into ``out``; their
+    sums of squares (float64)."""
+    sums = []
+    for o, k, off in zip(out, keys.tolist(), offsets):
+        n = stream_normals(k & MASK64, o.numel(), o.device, start=off)
+        o.copy_(n.reshape(o.shape))
+        sums.append(n.to(torch.float64).pow(2).sum())
+    return torch.stack(sums)
+
+
 for _op in ("random_directions", "perturb", "directional_dots", "orthograd_"):
     _backend.register_kernels(_op, "directional")
+# CPU kernel and Triton only (no CUDA kernel: on CUDA tensors auto picks Triton)
+_backend.register("shard_normals", "cpp")(lambda *a: torch.ops.stabkernels_C.shard_normals(*a))
+_backend.register("shard_normals", "triton")(
+    lambda *a: __import__("stabkernels.triton.directional", fromlist=["shard_normals"]).shard_normals(*a))
 
 
 # --------------------------------------------------------------------------------------------------
-# DTensor (FSDP2) shards: each rank generates the stream of its own elements, keyed by their global index,
-# so a shard holds exactly its slice of the unsharded direction; the unit-norm sums S are summed over the
-# shards (one all-reduce of T numbers per probe). Generation here is the torch reference.
+# DTensor (FSDP2) shards: each rank generates the stream of its own elements, keyed by their global index
+# (the shard_normals op), so a shard holds exactly its slice of the unsharded direction; the unit-norm sums S
+# are summed over the shards (one all-reduce of T numbers per probe).
 
 
-def _shard_normals(tensors, keys: list) -> tuple[list[Tensor], Tensor]:
-    """The local shards' normals and the per-tensor float32 scales s of step 4, over the whole tensors."""
-    normals, sq = [], []
-    for t, k in zip(tensors, keys):
-        lay, loc = distributed.layout(t), distributed.local(t)
-        n = stream_normals(k & MASK64, loc.numel(), loc.device, start=lay.offset)
-        normals.append(n)
-        sq.append(n.to(torch.float64).pow(2).sum())
-    S = distributed.sum_shards(torch.stack(sq), tensors)
+def _shard_normals(tensors, keys: list, backend: str = "auto") -> tuple[list[Tensor], Tensor]:
+    """The local shards' normals (flat float32) and the per-tensor float32 scales s of step 4, over the whole
+    tensors."""
+    shards = distributed.locals_(tensors)
+    normals = [torch.empty(t.numel(), dtype=torch.float32, device=t.device) for t in shards]
+    b = _backend.resolve("shard_normals", backend, shards[0].device)
+    table = torch.tensor([_signed(k & MASK64) for k in keys], dtype=torch.int64)
+    sums = _shard_normals_op(normals, table, [distributed.layout(t).offset for t in tensors], b)
+    S = distributed.sum_shards(sums.to(shards[0].device), tensors)
     return normals, (1.0 / (S.sqrt() + 1e-12)).to(torch.float32)
 
 
-def _sharded_directions(tensors, keys: list) -> list[Tensor]:
-    normals, scales = _shard_normals(tensors, keys)
+def _sharded_directions(tensors, keys: list, backend: str = "auto") -> list[Tensor]:
+    normals, scales = _shard_normals(tensors, keys, backend)
     out = []
     for t, n, s in zip(tensors, normals, scales):
         A = acc_dtype(t.dtype)
@@ -285,7 +306,7 @@ def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backe
     inputs); only the shapes and dtypes of ``tensors`` matter. For DTensors (FSDP2) each rank gets its local
     shard's slice of each direction (plain tensors of the local shape); unit norm is per full tensor."""
     if distributed.any_sharded(tensors):
-        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0].tolist())
+        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0].tolist(), backend)
     tensors = check_tensor_list(tensors, "tensors")
     b = _backend.resolve("random_directions", backend, tensors[0].device)
     keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
@@ -304,7 +325,7 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
     if not math.isfinite(sigma):
         raise ValueError(f"sigma must be finite, got {sigma}")
     if distributed.any_sharded(params) or (out is not None and distributed.any_sharded(out)):
-        return _perturb_sharded(list(params), _seed_int(seed), probe, sigma, out)
+        return _perturb_sharded(list(params), _seed_int(seed), probe, sigma, out, backend)
     params = check_tensor_list(params, "params")
     if out is None:
         out = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
@@ -325,14 +346,14 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
     return out
 
 
-def _perturb_sharded(params, seed: int, probe: int, sigma: float, out) -> list:
+def _perturb_sharded(params, seed: int, probe: int, sigma: float, out, backend: str) -> list:
     if out is None:
         out = [torch.empty_like(p) for p in params]
     out = list(out)
     if len(out) != len(params):
         raise ValueError(f"out has {len(out)} tensors for {len(params)} params")
     keys = key_table(seed, [probe], len(params))[0].tolist()
-    for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, keys))):
+    for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, keys, backend))):
         pl, ol = distributed.local(p), distributed.local(o)
         if ol.shape != pl.shape or ol.dtype != pl.dtype:
             raise ValueError(f"out[{i}] must be a {pl.dtype} tensor of the local shard's shape {tuple(pl.shape)}")
@@ -352,19 +373,19 @@ def directional_dots(grads: Sequence[Tensor], seed: int, num_probes: int, *, fir
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     if distributed.any_sharded(grads):
-        return _dots_sharded(list(grads), _seed_int(seed), range(first_probe, first_probe + num_probes))
+        return _dots_sharded(list(grads), _seed_int(seed), range(first_probe, first_probe + num_probes), backend)
     grads = check_tensor_list(grads, "grads")
     b = _backend.resolve("directional_dots", backend, grads[0].device)
     keys = key_table(_seed_int(seed), range(first_probe, first_probe + num_probes), len(grads))
     return _dots_op(grads, keys if b != "triton" else keys.to(grads[0].device), b)
 
 
-def _dots_sharded(grads, seed: int, probes) -> Tensor:
+def _dots_sharded(grads, seed: int, probes, backend: str) -> Tensor:
     """Per probe: sum_t (g_t . n_t) s_t, with the shard dot products and S summed over the shards."""
     table = key_table(seed, probes, len(grads))
     out = []
     for row in table.tolist():
-        normals, scales = _shard_normals(grads, row)
+        normals, scales = _shard_normals(grads, row, backend)
         dots = torch.stack([distributed.local(g).reshape(-1).to(torch.float64) @ n.to(torch.float64)
                             for g, n in zip(grads, normals)])
         out.append((distributed.sum_shards(dots, grads) * scales.to(torch.float64)).sum())

@@ -46,6 +46,20 @@ def test_bench_quick_writes_csv_table_and_chart(tmp_path):
 
 
 @pytest.mark.slow
+def test_distributed_bench_times_every_optimizer_under_ddp_and_fsdp2(tmp_path):
+    from stabkernels.benchmarks import distributed_steps
+
+    assert distributed_steps.main(["--rounds", "1", "--width", "16", "--batch", "8", "--out", str(tmp_path),
+                                   "--name", "smoke"]) == 0
+    rows = read_csv(tmp_path / "smoke-distributed.csv")
+    assert {(r["wrapper"], r["optimizer"]) for r in rows} == {
+        (w, o) for w in ("DDP", "FSDP2") for o in ("AdamW(fused=True)", "RadiusController(Adam)", "RadiusAdamW",
+                                                     "RadiusSGD", "SAdam", "PSSAdamW", "PSS(AdamW)", "OrthoGrad(AdamW)")}
+    assert all(float(r["step_ms"]) > 0 for r in rows)
+    assert "| SAdam |" in (tmp_path / "smoke-distributed.md").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_radius", "train_pss", "train_sadam", "train_orthograd"])
 def test_example_resumes_identically(script, monkeypatch, capsys):
     monkeypatch.syspath_prepend(os.path.join(REPO, "examples"))

@@ -221,3 +221,23 @@ def test_orthograd_near_parallel_gradient_uses_an_accurate_norm():
     ref = [g.float().clone()]
     D.orthograd_reference([w.float()], ref)
     torch.testing.assert_close(p.grad, ref[0], rtol=1e-3, atol=1e-5)
+
+
+SHARD_BACKENDS = backend_params("shard_normals")
+
+
+@pytest.mark.parametrize("backend,device", SHARD_BACKENDS)
+def test_shard_normals_are_the_slice_of_the_stream_bit_for_bit(backend, device):
+    """A DTensor shard's stream: elements [offset, offset + n) of the tensor's stream, for offsets inside a
+    Philox group of 4, empty shards and shards that span several generation blocks."""
+    from stabkernels import directional as D
+
+    cases = [(0, 5), (3, 1), (9, 4100), (2, 2), (5000, 0), (1, 3)]
+    keys = [D.stream_key(7, 1, i) for i in range(len(cases))]
+    out = [torch.full((n,), float("nan"), device=device) for _, n in cases]
+    table = torch.tensor([D._signed(k) for k in keys], dtype=torch.int64)
+    sums = D._shard_normals_op(out, table, [off for off, _ in cases], backend)
+    for (off, n), k, o, s in zip(cases, keys, out, sums.cpu()):
+        want = D.stream_normals(k, off + n)[off:]
+        assert torch.equal(o.cpu(), want), (off, n)
+        torch.testing.assert_close(s, want.double().square().sum(), rtol=1e-12, atol=0)

@@ -139,6 +139,18 @@ void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
 }
 #endif
 
+// gen_normals for any first element: a partial Philox group at the start is generated whole and cut.
+void gen_normals_from(uint64_t key, int64_t begin, int64_t end, float* n) {
+  int64_t head = begin;
+  if (begin % 4 != 0) {
+    head = std::min(end, (begin / 4 + 1) * 4);
+    float v[4];
+    stream_normals4(key, static_cast<uint64_t>(begin / 4), v);
+    std::memcpy(n, v + begin % 4, sizeof(float) * (head - begin));
+  }
+  if (end > head) gen_normals(key, head, end, n + (head - begin));
+}
+
 uint64_t key_at(const at::Tensor& keys, int64_t i) {
   return static_cast<uint64_t>(keys.const_data_ptr<int64_t>()[i]);
 }
@@ -204,6 +216,31 @@ std::vector<at::Tensor> random_directions_cpu(at::TensorList like, const at::Ten
     }
   });
   return out;
+}
+
+at::Tensor shard_normals_cpu(at::TensorList out, const at::Tensor& keys, at::IntArrayRef offsets) {
+  TORCH_CHECK(keys.numel() == static_cast<int64_t>(out.size()) && offsets.size() == out.size(),
+              "shard_normals: one key and one offset per output");
+  for (const auto& o : out)
+    TORCH_CHECK(o.scalar_type() == at::kFloat && o.is_contiguous(), "shard_normals: outputs must be contiguous float32");
+  const auto sizes = numels(out);
+  const auto chunks = make_chunks(sizes, kBlock);
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ci = b0; ci < b1; ++ci) {
+      const Chunk& ch = chunks[ci];
+      float* n = out[ch.index].mutable_data_ptr<float>() + ch.begin;
+      const int64_t off = offsets[ch.index];
+      gen_normals_from(key_at(keys, ch.index), off + ch.begin, off + ch.end, n);
+      double s = 0;
+      for (int64_t j = 0; j < ch.end - ch.begin; ++j) s += static_cast<double>(n[j]) * n[j];
+      partial[ci] = s;
+    }
+  });
+  at::Tensor sums = at::zeros({static_cast<int64_t>(out.size())}, at::TensorOptions().dtype(at::kDouble));
+  double* S = sums.mutable_data_ptr<double>();
+  for (size_t c = 0; c < chunks.size(); ++c) S[chunks[c].index] += partial[c];
+  return sums;
 }
 
 // out = theta + sigma * d, with d = n * scale in the math dtype (float32; float64 for float64).
@@ -368,6 +405,7 @@ TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
   m.impl("perturb", &perturb_cpu);
   m.impl("directional_dots", &directional_dots_cpu);
   m.impl("orthograd_", &orthograd_cpu);
+  m.impl("shard_normals", &shard_normals_cpu);
 }
 
 }  // namespace stabkernels::cpu

@@ -195,7 +195,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         losses = []
         try:
             for _ in range(k):
-                directions = directional.random_directions(params, self.seed, self.probe_counter)
+                directions = directional.random_directions(params, self.seed, self.probe_counter,
+                                                           backend=self.backend)
                 self.probe_counter += 1
                 distributed.reshard(self.model)  # each probe forward gathers the perturbed shards
                 for s, s0, d in zip(shards, saved, directions):

@@ -126,6 +126,29 @@ def _dots_kernel(keys, K, T, g_tab, numels, blk_tensor, blk_ctr, gn, nn, DTYPE: 
 
 
 @triton.jit
+def _shard_normals_kernel(keys, offsets, numels, blk_tensor, blk_ctr, out_tab, sums, BLOCK: tl.constexpr):
+    # the normals of elements [offset, offset + n) of stream t: counters from offset // 4, local index 4c + j - offset
+    b = tl.program_id(0)
+    t = tl.load(blk_tensor + b)
+    n = tl.load(numels + t)
+    off = tl.load(offsets + t)
+    ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
+    out = tl.load(out_tab + t).to(tl.pointer_type(tl.float32))
+    n0, n1, n2, n3 = _normals(tl.load(keys + t), ctr)
+    e = 4 * ctr - off
+    s = _store_in_range(out, e, n, n0) + _store_in_range(out, e + 1, n, n1)
+    s += _store_in_range(out, e + 2, n, n2) + _store_in_range(out, e + 3, n, n3)
+    tl.atomic_add(sums + t, tl.sum(s, axis=0))
+
+
+@triton.jit
+def _store_in_range(out, idx, n, v):
+    mask = (idx >= 0) & (idx < n)
+    tl.store(out + idx, v, mask=mask)
+    return tl.where(mask, v.to(tl.float64) * v, 0.0)
+
+
+@triton.jit
 def _ortho_sums_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, sums, DTYPE: tl.constexpr,
                        CHUNK: tl.constexpr):
     t, start, n = chunk_range(chunk_tensor, chunk_start, numels)
@@ -236,3 +259,16 @@ def orthograd_(params, grads, chunk=1024):
         perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0)
         scale = gg.sqrt() / (perp2.sqrt() + 1e-30)
         _ortho_write_kernel[(len(chunks),)](*tabs, coef, scale, DTYPE=TL_STORAGE[dtype], CHUNK=chunk)
+
+
+def shard_normals(out, keys, offsets):
+    device = out[0].device
+    blocks = [(i, c) for i, (o, off) in enumerate(zip(out, offsets))
+              for c in range(off // 4, max((off + o.numel() + 3) // 4, off // 4 + 1), BLOCK)]
+    sums = torch.zeros(len(out), dtype=torch.float64, device=device)
+    _shard_normals_kernel[(len(blocks),)](keys.to(device), int_table(offsets, device),
+                                          int_table((o.numel() for o in out), device),
+                                          int_table((b[0] for b in blocks), device),
+                                          int_table((b[1] for b in blocks), device), pointer_table(out, device), sums,
+                                          BLOCK=BLOCK)
+    return sums
