@@ -41,7 +41,7 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 demo: $(EXT)
-	$(BIN)/python -m stabkernels demo $(ARGS)
+	$(BIN)/python -m stabkernels demo --scenario all $(ARGS)
 
 bench: $(EXT)
 	$(BIN)/python -m stabkernels bench $(ARGS)

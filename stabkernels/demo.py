@@ -1,4 +1,11 @@
-"""``python -m stabkernels demo``: the stability shoot-out on scikit-learn's digits.
+"""``python -m stabkernels demo``: the stability shoot-out, ``--scenario digits`` (default), ``lm`` or ``all``.
+
+``lm`` (:mod:`stabkernels.lm`): a byte-level causal transformer on the standard library's sources, with and
+without a sustained learning-rate spike, for AdamW, AdamW + clipping, AdamW + z-loss, RadiusAdamW (the fused
+output-head spread), PSSAdamW, SAdam and OrthoGrad(AdamW); writes ``<out>/lm/summary.csv`` (method, spike,
+seed, final_val_loss in nats per byte), ``summary.md``, ``curves.csv`` and ``val_loss.png``.
+
+``digits``: the stability shoot-out on scikit-learn's digits.
 
 The sustained learning-rate spike of SPEC 2.5 (MLP 64-128-10, batch 64, 200 steps, the lr multiplied by 1000
 from step 50 on) for every optimizer of the library next to AdamW and AdamW with gradient clipping, over
@@ -25,19 +32,23 @@ from .benchmarks.run import progress
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m stabkernels demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed at base lr 1e-2 (about a minute)")
+    p.add_argument("--scenario", choices=("digits", "lm", "all"), default="digits")
+    p.add_argument("--quick", action="store_true", help="1 seed, short runs (under a minute per scenario)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--methods", default=",".join(digits.METHODS),
                    help="comma-separated, from: " + ", ".join(digits.METHODS))
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: digits 5, lm 3)")
+    p.add_argument("--lm-steps", type=int, default=200, help="lm: training steps (the lr spike from a third on)")
     p.add_argument("--lrs", default="1e-4,1e-3,1e-2", help="base learning rates")
     p.add_argument("--spike", type=float, default=1000.0, help="lr multiplier from --spike-at on")
     p.add_argument("--spike-at", type=int, default=50)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--no-info", action="store_true", help="skip the backend report")
     args = p.parse_args(argv)
+    args.lm_seeds = args.seeds or 3
+    args.seeds = args.seeds or 5
     if args.quick:
-        args.seeds, args.lrs = 1, "1e-2"
+        args.seeds, args.lrs, args.lm_seeds, args.lm_steps = 1, "1e-2", 1, 120
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in digits.METHODS]
     if unknown:
@@ -156,6 +167,30 @@ def main(argv=None) -> int:
         stabkernels.info()
         print()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.scenario in ("digits", "all"):
+        digits_demo(args)
+    if args.scenario in ("lm", "all"):
+        lm_demo(args)
+    return 0
+
+
+def lm_demo(args) -> None:
+    from . import lm
+
+    t0 = time.perf_counter()
+    steps = args.lm_steps
+    spike_at = steps // 3
+    histories = lm.run_all(list(lm.METHODS), args.lm_seeds, steps=steps, spike_at=spike_at)
+    settings = (f"{args.lm_seeds} seed(s), {steps} steps, batch 8 x 64 bytes, AdamW-family lr 3e-3, "
+                f"spike: lr x1000 from step {spike_at} on")
+    out = os.path.join(args.out, "lm")
+    md = lm.write_outputs(out, histories, settings, spike_at)
+    print(md)
+    print(f"{len(histories)} LM runs in {time.perf_counter() - t0:.0f} s; wrote summary.csv, summary.md, "
+          f"curves.csv and val_loss.png to {out}/")
+
+
+def digits_demo(args) -> None:
     t0 = time.perf_counter()
     histories = run_all(args)
     rows = summarise(histories, args.methods, args.lrs)
@@ -168,7 +203,6 @@ def main(argv=None) -> int:
     print(md)
     print(f"{len(histories)} runs in {time.perf_counter() - t0:.0f} s; wrote summary.csv, summary.md, history.csv, "
           f"accuracy_loss.png and radius.png to {args.out}/")
-    return 0
 
 
 if __name__ == "__main__":

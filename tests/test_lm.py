@@ -1,0 +1,53 @@
+"""The LM scenario: its data (the standard library's sources, split by file, fixed budgets), its model, and
+the demo run small, with the scenario's claim checked: the spike wrecks AdamW and not RadiusAdamW."""
+import csv
+import math
+
+import pytest
+import torch
+
+from stabkernels import lm
+from stabkernels.__main__ import main as cli
+
+
+def test_corpus_is_fixed_real_text_split_by_file():
+    a, b = lm.load_corpus(4096, 1024), lm.load_corpus(4096, 1024)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert len(a.train) == 4096 and len(a.val) == 1024 and a.files > 20
+    files = lm.stdlib_files()
+    assert files == sorted(files)
+    with open(files[0], "rb") as f:  # file 0 is training, file 7 the first validation file
+        assert bytes(a.train[:64].tolist()) == f.read(64)
+    with open(files[7], "rb") as f:
+        assert bytes(a.val[:64].tolist()) == f.read(64)
+    assert b"import" in bytes(a.train.tolist())
+
+
+def test_model_is_causal_and_windows_shift_by_one():
+    torch.manual_seed(0)
+    model = lm.ByteLM(context=16)
+    data = torch.arange(100, dtype=torch.uint8)
+    x, y = lm.windows(data, torch.tensor([0, 50]), 16)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and x[1, 0] == 50
+    out = model(x)
+    assert out.shape == (2, 16, lm.VOCAB)
+    x2 = x.clone()
+    x2[:, 10] = 7  # a later byte never changes earlier logits
+    assert torch.allclose(model(x2)[:, :10], out[:, :10])
+
+
+@pytest.mark.slow
+def test_lm_demo_quick_spike_wrecks_adamw_not_radius_adamw(tmp_path):
+    assert cli(["demo", "--scenario", "lm", "--quick", "--no-info", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "lm"
+    for name in ("summary.csv", "summary.md", "curves.csv", "val_loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["method", "spike", "seed", "final_val_loss"]
+    assert {r["method"] for r in rows} == set(lm.METHODS) and len(rows) == 2 * len(lm.METHODS)
+    loss = {(r["method"], r["spike"]): float(r["final_val_loss"]) for r in rows}
+    assert all(math.isfinite(loss[(m, "false")]) and loss[(m, "false")] < math.log(256) for m in lm.METHODS)
+    adamw = loss[("AdamW", "false")]
+    assert not loss[("AdamW", "true")] < 1.5 * adamw  # diverged (inf/nan) or at least 1.5x worse
+    assert loss[("RadiusAdamW(head)", "true")] <= 1.1 * adamw
