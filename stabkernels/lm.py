@@ -255,9 +255,15 @@ def run_all(methods, seeds: int, workers: int | None = None, **kwargs) -> list[H
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(m, spike, s, kwargs) for m in methods for spike in (False, True) for s in range(seeds)]
+    # the longest runs first (S-Adam's k probes, the radius probe), so that the workers finish together
+    cost = {"SAdam": 4, "RadiusAdamW(head)": 2}
+    order = sorted(range(len(jobs)), key=lambda i: -cost.get(jobs[i][0], 1))
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    out: list = [None] * len(jobs)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(_progress(pool.map(_run_one, jobs), "LM scenario", len(jobs)))
+        for i, h in zip(order, _progress(pool.map(_run_one, [jobs[i] for i in order]), "LM scenario", len(jobs))):
+            out[i] = h
+    return out
 
 
 def summary_rows(histories: list[History]) -> list[dict]:
