@@ -62,10 +62,8 @@ _splits: dict[int, digits.Split] = {}
 
 
 def _run_digits(job) -> digits.History:
-    """One run in a worker process, on one thread (the MLP gains nothing from more; a fixed count keeps each
-    run reproducible however the runs are spread over the workers)."""
+    """One run, in a worker process (see :func:`stabkernels._pool.map_on_cores`)."""
     method, lr, seed, steps, spike_at, spike = job
-    torch.set_num_threads(1)
     if seed not in _splits:
         _splits[seed] = digits.load_digits_split(seed)
     return digits.run(method, digits.METHODS[method], lr, seed, _splits[seed], steps=steps, spike_at=spike_at,
@@ -74,17 +72,14 @@ def _run_digits(job) -> digits.History:
 
 def run_all(args) -> list[digits.History]:
     """Every (method, lr, seed), one run per core."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from ._pool import map_on_cores
 
     jobs = [(m, lr, s, args.steps, args.spike_at, args.spike) for m in args.methods for lr in args.lrs
             for s in range(args.seeds)]
     histories = []
-    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        for i, h in enumerate(pool.map(_run_digits, jobs)):
-            progress(i, len(jobs), f"{h.method} lr={h.base_lr:g} seed={h.seed}")
-            histories.append(h)
+    for i, h in enumerate(map_on_cores(_run_digits, jobs)):
+        progress(i, len(jobs), f"{h.method} lr={h.base_lr:g} seed={h.seed}")
+        histories.append(h)
     progress(len(jobs), len(jobs), "done")
     return histories
 

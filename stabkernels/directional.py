@@ -267,19 +267,18 @@ _backend.register("shard_normals", "triton")(
 # are summed over the shards (one all-reduce of T numbers per probe).
 
 
-def _shard_normals(tensors, keys: list, backend: str = "auto") -> tuple[list[Tensor], Tensor]:
+def _shard_normals(tensors, keys: Tensor, backend: str = "auto") -> tuple[list[Tensor], Tensor]:
     """The local shards' normals (flat float32) and the per-tensor float32 scales s of step 4, over the whole
     tensors."""
     shards = distributed.locals_(tensors)
     normals = [torch.empty(t.numel(), dtype=torch.float32, device=t.device) for t in shards]
     b = _backend.resolve("shard_normals", backend, shards[0].device)
-    table = torch.tensor([_signed(k & MASK64) for k in keys], dtype=torch.int64)
-    sums = _shard_normals_op(normals, table, [distributed.layout(t).offset for t in tensors], b)
+    sums = _shard_normals_op(normals, keys, [distributed.layout(t).offset for t in tensors], b)
     S = distributed.sum_shards(sums.to(shards[0].device), tensors)
     return normals, (1.0 / (S.sqrt() + 1e-12)).to(torch.float32)
 
 
-def _sharded_directions(tensors, keys: list, backend: str = "auto") -> list[Tensor]:
+def _sharded_directions(tensors, keys: Tensor, backend: str = "auto") -> list[Tensor]:
     normals, scales = _shard_normals(tensors, keys, backend)
     out = []
     for t, n, s in zip(tensors, normals, scales):
@@ -306,7 +305,7 @@ def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backe
     inputs); only the shapes and dtypes of ``tensors`` matter. For DTensors (FSDP2) each rank gets its local
     shard's slice of each direction (plain tensors of the local shape); unit norm is per full tensor."""
     if distributed.any_sharded(tensors):
-        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0].tolist(), backend)
+        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0], backend)
     tensors = check_tensor_list(tensors, "tensors")
     b = _backend.resolve("random_directions", backend, tensors[0].device)
     keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
@@ -352,7 +351,7 @@ def _perturb_sharded(params, seed: int, probe: int, sigma: float, out, backend: 
     out = list(out)
     if len(out) != len(params):
         raise ValueError(f"out has {len(out)} tensors for {len(params)} params")
-    keys = key_table(seed, [probe], len(params))[0].tolist()
+    keys = key_table(seed, [probe], len(params))[0]
     for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, keys, backend))):
         pl, ol = distributed.local(p), distributed.local(o)
         if ol.shape != pl.shape or ol.dtype != pl.dtype:
@@ -384,7 +383,7 @@ def _dots_sharded(grads, seed: int, probes, backend: str) -> Tensor:
     """Per probe: sum_t (g_t . n_t) s_t, with the shard dot products and S summed over the shards."""
     table = key_table(seed, probes, len(grads))
     out = []
-    for row in table.tolist():
+    for row in table:
         normals, scales = _shard_normals(grads, row, backend)
         dots = torch.stack([distributed.local(g).reshape(-1).to(torch.float64) @ n.to(torch.float64)
                             for g, n in zip(grads, normals)])

@@ -236,10 +236,8 @@ _corpus_cache: list[Corpus] = []
 
 
 def _run_one(job) -> History:
-    """One run in a worker process: one thread (this model is too small to gain from more, and a fixed thread
-    count keeps every run reproducible however the runs are spread over workers)."""
+    """One run, in a worker process (see :func:`stabkernels._pool.map_on_cores`)."""
     method, spike, seed, kwargs = job
-    torch.set_num_threads(1)
     if not _corpus_cache:
         _corpus_cache.append(load_corpus())
     import warnings
@@ -251,18 +249,16 @@ def _run_one(job) -> History:
 
 def run_all(methods, seeds: int, workers: int | None = None, **kwargs) -> list[History]:
     """Every (method, spike, seed), spread over ``workers`` processes (default: one per core)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from ._pool import map_on_cores
 
     jobs = [(m, spike, s, kwargs) for m in methods for spike in (False, True) for s in range(seeds)]
     # the longest runs first (S-Adam's k probes, the radius probe), so that the workers finish together
     cost = {"SAdam": 4, "RadiusAdamW(head)": 2}
     order = sorted(range(len(jobs)), key=lambda i: -cost.get(jobs[i][0], 1))
-    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    results = list(_progress(map_on_cores(_run_one, [jobs[i] for i in order], workers), "LM scenario", len(jobs)))
     out: list = [None] * len(jobs)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for i, h in zip(order, _progress(pool.map(_run_one, [jobs[i] for i in order]), "LM scenario", len(jobs))):
-            out[i] = h
+    for i, h in zip(order, results):
+        out[i] = h
     return out
 
 

@@ -146,29 +146,27 @@ def _dual_parameters(model: nn.Module, tangents: dict[int, Tensor]):
     from torch.distributed.fsdp import FSDPModule
 
     handles, plain = [], []
-
-    def swap(owned):
-        done = []
-        for m, n in owned:
-            t = tangents.get(gathered[(id(m), n)])
-            if t is None:
-                continue
-            full = m._parameters[n]
-            m._parameters[n] = fwd_ad.make_dual(full.detach(), distributed.whole(t, sharded[(id(m), n)]).to(full.dtype))
-            done.append((m, n, full))
-        return done
-
-    gathered, sharded = {}, {}  # (module id, name) -> id of / the parameter held between forwards
+    # (module id, name) -> the parameter each FSDP2 module's owned slot holds between forwards (the shard)
+    sharded: dict[tuple[int, str], Tensor] = {}
     owned_by: list[tuple[nn.Module, list]] = []
-    in_fsdp = set()
     for root in model.modules():
         if isinstance(root, FSDPModule):
             owned = _owned_parameters(root, FSDPModule)
             owned_by.append((root, owned))
-            for m, n in owned:
-                gathered[(id(m), n)] = id(m._parameters[n])
-                sharded[(id(m), n)] = m._parameters[n]
-                in_fsdp.add((id(m), n))
+            sharded.update({(id(m), n): m._parameters[n] for m, n in owned})
+
+    def swap(owned):
+        done = []
+        for m, n in owned:
+            shard = sharded[(id(m), n)]
+            t = tangents.get(id(shard))
+            if t is None:
+                continue
+            full = m._parameters[n]
+            m._parameters[n] = fwd_ad.make_dual(full.detach(), distributed.whole(t, shard).to(full.dtype))
+            done.append((m, n, full))
+        return done
+
     for root, owned in owned_by:
         pending: list = []
 
@@ -184,7 +182,7 @@ def _dual_parameters(model: nn.Module, tangents: dict[int, Tensor]):
         handles.append(root.register_forward_hook(post, with_kwargs=True, always_call=True))
     for m in model.modules():
         for n, p in list(m._parameters.items()):
-            if p is not None and (id(m), n) not in in_fsdp and id(p) in tangents:
+            if p is not None and (id(m), n) not in sharded and id(p) in tangents:
                 m._parameters[n] = fwd_ad.make_dual(p.detach(), tangents[id(p)].to(p.dtype))
                 plain.append((m, n, p))
     try:
@@ -197,16 +195,23 @@ def _dual_parameters(model: nn.Module, tangents: dict[int, Tensor]):
         distributed.reshard(model)
 
 
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module, enabled: bool):
+    """Every buffer of ``model`` copied back from a saved copy afterwards (train-mode probes on the model's own
+    forward, where BatchNorm updates the real buffers)."""
+    saved = [(b, b.clone()) for b in model.buffers()] if enabled else []
+    try:
+        yield
+    finally:
+        for b, c in saved:
+            b.copy_(c)
+
+
 def _jvp_in_place(model: nn.Module, named: dict[str, Tensor], tangents: dict[str, Tensor], inputs, logits_fn,
                   buffers: bool):
     """The JVP through the model's own forward (FSDP2); with ``buffers``, every buffer is restored after."""
-    saved_buffers = [(b, b.clone()) for b in model.buffers()] if buffers else []
-    try:
-        with _dual_parameters(model, {id(named[n]): t for n, t in tangents.items()}):
-            return as_logits(_run(model, inputs), logits_fn)
-    finally:
-        for b, c in saved_buffers:
-            b.copy_(c)
+    with _buffers_restored(model, buffers), _dual_parameters(model, {id(named[n]): t for n, t in tangents.items()}):
+        return as_logits(_run(model, inputs), logits_fn)
 
 
 def _run(model: nn.Module, inputs):
@@ -224,17 +229,15 @@ def _call_in_place(model: nn.Module, named: dict[str, Tensor], values: dict[str,
     copied back from saved copies afterwards, so they end bit-identical."""
     shards = {n: distributed.local(named[n]) for n in values}
     saved = {n: t.clone() for n, t in shards.items()}
-    saved_buffers = [(b, b.clone()) for b in model.buffers()] if buffers else []
-    try:
-        for n, v in values.items():
-            shards[n].copy_(v)
-        return as_logits(_run(model, inputs), logits_fn)
-    finally:
-        distributed.reshard(model)  # the next forward gathers the shards again
-        for n, t in shards.items():
-            t.copy_(saved[n])
-        for b, c in saved_buffers:
-            b.copy_(c)
+    with _buffers_restored(model, buffers):
+        try:
+            for n, v in values.items():
+                shards[n].copy_(v)
+            return as_logits(_run(model, inputs), logits_fn)
+        finally:
+            distributed.reshard(model)  # the next forward gathers the shards again
+            for n, t in shards.items():
+                t.copy_(saved[n])
 
 
 def _call(model: nn.Module, params: dict[str, Tensor], inputs, logits_fn):

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _table import med, write_md  # noqa: E402
 
 from stabkernels import stablemax_cross_entropy  # noqa: E402
+from stabkernels._pool import map_on_cores  # noqa: E402
 from stabkernels.optim import OrthoGrad  # noqa: E402
 
 P = 113
@@ -75,7 +76,6 @@ def run(loss_name: str, opt_name: str, seed: int, steps: int, eval_every: int):
 
 def _job(job):
     (loss_name, opt_name), seed, steps, eval_every = job
-    torch.set_num_threads(1)
     return run(loss_name, opt_name, seed, steps, eval_every)
 
 
@@ -93,12 +93,8 @@ def main(argv=None) -> int:
     jobs = [(c, s, args.steps, 50 if not args.quick else 25) for c in configs for s in range(args.seeds)]
     if args.quick:
         results = list(map(_job, jobs))
-    else:  # one run per core
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_job, jobs))
+    else:  # one run per core, one thread each
+        results = list(map_on_cores(_job, jobs))
     rows = []
     for c in configs:
         loss_name, opt_name = c

@@ -162,28 +162,31 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     @torch.compiler.disable
     def _probe(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> Tensor:
         """The k slopes D_i for the parameters ``params`` perturbed together; NaN for non-finite probes."""
-        if distributed.any_sharded(params):
-            losses = self._probe_shards(params, k, sigma, closure, loss0)
-            D = (distributed.mean(torch.stack(losses), self.process_group) - loss0) / sigma
-            return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
+        probe = self._probe_shards if distributed.any_sharded(params) else self._probe_scratch
+        values = probe(params, k, sigma, closure)
+        losses = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).to(loss0.device) for v in values])
+        D = (distributed.mean(losses, self.process_group) - loss0) / sigma
+        return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
+
+    def _probe_scratch(self, params: list[Tensor], k: int, sigma: float, closure: Callable) -> list:
+        """The k probe losses, the perturbed points written into scratch tensors the parameters point to while
+        the closure runs."""
         scratch = [self._scratch.like(p) for p in params]
         originals = [p.data for p in params]
-        losses = []
+        values = []
         for _ in range(k):
             directional.perturb(originals, self.seed, self.probe_counter, sigma, out=scratch, backend=self.backend)
             self.probe_counter += 1
             for p, s in zip(params, scratch):
                 p.data = s
             try:
-                value = closure()
+                values.append(closure())
             finally:
                 for p, o in zip(params, originals):
                     p.data = o
-            losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
-        D = (distributed.mean(torch.stack(losses), self.process_group) - loss0) / sigma
-        return torch.where(torch.isfinite(D), D, torch.full_like(D, float("nan")))
+        return values
 
-    def _probe_shards(self, params: list[Tensor], k: int, sigma: float, closure: Callable, loss0: Tensor) -> list:
+    def _probe_shards(self, params: list[Tensor], k: int, sigma: float, closure: Callable) -> list:
         """FSDP2: the perturbed points are written into the parameters' local shards (FSDP's forward gathers
         from them) and the shards are copied back from a saved copy afterwards: bit-identical, as with the
         scratch tensors."""
@@ -201,8 +204,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                 distributed.reshard(self.model)  # each probe forward gathers the perturbed shards
                 for s, s0, d in zip(shards, saved, directions):
                     s.copy_(s0.to(d.dtype) + torch.tensor(sigma, dtype=d.dtype) * d)
-                value = closure()
-                losses.append(torch.as_tensor(value, dtype=torch.float64).reshape(()).to(loss0.device))
+                losses.append(closure())
         finally:
             distributed.reshard(self.model)
             for s, s0 in zip(shards, saved):
