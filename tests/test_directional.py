@@ -241,3 +241,13 @@ def test_shard_normals_are_the_slice_of_the_stream_bit_for_bit(backend, device):
         want = D.stream_normals(k, off + n)[off:]
         assert torch.equal(o.cpu(), want), (off, n)
         torch.testing.assert_close(s, want.double().square().sum(), rtol=1e-12, atol=0)
+
+
+def test_shard_normals_errors():
+    from stabkernels import directional as D
+
+    keys = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="float32"):
+        D._shard_normals_op([torch.empty(3, dtype=torch.float64), torch.empty(2)], keys, [0, 0], "cpp")
+    with pytest.raises(RuntimeError, match="one key and one offset"):
+        D._shard_normals_op([torch.empty(3), torch.empty(2)], keys, [0], "cpp")

@@ -377,6 +377,20 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
                candidates={b: (lambda b=b: directional.random_directions(grads, 1, 0, backend=b))
                            for b in kernel_backends("random_directions", device)})
 
+    # a 2-way FSDP2 shard of each tensor: its second half, from an offset inside a Philox group of 4
+    offsets = [x.numel() // 2 | 1 for x in grads]
+    halves = [torch.empty(x.numel() - o, device=device) for x, o in zip(grads, offsets)]
+    keys = directional.key_table(1, [0], len(grads))[0]
+
+    def torch_shard_normals():
+        return [torch.randn_like(h) for h in halves]
+
+    yield Case(op="shard_normals", shape=f"{label}:second halves", dtype="float32",
+               nbytes=sum(h.numel() * 4 for h in halves), baseline=torch_shard_normals,
+               baseline_name="per shard: randn_like",
+               candidates={b: (lambda b=b: directional._shard_normals_op(halves, keys, offsets, b))
+                           for b in kernel_backends("shard_normals", device)})
+
     params = [torch.randn(s_, generator=g).to(device) * 0.02 for s_ in shapes]
     scratch = [torch.empty_like(p) for p in params]
 
