@@ -3,9 +3,10 @@
 Environment switches:
   STABKERNELS_NO_EXT=1          pure-Python install (torch reference and Triton backends only)
   STABKERNELS_CUDA=auto|0|1     CUDA kernels: auto = when torch is a CUDA build and a toolkit is found
-  STABKERNELS_CPU_CAPABILITY    AVX512 | AVX2 | DEFAULT: the SIMD level of the CPU kernels; default is the
-                                best this build machine supports. The build records it and the package
-                                refuses to load ``_C`` on a CPU that lacks it.
+
+The CPU kernels are compiled for every ISA level of the target architecture (x86-64: DEFAULT, AVX2,
+AVX512) into the one binary, which picks the best level the running CPU supports at import (see
+csrc/cpu/dispatch.cpp; STABKERNELS_CPU_ISA forces a lower one). So a build made on any machine runs on all.
   TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME   as usual for torch extensions.
 
 Install after your own torch:  pip install --no-build-isolation .
@@ -20,11 +21,11 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO_NAME = "_C_build.json"
 
-# Flags that match what ATen uses for its own capability-specific kernels.
-CAPABILITY_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "DEFAULT": [],
+# The CPU kernels above baseline: level -> (source, flags). The flags are those ATen compiles its own
+# capability-specific kernels with. The DEFAULT level (csrc/cpu/isa/default.cpp) is an ordinary source.
+ISA_SOURCES = {
+    "AVX2": ("csrc/cpu/isa/avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+    "AVX512": ("csrc/cpu/isa/avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
 }
 
 
@@ -37,21 +38,42 @@ def _sources(pattern):
     return sorted(glob.glob(os.path.join("csrc", pattern)))
 
 
-def _cpu_capability(torch):
-    wanted = os.environ.get("STABKERNELS_CPU_CAPABILITY", "").upper()
-    if wanted:
-        if wanted not in CAPABILITY_FLAGS:
-            raise RuntimeError(f"STABKERNELS_CPU_CAPABILITY={wanted!r}; expected one of {sorted(CAPABILITY_FLAGS)}")
-        return wanted
+def _isa_levels():
+    """The CPU ISA levels compiled into _C: all of ISA_SOURCES on x86-64, the baseline elsewhere."""
     import platform
 
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "DEFAULT"
-    if torch.cpu._is_avx512_supported():
-        return "AVX512"
-    if torch.cpu._is_avx2_supported():
-        return "AVX2"
-    return "DEFAULT"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["DEFAULT", *ISA_SOURCES]
+    return ["DEFAULT"]
+
+
+def _localize(obj, keep):
+    """An object made of ``obj`` with every symbol it defines local except ``keep`` (ELF only).
+
+    An AVX2/AVX512 object defines the inline header code it uses (torch's, the standard library's) as weak
+    symbols, compiled with that level's instructions; at link time one copy of each serves every caller,
+    the baseline code's too, and a copy built for AVX-512 would crash an AVX2 CPU with SIGILL. Merging the
+    object's section groups into plain sections (ld -r --force-group-allocation) and making its symbols
+    local gives the level its own private copies; what it exports is its kernel table only."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return obj
+    for tool in ("ld", "nm", "objcopy"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"building the CPU ISA levels needs {tool} (GNU binutils) on PATH")
+    out = obj[: -len(".o")] + ".local.o"
+    subprocess.run(["ld", "-r", "--force-group-allocation", "-o", out, obj], check=True)
+    # Data with one instance per program (static locals of inline functions: STB_GNU_UNIQUE) cannot be made
+    # local; weak, they resolve to the baseline's instance, which is what the program wants anyway.
+    listing = subprocess.run(["nm", "--defined-only", "-P", out], check=True, capture_output=True, text=True).stdout
+    unique = [line.split()[0] for line in listing.splitlines() if line.split()[1:2] == ["u"]]
+    names = out + ".weaken"
+    with open(names, "w") as f:
+        f.write("".join(name + "\n" for name in unique))
+    subprocess.run(["objcopy", f"--keep-global-symbol={keep}", f"--weaken-symbols={names}", out], check=True)
+    return out
 
 
 def _load_toolkit_helpers():
@@ -91,14 +113,12 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     from torch.utils import cpp_extension
 
-    capability = _cpu_capability(torch)
+    levels = _isa_levels()
     # -ffp-contract=off: no fused multiply-adds the torch reference does not make either (the direction
-    # stream and the perturbations are meant to agree bit for bit across CPU backends).
-    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *CAPABILITY_FLAGS[capability]]
-    if capability != "DEFAULT":
-        # Selects the matching ATen Vectorized<T> implementation, exactly as ATen's own kernels do.
-        cxx += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-    sources = _sources("*.cpp") + _sources("cpu/*.cpp")
+    # stream and the perturbations are meant to agree bit for bit across CPU backends and ISA levels).
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    # Baseline objects first: the inline header code they share with the ISA objects is linked from them.
+    sources = ["csrc/stabkernels.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa/default.cpp"]
     kwargs = dict(extra_compile_args={"cxx": cxx})
     if with_cuda:
         sources += _sources("cuda/*.cpp") + _sources("cuda/*.cu")
@@ -116,7 +136,7 @@ def _extensions():
         "torch": torch.__version__,
         "cuda": torch.version.cuda if with_cuda else None,
         "with_cuda": with_cuda,
-        "cpu_capability": capability,
+        "cpu_isa_levels": levels,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
     }
 
@@ -127,9 +147,25 @@ def _extensions():
         source tree for in-place and editable builds (copied along with the binary)."""
 
         def build_extension(self, extension):
+            self._compile_isa_objects(extension)
             super().build_extension(extension)
             with open(_record(self.get_ext_fullpath(extension.name)), "w") as f:
                 json.dump(info, f, indent=1)
+
+        def _compile_isa_objects(self, extension):
+            """Compiles each level above baseline with its own flags (one extension has one set of flags)
+            and links the objects after the baseline ones."""
+            objects = []
+            for level in levels[1:]:
+                source, flags = ISA_SOURCES[level]
+                args = extension.extra_compile_args
+                objects += self.compiler.compile(
+                    [source], output_dir=os.path.join(self.build_temp, "isa-" + level.lower()),
+                    macros=extension.define_macros, include_dirs=extension.include_dirs, debug=self.debug,
+                    extra_postargs={"cxx": args["cxx"] + flags, "nvcc": args.get("nvcc", [])},
+                    depends=extension.depends)
+            objects = [_localize(o, f"stabkernels_cpu_kernels_{level}") for o, level in zip(objects, levels[1:])]
+            extension.extra_objects = [o for o in extension.extra_objects if o not in objects] + objects
 
         def _record_pairs(self):
             build_py = self.get_finalized_command("build_py")

@@ -13,7 +13,8 @@
 #ifdef __CUDACC__
 #define STABKERNELS_HD __host__ __device__ __forceinline__
 #else
-#define STABKERNELS_HD inline
+// static: each CPU ISA level's translation unit keeps its own copy (csrc/cpu/isa/), none shared at link time.
+#define STABKERNELS_HD static inline
 #endif
 
 namespace stabkernels {

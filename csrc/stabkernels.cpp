@@ -5,10 +5,26 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
+
+namespace {
+
+// _C.cpu_isa() -> (level in use, best level this CPU supports), e.g. ("AVX2", "AVX512") when forced.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  using namespace stabkernels::cpu;
+  return Py_BuildValue("(ss)", isa_name(active_isa()), isa_name(best_supported_isa()));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "(ISA level of the CPU kernels in use, best level this CPU supports)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// Importing stabkernels._C runs the static registrations below; the module itself is empty.
+// Importing stabkernels._C runs the static registrations of the ops below and of their kernels.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -46,6 +46,8 @@ def collect() -> dict:
         "ext_loaded": _ext.loaded,
         "ext_problem": _ext.load_error,
         "ext_build": dict(_ext.build_info),
+        "cpu_isa": _ext.cpu_isa,
+        "cpu_isa_best": _ext.cpu_isa_best,
         "cpu_threads": torch.get_num_threads(),
         "supported": {k: [f"{a}.{b}" for a, b in v] for k, v in SUPPORTED.items()},
         "backends": backend.status(),
@@ -65,9 +67,11 @@ def format_info(d: dict) -> str:
     if d["ext_loaded"]:
         b = d["ext_build"]
         lines.append(
-            f"_C: loaded (built for torch {b.get('torch')}, CPU {b.get('cpu_capability')}, "
+            f"_C: loaded (built for torch {b.get('torch')}, CPU ISA levels {'/'.join(b.get('cpu_isa_levels', []))}, "
             f"CUDA kernels: {'yes, CUDA ' + str(b.get('cuda')) if b.get('with_cuda') else 'no'})"
         )
+        forced = " (forced by STABKERNELS_CPU_ISA)" if d["cpu_isa"] != d["cpu_isa_best"] else ""
+        lines.append(f"CPU ISA level in use: {d['cpu_isa']}{forced}; best this CPU supports: {d['cpu_isa_best']}")
     else:
         lines.append(f"_C: not loaded: {d['ext_problem']}")
     lines.append(f"CPU threads: {d['cpu_threads']}")

@@ -1,16 +1,26 @@
 // Shared helpers for the CPU kernels: SIMD loads that widen to the accumulation type, NaN-propagating
 // min/max, and the grain size for at::parallel_for.
+//
+// Compiled once per ISA level (csrc/cpu/isa/): everything lives in namespace
+// stabkernels::cpu::CPU_CAPABILITY, so inline helpers built with AVX-512 flags never stand in for the
+// baseline ones at link time.
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu kernels are compiled through csrc/cpu/isa/*.cpp, which define CPU_CAPABILITY"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "kernels.h"
+
 #include <limits>
 #include <vector>
 #include <type_traits>
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
+using stabkernels::cpu::CpuKernels;
 
 using at::vec::Vectorized;
 
@@ -76,7 +86,8 @@ inline int64_t grain_rows(int64_t cols) {
 
 }  // namespace stabkernels::cpu
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
+using stabkernels::cpu::CpuKernels;
 
 // A slice [begin, end) of tensor `index` in a list: the unit of parallel work for grouped ops, so that one
 // parallel region covers many tensors of different sizes with balanced chunks.

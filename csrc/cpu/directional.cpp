@@ -6,7 +6,6 @@
 // Box-Muller (csrc/philox.h) on 16 lanes; elsewhere the scalar definition itself. Both use only correctly
 // rounded operations in the definition's order (and the build passes -ffp-contract=off), so they agree bit
 // for bit with each other and with the torch reference.
-#include <torch/library.h>
 
 #include <cstring>
 
@@ -17,7 +16,7 @@
 #include <immintrin.h>
 #endif
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 // Elements per generation block: a multiple of 32, small enough to stay in L1.
@@ -400,12 +399,12 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("random_directions", &random_directions_cpu);
-  m.impl("perturb", &perturb_cpu);
-  m.impl("directional_dots", &directional_dots_cpu);
-  m.impl("orthograd_", &orthograd_cpu);
-  m.impl("shard_normals", &shard_normals_cpu);
+void fill_directional(CpuKernels& k) {
+  k.random_directions = &random_directions_cpu;
+  k.perturb = &perturb_cpu;
+  k.directional_dots = &directional_dots_cpu;
+  k.orthograd_ = &orthograd_cpu;
+  k.shard_normals = &shard_normals_cpu;
 }
 
 }  // namespace stabkernels::cpu

@@ -3,13 +3,12 @@
 // 128 KB). The gradient of the row is written in the same call, scaled by grad_scale (1 / rows for a mean),
 // optionally into the logits buffer itself (grad may alias logits: every element is read before it is
 // written). No (N, V) buffer besides the gradient exists.
-#include <torch/library.h>
 
 #include <cmath>
 
 #include "common.h"
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 // exp on a vector: the fast polynomial for float (about 2 ulp), Sleef's for double.
@@ -176,9 +175,9 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("cross_entropy_z_loss", &cross_entropy_z_loss_cpu);
-  m.impl("stablemax_cross_entropy", &stablemax_cross_entropy_cpu);
+void fill_losses(CpuKernels& k) {
+  k.cross_entropy_z_loss = &cross_entropy_z_loss_cpu;
+  k.stablemax_cross_entropy = &stablemax_cross_entropy_cpu;
 }
 
 }  // namespace stabkernels::cpu

@@ -1,11 +1,10 @@
 // row_spread on CPU: per-row max - min of an (N, C) tensor in one pass over memory (SPEC 2.1).
 // Three layouts, each read once: rows contiguous (SIMD along a row, parallel over rows), columns
 // contiguous (SIMD across rows, e.g. a transposed tensor) and arbitrary strides (scalar).
-#include <torch/library.h>
 
 #include "common.h"
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename T>
@@ -110,8 +109,8 @@ at::Tensor row_spread_cpu(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("row_spread", &row_spread_cpu);
+void fill_row_spread(CpuKernels& k) {
+  k.row_spread = &row_spread_cpu;
 }
 
 }  // namespace stabkernels::cpu

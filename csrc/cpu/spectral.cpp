@@ -5,13 +5,12 @@
 // computes x_i = W_i. v and immediately accumulates y += x_i W_i. into a per-thread y, while the row is still
 // in L1. So W is streamed from memory once per iteration, where the two mat-vecs of the textbook form read
 // it twice. Then, per matrix: sigma = |y| / |x| (= u^T W v_new), u = x / |x|, v = y / |y|.
-#include <torch/library.h>
 
 #include <cmath>
 
 #include "common.h"
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 // x[r] = W[r, :] . v and y += x[r] * W[r, :] for rows [r0, r1) of a row-contiguous W.
@@ -234,9 +233,9 @@ at::Tensor sq_norms_cpu(at::TensorList tensors) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("power_iteration_", &power_iteration_cpu);
-  m.impl("sq_norms", &sq_norms_cpu);
+void fill_spectral(CpuKernels& k) {
+  k.power_iteration_ = &power_iteration_cpu;
+  k.sq_norms = &sq_norms_cpu;
 }
 
 }  // namespace stabkernels::cpu

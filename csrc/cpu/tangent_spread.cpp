@@ -4,11 +4,10 @@
 // RB x VB tiles with a single-threaded GEMM (MKL inside at::parallel_for runs on the calling thread), so a
 // tile stays in L2, and folds it at once into running max/min per row (the epilogue). Partial extremes of
 // the vocabulary ranges are merged at the end.
-#include <torch/library.h>
 
 #include "common.h"
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kRowBlock = 256;  // a 256 x 512 fp32 tile is 512 KB: in L2, and large enough for MKL to run near peak
@@ -101,8 +100,8 @@ at::Tensor tangent_spread_linear_cpu(const at::Tensor& h_in, const at::Tensor& h
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("tangent_spread_linear", &tangent_spread_linear_cpu);
+void fill_tangent_spread(CpuKernels& k) {
+  k.tangent_spread_linear = &tangent_spread_linear_cpu;
 }
 
 }  // namespace stabkernels::cpu

@@ -5,13 +5,12 @@
 // The arithmetic follows torch.optim's single-tensor implementations step by step (lerp for the first
 // moment, v*b2 + (1-b2)*g*g, denom = sqrt(v)/sqrt(bc2) + eps, u = (m / bc1) / denom), so results agree with
 // torch to fp32 rounding. One math template serves scalars and ATen Vectorized<> alike.
-#include <torch/library.h>
 
 #include <cmath>
 
 #include "common.h"
 
-namespace stabkernels::cpu {
+namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename V> inline V vsqrt(const V& x) { return x.sqrt(); }
@@ -232,10 +231,10 @@ void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stabkernels_C, CPU, m) {
-  m.impl("adam_step_", &adam_step_cpu);
-  m.impl("sgd_step_", &sgd_step_cpu);
-  m.impl("apply_update_", &apply_update_cpu);
+void fill_update(CpuKernels& k) {
+  k.adam_step_ = &adam_step_cpu;
+  k.sgd_step_ = &sgd_step_cpu;
+  k.apply_update_ = &apply_update_cpu;
 }
 
 }  // namespace stabkernels::cpu

@@ -38,7 +38,7 @@ def cpu_isa() -> str:
     """The SIMD level of our CPU kernels in this process (DEFAULT, AVX2, AVX512), or '' without _C."""
     from .. import _ext
 
-    return str(_ext.build_info.get("cpu_capability", "")) if _ext.loaded else ""
+    return _ext.cpu_isa
 
 
 def machine_name() -> str:
