@@ -122,3 +122,37 @@ def test_op_suite_passes_at_a_lower_level(level):
     tail = r.stdout[-3000:]
     assert r.returncode == 0, tail
     assert re.search(r"(\d+) passed", tail) and int(re.search(r"(\d+) passed", tail).group(1)) >= 50, tail
+
+
+STREAM_CHECK = """
+import torch
+from stabkernels import _ext, directional as D
+assert _ext.cpu_isa == {level!r}, _ext.cpu_isa
+sizes = [1, 3, 4, 5, 15, 16, 17, 31, 33, 64, 100_003]
+like = [torch.empty(n) for n in sizes] + [torch.empty(7, 9, dtype=torch.float64)]
+want = D.random_directions(like, 11, 2, backend="torch")
+got = D.random_directions(like, 11, 2, backend="cpp")
+assert all(torch.equal(a, b) for a, b in zip(got, want)), "random_directions"
+params = [torch.randn(n) for n in sizes]
+out = D.perturb(params, 5, 1, 0.01, backend="cpp")
+ref = D.perturb(params, 5, 1, 0.01, backend="torch")
+assert all(torch.equal(a, b) for a, b in zip(out, ref)), "perturb"
+# a shard's normals are the slice of the whole tensor's, for any offset
+keys = torch.tensor([D.stream_key(3, 0, 0)] * 4, dtype=torch.int64)
+whole = torch.empty(1000)
+torch.ops.stabkernels_C.shard_normals([whole], keys[:1], [0])
+outs = [torch.empty(n) for n in (1, 37, 250, 5)]
+torch.ops.stabkernels_C.shard_normals(outs, keys, [0, 3, 501, 995])
+for o, off in zip(outs, (0, 3, 501, 995)):
+    assert torch.equal(o, whole[off:off + o.numel()]), ("shard_normals", off)
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_direction_stream_is_bit_identical_at_every_level(level):
+    if level not in _lower_levels():
+        pytest.skip(f"this CPU lacks {level}")
+    r = _run(STREAM_CHECK.format(level=level), {_ext.ISA_ENV: level})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -2,17 +2,17 @@
 // stream of csrc/philox.h, never stored; perturbation theta + sigma d into scratch tensors; K directional
 // derivatives g . d_k in one read of g; the OrthoGrad projection.
 //
-// Generation: Philox for 8 counters at a time in AVX-512 integer vectors, then the stream's float32
-// Box-Muller (csrc/philox.h) on 16 lanes; elsewhere the scalar definition itself. Both use only correctly
-// rounded operations in the definition's order (and the build passes -ffp-contract=off), so they agree bit
-// for bit with each other and with the torch reference.
+// Generation: Philox for 8 counters at a time in AVX-512 integer vectors (4 in AVX2), then the stream's
+// float32 Box-Muller (csrc/philox.h) on 16 lanes (8 in AVX2); at DEFAULT the scalar definition itself. All
+// use only correctly rounded operations in the definition's order (and the build passes -ffp-contract=off),
+// so they agree bit for bit with each other and with the torch reference on every ISA level.
 
 #include <cstring>
 
 #include "../philox.h"
 #include "common.h"
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -126,6 +126,122 @@ void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
       std::memcpy(dst, tmp, sizeof(float) * (end - e0));
     }
   }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// Philox for counters c .. c + 3 in AVX2 (the AVX-512 philox8 above on half the lanes): wa = (w0 | w2),
+// wb = (w1 | w3) of the 4 counters in 32-bit lanes.
+inline void philox4(uint32_t k0, uint32_t k1, int64_t c, __m256i& wa, __m256i& wb) {
+  const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFLL);
+  const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(c), _mm256_setr_epi64x(0, 1, 2, 3));
+  __m256i s0 = _mm256_and_si256(ctr, lo32), s1 = _mm256_srli_epi64(ctr, 32);
+  __m256i s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
+  const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
+  uint32_t ka = k0, kb = k1;
+  for (int r = 0; r < 10; ++r) {
+    const __m256i pa = _mm256_mul_epu32(ma, s0), pb = _mm256_mul_epu32(mb, s2);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), s1), _mm256_set1_epi64x(ka));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), s3), _mm256_set1_epi64x(kb));
+    s1 = _mm256_and_si256(pb, lo32);
+    s3 = _mm256_and_si256(pa, lo32);
+    s0 = n0;
+    s2 = n2;
+    ka += kPhiloxKeyA;
+    kb += kPhiloxKeyB;
+  }
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  auto pack = [&](__m256i lo, __m256i hi) {
+    return _mm256_blend_epi32(_mm256_permutevar8x32_epi32(lo, low_halves), _mm256_permutevar8x32_epi32(hi, low_halves),
+                              0xF0);
+  };
+  wa = pack(s0, s2);
+  wb = pack(s1, s3);
+}
+
+// box_muller of csrc/philox.h on 8 lanes, operation for operation (masks as all-ones lanes).
+inline void box_muller8(__m256i wa, __m256i wb, __m256& a, __m256& b) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256 x = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(wa, 9), 1), one));
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFF)),
+                                                 _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2), _CMP_GE_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // + 1 where big (its lanes are -1)
+  const __m256 c1 = _mm256_set1_ps(1.0f);
+  const __m256 s = _mm256_div_ps(_mm256_sub_ps(m, c1), _mm256_add_ps(m, c1));
+  const __m256 z = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_mul_ps(z, _mm256_set1_ps(kL9));
+  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL7)));
+  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL5)));
+  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL3)));
+  p = _mm256_mul_ps(s, _mm256_add_ps(p, _mm256_set1_ps(2.0f)));
+  const __m256 ln_u = _mm256_add_ps(
+      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(24))), _mm256_set1_ps(kLn2)), p);
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ln_u));
+
+  const __m256i o = _mm256_srli_epi32(wb, 29);
+  const __m256i mant = _mm256_set1_epi32(0x7FFFFF);
+  __m256i k = _mm256_and_si256(_mm256_srli_epi32(wb, 6), mant);
+  const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(o, one), one);
+  k = _mm256_blendv_epi8(k, _mm256_sub_epi32(mant, k), odd);
+  const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(k, 1), one)),
+                                 _mm256_set1_ps(kTwoPowMinus24));
+  const __m256 t = _mm256_mul_ps(f, _mm256_set1_ps(kPiOver4));
+  const __m256 y = _mm256_mul_ps(t, t);
+  __m256 sn = _mm256_mul_ps(y, _mm256_set1_ps(kS9));
+  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS7)));
+  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS5)));
+  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS3)));
+  sn = _mm256_mul_ps(t, _mm256_add_ps(sn, c1));
+  __m256 cs = _mm256_mul_ps(y, _mm256_set1_ps(kC10));
+  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC8)));
+  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC6)));
+  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC4)));
+  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC2)));
+  cs = _mm256_add_ps(cs, c1);
+  const __m256 swap = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_xor_si256(o, _mm256_srli_epi32(o, 1)), one), one));
+  const __m256i four = _mm256_set1_epi32(4), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i neg_a = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_add_epi32(o, _mm256_set1_epi32(2)), four), four);
+  const __m256i neg_b = _mm256_cmpeq_epi32(_mm256_and_si256(o, four), four);
+  const __m256i A = _mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(cs, sn, swap)), _mm256_and_si256(neg_a, sign));
+  const __m256i B = _mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(sn, cs, swap)), _mm256_and_si256(neg_b, sign));
+  a = _mm256_mul_ps(r, _mm256_castsi256_ps(A));
+  b = _mm256_mul_ps(r, _mm256_castsi256_ps(B));
+}
+
+// n[0 .. end - begin) = the stream's normals of elements [begin, end) for `key`; begin % 4 == 0. Two groups
+// of 4 counters per iteration give the out-of-order core independent work.
+void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
+  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  // Lanes 0-3 of (a, b) are elements 4(c + l) and 4(c + l) + 1, lanes 4-7 elements 4(c + l) + 2 and + 3:
+  // (a_l, b_l) pairs as 64-bit units, unpacked per 128-bit half and put in counter order by one permute.
+  auto emit = [&](int64_t c) {
+    __m256i wa, wb;
+    __m256 a, b;
+    philox4(k0, k1, c, wa, wb);
+    box_muller8(wa, wb, a, b);
+    const __m256d lo = _mm256_castps_pd(_mm256_unpacklo_ps(a, b)), hi = _mm256_castps_pd(_mm256_unpackhi_ps(a, b));
+    const __m256 first = _mm256_castpd_ps(_mm256_permute4x64_pd(lo, 0xD8)), second = _mm256_castpd_ps(_mm256_permute4x64_pd(hi, 0xD8));
+    const int64_t e0 = 4 * c;
+    float* dst = n + (e0 - begin);
+    if (end - e0 >= 16) {
+      _mm256_storeu_ps(dst, first);
+      _mm256_storeu_ps(dst + 8, second);
+    } else {  // the last group of a range
+      alignas(32) float tmp[16];
+      _mm256_store_ps(tmp, first);
+      _mm256_store_ps(tmp + 8, second);
+      std::memcpy(dst, tmp, sizeof(float) * (end - e0));
+    }
+  };
+  int64_t c = begin / 4;
+  for (; 4 * (c + 4) < end; c += 8) {
+    emit(c);
+    emit(c + 4);
+  }
+  for (; 4 * c < end; c += 4) emit(c);
 }
 #else
 void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
