@@ -23,8 +23,10 @@ namespace {
 constexpr int64_t kBlock = 2048;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Philox for counters c .. c + 7, each 32-bit word in a 64-bit lane (vpmuludq gives the full product; hi/lo
-// are a shift and a mask), packed to 32-bit lanes: wa = (w0 | w2), wb = (w1 | w3) of the 8 counters.
+// Philox for counters c .. c + 7, each 32-bit word in a 64-bit lane (vpmuludq gives the full product; hi is
+// a shift, lo the lane itself), packed to 32-bit lanes: wa = (w0 | w2), wb = (w1 | w3) of the 8 counters.
+// Only the low 32 bits of each lane are state: vpmuludq reads the low words of s0 and s2, the packing reads
+// the low words, and the xors never carry into them, so the high words may hold anything (no masking).
 inline void philox8(uint32_t k0, uint32_t k1, int64_t c, __m512i& wa, __m512i& wb) {
   const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFLL);
   const __m512i ctr = _mm512_add_epi64(_mm512_set1_epi64(c), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
@@ -36,8 +38,8 @@ inline void philox8(uint32_t k0, uint32_t k1, int64_t c, __m512i& wa, __m512i& w
     const __m512i pa = _mm512_mul_epu32(ma, s0), pb = _mm512_mul_epu32(mb, s2);
     const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb, 32), s1), _mm512_set1_epi64(ka));
     const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa, 32), s3), _mm512_set1_epi64(kb));
-    s1 = _mm512_and_si512(pb, lo32);
-    s3 = _mm512_and_si512(pa, lo32);
+    s1 = pb;  // the low words; the high ones are never read (see above)
+    s3 = pa;
     s0 = n0;
     s2 = n2;
     ka += kPhiloxKeyA;
@@ -128,8 +130,8 @@ void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
   }
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// Philox for counters c .. c + 3 in AVX2 (the AVX-512 philox8 above on half the lanes): wa = (w0 | w2),
-// wb = (w1 | w3) of the 4 counters in 32-bit lanes.
+// Philox for counters c .. c + 3 in AVX2 (the AVX-512 philox8 above on half the lanes, with the same
+// unmasked high words): wa = (w0 | w2), wb = (w1 | w3) of the 4 counters in 32-bit lanes.
 inline void philox4(uint32_t k0, uint32_t k1, int64_t c, __m256i& wa, __m256i& wb) {
   const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFLL);
   const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(c), _mm256_setr_epi64x(0, 1, 2, 3));
@@ -141,8 +143,8 @@ inline void philox4(uint32_t k0, uint32_t k1, int64_t c, __m256i& wa, __m256i& w
     const __m256i pa = _mm256_mul_epu32(ma, s0), pb = _mm256_mul_epu32(mb, s2);
     const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), s1), _mm256_set1_epi64x(ka));
     const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), s3), _mm256_set1_epi64x(kb));
-    s1 = _mm256_and_si256(pb, lo32);
-    s3 = _mm256_and_si256(pa, lo32);
+    s1 = pb;  // the low words; the high ones are never read (see above)
+    s3 = pa;
     s0 = n0;
     s2 = n2;
     ka += kPhiloxKeyA;
@@ -266,6 +268,18 @@ void gen_normals_from(uint64_t key, int64_t begin, int64_t end, float* n) {
   if (end > head) gen_normals(key, head, end, n + (head - begin));
 }
 
+// Sum of x[j]^2 in float64 (exact products of float32 values) over 8 interleaved partial sums, added in a
+// fixed order: the same result at every ISA level, and no chain of dependent adds (one sum was half the
+// time of random_directions).
+double sum_sq(const float* x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(x[j + l]) * x[j + l];
+  for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(x[j]) * x[j];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 uint64_t key_at(const at::Tensor& keys, int64_t i) {
   return static_cast<uint64_t>(keys.const_data_ptr<int64_t>()[i]);
 }
@@ -287,9 +301,7 @@ std::vector<double> stream_sq_norms(const std::vector<int64_t>& sizes, const at:
     for (int64_t ci = b0; ci < b1; ++ci) {
       const Chunk& ch = chunks[ci];
       gen_normals(key_at(keys, key_offset + ch.index), ch.begin, ch.end, buf);
-      double s = 0;
-      for (int64_t j = 0; j < ch.end - ch.begin; ++j) s += static_cast<double>(buf[j]) * buf[j];
-      partial[ci] = s;
+      partial[ci] = sum_sq(buf, ch.end - ch.begin);
       if (!store.empty()) {
         const at::Tensor& t = store[ch.index];
         if (t.scalar_type() == at::kFloat)
@@ -347,9 +359,7 @@ at::Tensor shard_normals_cpu(at::TensorList out, const at::Tensor& keys, at::Int
       float* n = out[ch.index].mutable_data_ptr<float>() + ch.begin;
       const int64_t off = offsets[ch.index];
       gen_normals_from(key_at(keys, ch.index), off + ch.begin, off + ch.end, n);
-      double s = 0;
-      for (int64_t j = 0; j < ch.end - ch.begin; ++j) s += static_cast<double>(n[j]) * n[j];
-      partial[ci] = s;
+      partial[ci] = sum_sq(n, ch.end - ch.begin);
     }
   });
   at::Tensor sums = at::zeros({static_cast<int64_t>(out.size())}, at::TensorOptions().dtype(at::kDouble));
