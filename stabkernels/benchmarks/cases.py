@@ -443,6 +443,33 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
                candidates={"sadam-update": update_only.step,
                            f"sadam-update+{k}-perturbations": lambda: free_closure.step(probe_closure=lambda: zero, loss=zero)})
 
+    # The S-Adam algorithm itself with a free probe closure (what the probes cost besides the forwards): ours
+    # against the same steps in eager torch (k perturbed copies into scratch, slopes, rho, the damped AdamW).
+    from ..optim.sadam import damping_factor, lgi
+
+    eager_ps = params_with_grads()
+    eager_adamw = torch.optim.AdamW(eager_ps, lr=1e-3, foreach=True)
+    eager_scratch = [torch.empty_like(p) for p in eager_ps]
+    sigma = 0.01
+
+    def eager_sadam_step():
+        values = []
+        with torch.no_grad():
+            for _ in range(k):
+                for p, s in zip(eager_ps, eager_scratch):
+                    d = torch.randn_like(p)
+                    torch.addcmul(p, d, sigma / (d.norm() + 1e-12), out=s)
+                values.append(zero)  # the free closure
+            D = (torch.stack(values).double() - zero.double()) / sigma
+            alpha = damping_factor(lgi(D), 2.0)
+        eager_adamw.param_groups[0]["lr"] = 1e-3 * float(alpha)
+        eager_adamw.step()
+
+    yield Case(op=f"sadam_step_free_closure_k{k}", compile_baseline=False, shape=label, dtype="float32",
+               nbytes=sum(p.numel() * 4 for p in eager_ps), baseline=eager_sadam_step,
+               baseline_name=f"S-Adam in eager torch: {k} x (randn_like, normalise, addcmul into scratch), rho, AdamW(foreach)",
+               candidates={"SAdam": lambda: free_closure.step(probe_closure=lambda: zero, loss=zero)})
+
     # a full training step of the small CNN: AdamW against SAdam with k = 8 and k = 2 probes
     batch = 32 if quick else 128
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
