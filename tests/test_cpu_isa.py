@@ -110,6 +110,7 @@ OP_TESTS = ["test_directional.py", "test_spread_row_spread.py", "test_spread_rad
 
 
 @needs_ext
+@pytest.mark.slow  # make test runs it; the CUDA-torch suite (make test-cuda-build) skips it for CI's time
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "AVX512"])
 def test_op_suite_passes_at_a_lower_level(level):
     if level not in _lower_levels() or level == _ext.cpu_isa_best:

@@ -82,10 +82,14 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
     nbytes = sum(w.numel() * w.element_size() for w in mats)
     us, vs = spectral.init_power_vectors(mats, torch.Generator().manual_seed(0))
 
-    def torch_loop():  # in place, as power_iteration_ (a result nobody reads, torch.compile drops: 0.45 ms)
-        for w, u, v in zip(mats, us, vs):
-            u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=1e-12))
-            v.copy_(F.normalize(torch.mv(w.t(), u), dim=0, eps=1e-12))
+    def torch_loop():
+        # returns u, v: a result nobody reads torch.compile drops (0.45 ms); the in-place form, u.copy_(...),
+        # crashes torch 2.13's inductor on AVX-512 ("double free or corruption")
+        out = []
+        for w, v in zip(mats, vs):
+            u = F.normalize(torch.mv(w, v), dim=0, eps=1e-12)
+            out.append((u, F.normalize(torch.mv(w.t(), u), dim=0, eps=1e-12)))
+        return out
 
     def clone():
         for w in mats:
