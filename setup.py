@@ -3,11 +3,11 @@
 Environment switches:
   STABKERNELS_NO_EXT=1          pure-Python install (torch reference and Triton backends only)
   STABKERNELS_CUDA=auto|0|1     CUDA kernels: auto = when torch is a CUDA build and a toolkit is found
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME   as usual for torch extensions.
 
 The CPU kernels are compiled for every ISA level of the target architecture (x86-64: DEFAULT, AVX2,
 AVX512) into the one binary, which picks the best level the running CPU supports at import (see
 csrc/cpu/dispatch.cpp; STABKERNELS_CPU_ISA forces a lower one). So a build made on any machine runs on all.
-  TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME   as usual for torch extensions.
 
 Install after your own torch:  pip install --no-build-isolation .
 """
@@ -117,7 +117,7 @@ def _extensions():
     # -ffp-contract=off: no fused multiply-adds the torch reference does not make either (the direction
     # stream and the perturbations are meant to agree bit for bit across CPU backends and ISA levels).
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
-    # Baseline objects first: the inline header code they share with the ISA objects is linked from them.
+    # The baseline sources; the AVX2/AVX512 objects are compiled and linked by BuildExt below.
     sources = ["csrc/stabkernels.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa/default.cpp"]
     kwargs = dict(extra_compile_args={"cxx": cxx})
     if with_cuda:
@@ -154,11 +154,11 @@ def _extensions():
 
         def _compile_isa_objects(self, extension):
             """Compiles each level above baseline with its own flags (one extension has one set of flags)
-            and links the objects after the baseline ones."""
+            and adds the localised objects to the link."""
             objects = []
+            args = extension.extra_compile_args
             for level in levels[1:]:
                 source, flags = ISA_SOURCES[level]
-                args = extension.extra_compile_args
                 objects += self.compiler.compile(
                     [source], output_dir=os.path.join(self.build_temp, "isa-" + level.lower()),
                     macros=extension.define_macros, include_dirs=extension.include_dirs, debug=self.debug,

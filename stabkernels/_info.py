@@ -70,7 +70,7 @@ def format_info(d: dict) -> str:
             f"_C: loaded (built for torch {b.get('torch')}, CPU ISA levels {'/'.join(b.get('cpu_isa_levels', []))}, "
             f"CUDA kernels: {'yes, CUDA ' + str(b.get('cuda')) if b.get('with_cuda') else 'no'})"
         )
-        forced = " (forced by STABKERNELS_CPU_ISA)" if d["cpu_isa"] != d["cpu_isa_best"] else ""
+        forced = f" (forced by {_ext.ISA_ENV})" if d["cpu_isa"] != d["cpu_isa_best"] else ""
         lines.append(f"CPU ISA level in use: {d['cpu_isa']}{forced}; best this CPU supports: {d['cpu_isa_best']}")
     else:
         lines.append(f"_C: not loaded: {d['ext_problem']}")

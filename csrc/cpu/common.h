@@ -84,10 +84,9 @@ inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
 }
 
-}  // namespace stabkernels::cpu
+}  // namespace stabkernels::cpu::CPU_CAPABILITY
 
 namespace stabkernels::cpu::CPU_CAPABILITY {
-using stabkernels::cpu::CpuKernels;
 
 // A slice [begin, end) of tensor `index` in a list: the unit of parallel work for grouped ops, so that one
 // parallel region covers many tensors of different sizes with balanced chunks.
@@ -136,4 +135,4 @@ inline acc_t<T> dot_acc(const T* v, const acc_t<T>* w, int64_t n) {
   return s;
 }
 
-}  // namespace stabkernels::cpu
+}  // namespace stabkernels::cpu::CPU_CAPABILITY

@@ -28,9 +28,8 @@ constexpr int64_t kBlock = 2048;
 // Only the low 32 bits of each lane are state: vpmuludq reads the low words of s0 and s2, the packing reads
 // the low words, and the xors never carry into them, so the high words may hold anything (no masking).
 inline void philox8(uint32_t k0, uint32_t k1, int64_t c, __m512i& wa, __m512i& wb) {
-  const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFLL);
   const __m512i ctr = _mm512_add_epi64(_mm512_set1_epi64(c), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-  __m512i s0 = _mm512_and_si512(ctr, lo32), s1 = _mm512_srli_epi64(ctr, 32);
+  __m512i s0 = ctr, s1 = _mm512_srli_epi64(ctr, 32);  // s0: the counter's low word (high ignored)
   __m512i s2 = _mm512_setzero_si512(), s3 = _mm512_setzero_si512();
   const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
   uint32_t ka = k0, kb = k1;
@@ -133,9 +132,8 @@ void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
 // Philox for counters c .. c + 3 in AVX2 (the AVX-512 philox8 above on half the lanes, with the same
 // unmasked high words): wa = (w0 | w2), wb = (w1 | w3) of the 4 counters in 32-bit lanes.
 inline void philox4(uint32_t k0, uint32_t k1, int64_t c, __m256i& wa, __m256i& wb) {
-  const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFLL);
   const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(c), _mm256_setr_epi64x(0, 1, 2, 3));
-  __m256i s0 = _mm256_and_si256(ctr, lo32), s1 = _mm256_srli_epi64(ctr, 32);
+  __m256i s0 = ctr, s1 = _mm256_srli_epi64(ctr, 32);  // s0: the counter's low word (high ignored)
   __m256i s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
   const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
   uint32_t ka = k0, kb = k1;
@@ -268,16 +266,23 @@ void gen_normals_from(uint64_t key, int64_t begin, int64_t end, float* n) {
   if (end > head) gen_normals(key, head, end, n + (head - begin));
 }
 
-// Sum of x[j]^2 in float64 (exact products of float32 values) over 8 interleaved partial sums, added in a
-// fixed order: the same result at every ISA level, and no chain of dependent adds (one sum was half the
-// time of random_directions).
+// float64 sums over kLanes interleaved partial sums (element j into lane j % kLanes), which the compiler
+// turns into vectors and whose adds do not form one dependent chain; lanes_total adds the lanes in a fixed
+// order, so the result is the same at every ISA level.
+constexpr int kLanes = 8;
+inline double lanes_total(const double* x) {
+  return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+// Sum of x[j]^2 in float64 (exact products of float32 values); a serial sum was a third of the time of
+// random_directions.
 double sum_sq(const float* x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double acc[kLanes] = {};
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(x[j + l]) * x[j + l];
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(x[j + l]) * x[j + l];
   for (int l = 0; j < n; ++j, ++l) acc[l] += static_cast<double>(x[j]) * x[j];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  return lanes_total(acc);
 }
 
 uint64_t key_at(const at::Tensor& keys, int64_t i) {
@@ -475,16 +480,14 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
       const Chunk& ch = chunks[ci];
       STABKERNELS_DISPATCH_FLOAT(params[ch.index], "orthograd_sums", [&] {
         // float64 accumulation throughout: |g_perp|^2 = g.g - 2c w.g + c^2 w.w cancels when g is nearly
-        // parallel to w, and float32 partial sums would leave only noise. Eight interleaved accumulators per
-        // sum, added in a fixed order: the compiler makes vectors of them (the same result on every level),
-        // and the adds do not serialise (four scalar ones ran at half torch.compile's speed).
+        // parallel to w, and float32 partial sums would leave only noise. kLanes partial sums each, as in
+        // sum_sq (four scalar accumulators ran at half torch.compile's speed).
         const scalar_t* w = params[ch.index].const_data_ptr<scalar_t>();
         const scalar_t* g = grads[ch.index].const_data_ptr<scalar_t>();
-        constexpr int L = 8;
-        double wg[L] = {}, ww[L] = {}, gg[L] = {};
+        double wg[kLanes] = {}, ww[kLanes] = {}, gg[kLanes] = {};
         int64_t j = ch.begin;
-        for (; j + L <= ch.end; j += L)
-          for (int l = 0; l < L; ++l) {
+        for (; j + kLanes <= ch.end; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) {
             const double a = static_cast<double>(w[j + l]), b = static_cast<double>(g[j + l]);
             wg[l] += a * b, ww[l] += a * a, gg[l] += b * b;
           }
@@ -492,10 +495,9 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
           const double a = static_cast<double>(w[j]), b = static_cast<double>(g[j]);
           wg[l] += a * b, ww[l] += a * a, gg[l] += b * b;
         }
-        auto total = [](const double* x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); };
-        part[ci * 3] = total(wg);
-        part[ci * 3 + 1] = total(ww);
-        part[ci * 3 + 2] = total(gg);
+        part[ci * 3] = lanes_total(wg);
+        part[ci * 3 + 1] = lanes_total(ww);
+        part[ci * 3 + 2] = lanes_total(gg);
       });
     }
   });
