@@ -15,7 +15,7 @@ PERTURB_BACKENDS = backend_params("perturb")
 DOTS_BACKENDS = backend_params("directional_dots")
 ORTHO_BACKENDS = backend_params("orthograd_")
 
-SHAPES = [(37,), (5, 9), (3, 4, 5), (1,), (2, 1000)]
+SHAPES = [(37,), (5, 9), (3, 4, 5), (1,), (2, 1000), (3, 701)]  # 2103: a partial block then a tail
 
 
 def tensors(device="cpu", dtype=torch.float32, seed=0):

@@ -2,18 +2,18 @@
 // stream of csrc/philox.h, never stored; perturbation theta + sigma d into scratch tensors; K directional
 // derivatives g . d_k in one read of g; the OrthoGrad projection.
 //
-// Generation: Philox for 8 counters at a time in AVX-512 integer vectors (4 in AVX2), then the stream's
-// float32 Box-Muller (csrc/philox.h) on 16 lanes (8 in AVX2); at DEFAULT the scalar definition itself. All
-// use only correctly rounded operations in the definition's order (and the build passes -ffp-contract=off),
-// so they agree bit for bit with each other and with the torch reference on every ISA level.
+// Generation: at AVX2 and AVX512 the SIMD stream of stream_simd.h, at DEFAULT the scalar definition itself.
+// All use only correctly rounded operations in the definition's order (and the build passes
+// -ffp-contract=off), so they agree bit for bit with each other and with the torch reference on every level.
 
+#include <array>
 #include <cstring>
 
 #include "../philox.h"
 #include "common.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
+#include "stream_simd.h"
 #endif
 
 namespace stabkernels::cpu::CPU_CAPABILITY {
@@ -22,227 +22,8 @@ namespace {
 // Elements per generation block: a multiple of 32, small enough to stay in L1.
 constexpr int64_t kBlock = 2048;
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Philox for counters c .. c + 7, each 32-bit word in a 64-bit lane (vpmuludq gives the full product; hi is
-// a shift, lo the lane itself), packed to 32-bit lanes: wa = (w0 | w2), wb = (w1 | w3) of the 8 counters.
-// Only the low 32 bits of each lane are state: vpmuludq reads the low words of s0 and s2, the packing reads
-// the low words, and the xors never carry into them, so the high words may hold anything (no masking).
-inline void philox8(uint32_t k0, uint32_t k1, int64_t c, __m512i& wa, __m512i& wb) {
-  const __m512i ctr = _mm512_add_epi64(_mm512_set1_epi64(c), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-  __m512i s0 = ctr, s1 = _mm512_srli_epi64(ctr, 32);  // s0: the counter's low word (high ignored)
-  __m512i s2 = _mm512_setzero_si512(), s3 = _mm512_setzero_si512();
-  const __m512i ma = _mm512_set1_epi64(kPhiloxRoundA), mb = _mm512_set1_epi64(kPhiloxRoundB);
-  uint32_t ka = k0, kb = k1;
-  for (int r = 0; r < 10; ++r) {
-    const __m512i pa = _mm512_mul_epu32(ma, s0), pb = _mm512_mul_epu32(mb, s2);
-    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb, 32), s1), _mm512_set1_epi64(ka));
-    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa, 32), s3), _mm512_set1_epi64(kb));
-    s1 = pb;  // the low words; the high ones are never read (see above)
-    s3 = pa;
-    s0 = n0;
-    s2 = n2;
-    ka += kPhiloxKeyA;
-    kb += kPhiloxKeyB;
-  }
-  auto pack = [](__m512i lo, __m512i hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
-  };
-  wa = pack(s0, s2);
-  wb = pack(s1, s3);
-}
-
-// box_muller of csrc/philox.h on 16 lanes, operation for operation.
-inline void box_muller16(__m512i wa, __m512i wb, __m512& a, __m512& b) {
-  const __m512i one = _mm512_set1_epi32(1);
-  const __m512 x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(wa, 9), 1), one));
-  const __m512i bits = _mm512_castps_si512(x);
-  __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127));
-  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF)),
-                                                 _mm512_set1_epi32(0x3F800000)));
-  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrt2), _CMP_GE_OQ);
-  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-  e = _mm512_mask_add_epi32(e, big, e, one);
-  const __m512 c1 = _mm512_set1_ps(1.0f);
-  const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, c1), _mm512_add_ps(m, c1));
-  const __m512 z = _mm512_mul_ps(s, s);
-  __m512 p = _mm512_mul_ps(z, _mm512_set1_ps(kL9));
-  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL7)));
-  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL5)));
-  p = _mm512_mul_ps(z, _mm512_add_ps(p, _mm512_set1_ps(kL3)));
-  p = _mm512_mul_ps(s, _mm512_add_ps(p, _mm512_set1_ps(2.0f)));
-  const __m512 ln_u = _mm512_add_ps(
-      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(24))), _mm512_set1_ps(kLn2)), p);
-  const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), ln_u));
-
-  const __m512i o = _mm512_srli_epi32(wb, 29);
-  __m512i k = _mm512_and_si512(_mm512_srli_epi32(wb, 6), _mm512_set1_epi32(0x7FFFFF));
-  k = _mm512_mask_sub_epi32(k, _mm512_test_epi32_mask(o, one), _mm512_set1_epi32(0x7FFFFF), k);
-  const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(k, 1), one)),
-                                 _mm512_set1_ps(kTwoPowMinus24));
-  const __m512 t = _mm512_mul_ps(f, _mm512_set1_ps(kPiOver4));
-  const __m512 y = _mm512_mul_ps(t, t);
-  __m512 sn = _mm512_mul_ps(y, _mm512_set1_ps(kS9));
-  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS7)));
-  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS5)));
-  sn = _mm512_mul_ps(y, _mm512_add_ps(sn, _mm512_set1_ps(kS3)));
-  sn = _mm512_mul_ps(t, _mm512_add_ps(sn, c1));
-  __m512 cs = _mm512_mul_ps(y, _mm512_set1_ps(kC10));
-  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC8)));
-  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC6)));
-  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC4)));
-  cs = _mm512_mul_ps(y, _mm512_add_ps(cs, _mm512_set1_ps(kC2)));
-  cs = _mm512_add_ps(cs, c1);
-  const __mmask16 swap = _mm512_test_epi32_mask(_mm512_xor_si512(o, _mm512_srli_epi32(o, 1)), one);
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u)), four = _mm512_set1_epi32(4);
-  __m512i A = _mm512_castps_si512(_mm512_mask_blend_ps(swap, cs, sn));
-  __m512i B = _mm512_castps_si512(_mm512_mask_blend_ps(swap, sn, cs));
-  A = _mm512_mask_xor_epi32(A, _mm512_test_epi32_mask(_mm512_add_epi32(o, _mm512_set1_epi32(2)), four), A, sign);
-  B = _mm512_mask_xor_epi32(B, _mm512_test_epi32_mask(o, four), B, sign);
-  a = _mm512_mul_ps(r, _mm512_castsi512_ps(A));
-  b = _mm512_mul_ps(r, _mm512_castsi512_ps(B));
-}
-
-// n[0 .. end - begin) = the stream's normals of elements [begin, end) for `key`; begin % 4 == 0.
-void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
-  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  // Lanes 0-7 of (a, b) are elements 4(c + l) and 4(c + l) + 1, lanes 8-15 elements 4(c + l) + 2 and + 3:
-  // pairs (a_l, b_l) as 64-bit units, reordered to counter order (l, l + 8) by two permutes.
-  const __m512i first = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13);
-  const __m512i second = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
-  for (int64_t c = begin / 4; 4 * c < end; c += 8) {
-    __m512i wa, wb;
-    __m512 a, b;
-    philox8(k0, k1, c, wa, wb);
-    box_muller16(wa, wb, a, b);
-    const __m512d lo = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), hi = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
-    const int64_t e0 = 4 * c;
-    float* dst = n + (e0 - begin);
-    if (end - e0 >= 32) {
-      _mm512_storeu_pd(reinterpret_cast<double*>(dst), _mm512_permutex2var_pd(lo, first, hi));
-      _mm512_storeu_pd(reinterpret_cast<double*>(dst + 16), _mm512_permutex2var_pd(lo, second, hi));
-    } else {  // the last batch of a range
-      alignas(64) float tmp[32];
-      _mm512_store_pd(reinterpret_cast<double*>(tmp), _mm512_permutex2var_pd(lo, first, hi));
-      _mm512_store_pd(reinterpret_cast<double*>(tmp + 16), _mm512_permutex2var_pd(lo, second, hi));
-      std::memcpy(dst, tmp, sizeof(float) * (end - e0));
-    }
-  }
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-// Philox for counters c .. c + 3 in AVX2 (the AVX-512 philox8 above on half the lanes, with the same
-// unmasked high words): wa = (w0 | w2), wb = (w1 | w3) of the 4 counters in 32-bit lanes.
-inline void philox4(uint32_t k0, uint32_t k1, int64_t c, __m256i& wa, __m256i& wb) {
-  const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(c), _mm256_setr_epi64x(0, 1, 2, 3));
-  __m256i s0 = ctr, s1 = _mm256_srli_epi64(ctr, 32);  // s0: the counter's low word (high ignored)
-  __m256i s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
-  const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
-  uint32_t ka = k0, kb = k1;
-  for (int r = 0; r < 10; ++r) {
-    const __m256i pa = _mm256_mul_epu32(ma, s0), pb = _mm256_mul_epu32(mb, s2);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), s1), _mm256_set1_epi64x(ka));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), s3), _mm256_set1_epi64x(kb));
-    s1 = pb;  // the low words; the high ones are never read (see above)
-    s3 = pa;
-    s0 = n0;
-    s2 = n2;
-    ka += kPhiloxKeyA;
-    kb += kPhiloxKeyB;
-  }
-  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-  auto pack = [&](__m256i lo, __m256i hi) {
-    return _mm256_blend_epi32(_mm256_permutevar8x32_epi32(lo, low_halves), _mm256_permutevar8x32_epi32(hi, low_halves),
-                              0xF0);
-  };
-  wa = pack(s0, s2);
-  wb = pack(s1, s3);
-}
-
-// box_muller of csrc/philox.h on 8 lanes, operation for operation (masks as all-ones lanes).
-inline void box_muller8(__m256i wa, __m256i wb, __m256& a, __m256& b) {
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256 x = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(wa, 9), 1), one));
-  const __m256i bits = _mm256_castps_si256(x);
-  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFF)),
-                                                 _mm256_set1_epi32(0x3F800000)));
-  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2), _CMP_GE_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // + 1 where big (its lanes are -1)
-  const __m256 c1 = _mm256_set1_ps(1.0f);
-  const __m256 s = _mm256_div_ps(_mm256_sub_ps(m, c1), _mm256_add_ps(m, c1));
-  const __m256 z = _mm256_mul_ps(s, s);
-  __m256 p = _mm256_mul_ps(z, _mm256_set1_ps(kL9));
-  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL7)));
-  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL5)));
-  p = _mm256_mul_ps(z, _mm256_add_ps(p, _mm256_set1_ps(kL3)));
-  p = _mm256_mul_ps(s, _mm256_add_ps(p, _mm256_set1_ps(2.0f)));
-  const __m256 ln_u = _mm256_add_ps(
-      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(24))), _mm256_set1_ps(kLn2)), p);
-  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ln_u));
-
-  const __m256i o = _mm256_srli_epi32(wb, 29);
-  const __m256i mant = _mm256_set1_epi32(0x7FFFFF);
-  __m256i k = _mm256_and_si256(_mm256_srli_epi32(wb, 6), mant);
-  const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(o, one), one);
-  k = _mm256_blendv_epi8(k, _mm256_sub_epi32(mant, k), odd);
-  const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(k, 1), one)),
-                                 _mm256_set1_ps(kTwoPowMinus24));
-  const __m256 t = _mm256_mul_ps(f, _mm256_set1_ps(kPiOver4));
-  const __m256 y = _mm256_mul_ps(t, t);
-  __m256 sn = _mm256_mul_ps(y, _mm256_set1_ps(kS9));
-  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS7)));
-  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS5)));
-  sn = _mm256_mul_ps(y, _mm256_add_ps(sn, _mm256_set1_ps(kS3)));
-  sn = _mm256_mul_ps(t, _mm256_add_ps(sn, c1));
-  __m256 cs = _mm256_mul_ps(y, _mm256_set1_ps(kC10));
-  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC8)));
-  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC6)));
-  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC4)));
-  cs = _mm256_mul_ps(y, _mm256_add_ps(cs, _mm256_set1_ps(kC2)));
-  cs = _mm256_add_ps(cs, c1);
-  const __m256 swap = _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_xor_si256(o, _mm256_srli_epi32(o, 1)), one), one));
-  const __m256i four = _mm256_set1_epi32(4), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i neg_a = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_add_epi32(o, _mm256_set1_epi32(2)), four), four);
-  const __m256i neg_b = _mm256_cmpeq_epi32(_mm256_and_si256(o, four), four);
-  const __m256i A = _mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(cs, sn, swap)), _mm256_and_si256(neg_a, sign));
-  const __m256i B = _mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(sn, cs, swap)), _mm256_and_si256(neg_b, sign));
-  a = _mm256_mul_ps(r, _mm256_castsi256_ps(A));
-  b = _mm256_mul_ps(r, _mm256_castsi256_ps(B));
-}
-
-// n[0 .. end - begin) = the stream's normals of elements [begin, end) for `key`; begin % 4 == 0. Two groups
-// of 4 counters per iteration give the out-of-order core independent work.
-void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
-  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  // Lanes 0-3 of (a, b) are elements 4(c + l) and 4(c + l) + 1, lanes 4-7 elements 4(c + l) + 2 and + 3:
-  // (a_l, b_l) pairs as 64-bit units, unpacked per 128-bit half and put in counter order by one permute.
-  auto emit = [&](int64_t c) {
-    __m256i wa, wb;
-    __m256 a, b;
-    philox4(k0, k1, c, wa, wb);
-    box_muller8(wa, wb, a, b);
-    const __m256d lo = _mm256_castps_pd(_mm256_unpacklo_ps(a, b)), hi = _mm256_castps_pd(_mm256_unpackhi_ps(a, b));
-    const __m256 first = _mm256_castpd_ps(_mm256_permute4x64_pd(lo, 0xD8)), second = _mm256_castpd_ps(_mm256_permute4x64_pd(hi, 0xD8));
-    const int64_t e0 = 4 * c;
-    float* dst = n + (e0 - begin);
-    if (end - e0 >= 16) {
-      _mm256_storeu_ps(dst, first);
-      _mm256_storeu_ps(dst + 8, second);
-    } else {  // the last group of a range
-      alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, first);
-      _mm256_store_ps(tmp + 8, second);
-      std::memcpy(dst, tmp, sizeof(float) * (end - e0));
-    }
-  };
-  int64_t c = begin / 4;
-  for (; 4 * (c + 4) < end; c += 8) {
-    emit(c);
-    emit(c + 4);
-  }
-  for (; 4 * c < end; c += 4) emit(c);
-}
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+using stream::gen_normals;
 #else
 void gen_normals(uint64_t key, int64_t begin, int64_t end, float* n) {
   for (int64_t c = begin / 4; 4 * c < end; ++c) {
@@ -467,6 +248,48 @@ at::Tensor directional_dots_cpu(at::TensorList grads, const at::Tensor& keys) {
   return out.to(grouped_acc_dtype(grads));
 }
 
+// (w.g, w.w, g.g) over n elements in float64, over kLanes interleaved partial sums as in sum_sq, in explicit
+// float64 vectors: the compiler left the three-accumulator loop scalar (half torch.compile's speed). Blocks
+// are widened to float64 in L1 first; products and sums are separate roundings (no FMA), so every level
+// adds the same numbers in the same order.
+template <typename T>
+std::array<double, 3> wg_ww_gg(const T* w, const T* g, int64_t n) {
+  using VD = Vectorized<double>;
+  constexpr int kV = kLanes / VD::size();  // vectors per set of kLanes partial sums
+  static_assert(kLanes % VD::size() == 0);
+  constexpr int64_t kWiden = 256;
+  VD wg[kV], ww[kV], gg[kV];
+  for (int v = 0; v < kV; ++v) wg[v] = ww[v] = gg[v] = VD(0.0);
+  alignas(64) double wd[kWiden], gd[kWiden];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kWiden) {
+    const int64_t len = std::min<int64_t>(kWiden, (n - j) / kLanes * kLanes);
+    for (int64_t i = 0; i < len; ++i) wd[i] = static_cast<double>(w[j + i]), gd[i] = static_cast<double>(g[j + i]);
+    for (int64_t i = 0; i < len; i += kLanes)
+      for (int v = 0; v < kV; ++v) {
+        const VD a = VD::loadu(wd + i + v * VD::size()), b = VD::loadu(gd + i + v * VD::size());
+        wg[v] = wg[v] + a * b;
+        ww[v] = ww[v] + a * a;
+        gg[v] = gg[v] + b * b;
+      }
+    if (len < kWiden) {
+      j += len;
+      break;
+    }
+  }
+  double lw[kLanes], lww[kLanes], lgg[kLanes];
+  for (int v = 0; v < kV; ++v) {
+    wg[v].store(lw + v * VD::size());
+    ww[v].store(lww + v * VD::size());
+    gg[v].store(lgg + v * VD::size());
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    const double a = static_cast<double>(w[j]), b = static_cast<double>(g[j]);
+    lw[l] += a * b, lww[l] += a * a, lgg[l] += b * b;
+  }
+  return {lanes_total(lw), lanes_total(lww), lanes_total(lgg)};
+}
+
 // grad <- (g - c w) * |g| / (|g - c w| + 1e-30), c = (w . g) / (w . w + 1e-30), per tensor. One pass sums
 // w.g, w.w, g.g (float64); |g - c w|^2 = g.g - 2 c w.g + c^2 w.w follows from them; a second pass writes,
 // also in float64. Both cancel when g is nearly parallel to w, which float32 arithmetic would turn to noise.
@@ -474,35 +297,21 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
   TORCH_CHECK(params.size() == grads.size(), "orthograd_: params and grads differ in length");
   const int64_t T = static_cast<int64_t>(params.size());
   const auto chunks = make_chunks(numels(params), int64_t{1} << 15);
-  std::vector<double> part(chunks.size() * 3, 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
+  const int64_t C = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(C * 3, 0.0);
+  at::parallel_for(0, C, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t ci = b0; ci < b1; ++ci) {
       const Chunk& ch = chunks[ci];
       STABKERNELS_DISPATCH_FLOAT(params[ch.index], "orthograd_sums", [&] {
-        // float64 accumulation throughout: |g_perp|^2 = g.g - 2c w.g + c^2 w.w cancels when g is nearly
-        // parallel to w, and float32 partial sums would leave only noise. kLanes partial sums each, as in
-        // sum_sq (four scalar accumulators ran at half torch.compile's speed).
         const scalar_t* w = params[ch.index].const_data_ptr<scalar_t>();
         const scalar_t* g = grads[ch.index].const_data_ptr<scalar_t>();
-        double wg[kLanes] = {}, ww[kLanes] = {}, gg[kLanes] = {};
-        int64_t j = ch.begin;
-        for (; j + kLanes <= ch.end; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            const double a = static_cast<double>(w[j + l]), b = static_cast<double>(g[j + l]);
-            wg[l] += a * b, ww[l] += a * a, gg[l] += b * b;
-          }
-        for (int l = 0; j < ch.end; ++j, ++l) {
-          const double a = static_cast<double>(w[j]), b = static_cast<double>(g[j]);
-          wg[l] += a * b, ww[l] += a * a, gg[l] += b * b;
-        }
-        part[ci * 3] = lanes_total(wg);
-        part[ci * 3 + 1] = lanes_total(ww);
-        part[ci * 3 + 2] = lanes_total(gg);
+        const auto sums = wg_ww_gg(w + ch.begin, g + ch.begin, ch.end - ch.begin);
+        std::copy(sums.begin(), sums.end(), part.begin() + ci * 3);
       });
     }
   });
   std::vector<double> wg(T, 0.0), ww(T, 0.0), gg(T, 0.0), c(T), scale(T);
-  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+  for (int64_t ci = 0; ci < C; ++ci) {
     wg[chunks[ci].index] += part[ci * 3];
     ww[chunks[ci].index] += part[ci * 3 + 1];
     gg[chunks[ci].index] += part[ci * 3 + 2];
@@ -512,7 +321,7 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
     const double perp2 = std::max(0.0, gg[t] - 2 * c[t] * wg[t] + c[t] * c[t] * ww[t]);
     scale[t] = std::sqrt(gg[t]) / (std::sqrt(perp2) + 1e-30);
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, C, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t ci = b0; ci < b1; ++ci) {
       const Chunk& ch = chunks[ci];
       const int64_t t = ch.index;
