@@ -38,8 +38,10 @@ def check_tensor_list(ts, name: str, *, allow_empty: bool = False) -> list[torch
     ts = list(ts)
     if not ts and not allow_empty:
         raise ValueError(f"{name} is empty")
-    for i, t in enumerate(ts):
-        check_float_tensor(t, f"{name}[{i}]")
+    # the detailed per-tensor checks only when a quick pass finds a problem (this runs on every step)
+    if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype in FLOAT_DTYPES for t in ts):
+        for i, t in enumerate(ts):
+            check_float_tensor(t, f"{name}[{i}]")
     devices = {t.device for t in ts}
     if len(devices) > 1:
         raise ValueError(f"{name} must all be on one device, got {sorted(str(d) for d in devices)}")

@@ -17,6 +17,7 @@ tensor, so the direction stream is keyed by the global element index.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,7 +98,10 @@ def broadcast_int(value: int, process_group=None) -> int:
 # DTensor (FSDP2) shards
 
 
+@functools.cache
 def _dtensor_type():
+    """DTensor, or None for a torch built without distributed (looked up once: the import machinery cost
+    microseconds per tensor on every step)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -112,7 +116,8 @@ def is_sharded(t) -> bool:
 
 
 def any_sharded(ts) -> bool:
-    return any(is_sharded(t) for t in ts)
+    cls = _dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in ts)
 
 
 def local(t):

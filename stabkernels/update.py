@@ -159,22 +159,31 @@ def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) ->
         if not p.is_contiguous():
             raise ValueError(f"{op}: params[{i}] must be contiguous")
 
-    def check(name, ts, want_dtype):
+    shapes = [p.shape for p in params]
+    dtypes = {"same": [p.dtype for p in params]}
+
+    def check(name, ts, kind):
         if len(ts) != len(params):
             raise ValueError(f"{op}: {name} has {len(ts)} tensors for {len(params)} params")
-        for i, (t, p) in enumerate(zip(ts, params)):
+        if kind not in dtypes:
+            dtypes[kind] = [acc_dtype(d) for d in dtypes["same"]]
+        want = dtypes[kind]
+        # one pass that only compares (this runs every step, on every tensor), then the detailed one for the message
+        if all(isinstance(t, Tensor) and t.shape == s and t.dtype == d and t.device == device and t.is_contiguous()
+               for t, s, d in zip(ts, shapes, want)):
+            return
+        for i, (t, p, dt) in enumerate(zip(ts, params, want)):
             if not isinstance(t, Tensor) or t.shape != p.shape:
                 raise ValueError(f"{op}: {name}[{i}] must have the shape of params[{i}] {tuple(p.shape)}, got "
                                  f"{getattr(t, 'shape', type(t).__name__)}")
-            dt = want_dtype(p)
             if t.dtype != dt or t.device != device or not t.is_contiguous():
                 raise ValueError(f"{op}: {name}[{i}] must be a contiguous {dt} tensor on {device}, got {t.dtype} "
                                  f"on {t.device}{'' if t.is_contiguous() else ' (non-contiguous)'}")
 
     for name, ts in named_lists.items():
-        check(name, ts, lambda p: p.dtype)
+        check(name, ts, "same")
     for name, ts in dict(acc_lists).items():
-        check(name, ts, lambda p: acc_dtype(p.dtype))
+        check(name, ts, "acc")
     return device
 
 
