@@ -160,14 +160,10 @@ def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) ->
             raise ValueError(f"{op}: params[{i}] must be contiguous")
 
     shapes = [p.shape for p in params]
-    dtypes = {"same": [p.dtype for p in params]}
 
-    def check(name, ts, kind):
+    def check(name, ts, want):
         if len(ts) != len(params):
             raise ValueError(f"{op}: {name} has {len(ts)} tensors for {len(params)} params")
-        if kind not in dtypes:
-            dtypes[kind] = [acc_dtype(d) for d in dtypes["same"]]
-        want = dtypes[kind]
         # one pass that only compares (this runs every step, on every tensor), then the detailed one for the message
         if all(isinstance(t, Tensor) and t.shape == s and t.dtype == d and t.device == device and t.is_contiguous()
                for t, s, d in zip(ts, shapes, want)):
@@ -180,10 +176,14 @@ def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) ->
                 raise ValueError(f"{op}: {name}[{i}] must be a contiguous {dt} tensor on {device}, got {t.dtype} "
                                  f"on {t.device}{'' if t.is_contiguous() else ' (non-contiguous)'}")
 
+    same = [p.dtype for p in params]
     for name, ts in named_lists.items():
-        check(name, ts, "same")
-    for name, ts in dict(acc_lists).items():
-        check(name, ts, "acc")
+        check(name, ts, same)
+    acc_lists = dict(acc_lists)
+    if acc_lists:
+        acc = [acc_dtype(d) for d in same]
+        for name, ts in acc_lists.items():
+            check(name, ts, acc)
     return device
 
 
