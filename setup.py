@@ -118,7 +118,7 @@ def _extensions():
     # stream and the perturbations are meant to agree bit for bit across CPU backends and ISA levels).
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     # The baseline sources; the AVX2/AVX512 objects are compiled and linked by BuildExt below.
-    sources = ["csrc/stabkernels.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa/default.cpp"]
+    sources = ["csrc/stabkernels.cpp", "csrc/list_checks.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa/default.cpp"]
     kwargs = dict(extra_compile_args={"cxx": cxx})
     if with_cuda:
         sources += _sources("cuda/*.cpp") + _sources("cuda/*.cu")

@@ -31,11 +31,16 @@ def check_float_tensor(x, name: str, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
 
 
-def check_tensor_list(ts, name: str, *, allow_empty: bool = False) -> list[torch.Tensor]:
-    """A list (not one tensor, which would iterate as its rows) of dense float tensors on one device."""
+def as_list(ts, name: str) -> list:
+    """``ts`` as a list; one tensor is refused (it would iterate as its rows)."""
     if isinstance(ts, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors, got a single tensor (wrap it in a list)")
-    ts = list(ts)
+    return list(ts)
+
+
+def check_tensor_list(ts, name: str, *, allow_empty: bool = False) -> list[torch.Tensor]:
+    """A list (not one tensor, which would iterate as its rows) of dense float tensors on one device."""
+    ts = as_list(ts, name)
     if not ts and not allow_empty:
         raise ValueError(f"{name} is empty")
     # the detailed per-tensor checks only when a quick pass finds a problem (this runs on every step)

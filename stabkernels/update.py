@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import distributed
-from ._checks import acc_dtype, check_tensor_list, grouped_acc_dtype
+from ._checks import acc_dtype, as_list, check_tensor_list, grouped_acc_dtype
 from ._library import define_op
 
 
@@ -187,6 +187,31 @@ def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) ->
     return device
 
 
+def _params_device(op: str, params: list) -> torch.device:
+    """The device of ``params``, checked only as far as finding it needs (the rest is checked by the kernel or
+    by :func:`_check_lists`)."""
+    if not params or not isinstance(params[0], Tensor):
+        check_tensor_list(params, f"{op}: params")  # raises the worded error
+    return params[0].device
+
+
+def _run_checked(op, args: tuple, backend: str, check) -> Tensor | None:
+    """Runs ``op(*args, backend)``; ``check()`` validates the lists in Python.
+
+    The compiled kernels validate every list themselves before touching memory (csrc/list_checks.cpp), in
+    about 1 us where the Python pass costs about 100 us per step for a ResNet's 62 tensors, so with them the
+    Python check runs only when the kernel raised, to word the error the same way on every backend. Under
+    torch.compile the Python check runs at trace time, where it costs nothing per step."""
+    if backend not in ("cpp", "cuda") or torch.compiler.is_compiling():
+        check()
+        return op(*args, backend)
+    try:
+        return op(*args, backend)
+    except (TypeError, ValueError, RuntimeError):
+        check()  # raises the worded error when a list is at fault; else the kernel's error stands
+        raise
+
+
 def _scale_tensor(step_scale, device) -> Tensor:
     if step_scale is None:
         return torch.ones((), device=device)
@@ -222,16 +247,23 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     beta1, beta2 = betas
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("adam_step_: amsgrad needs max_exp_avg_sqs")
-    device = _check_lists("adam_step_", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                                                 **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
-                          acc_lists={"updates": updates} if updates else {})
     if step < 1:
         raise ValueError(f"adam_step_: step must be >= 1, got {step}")
+    params = as_list(params, "adam_step_: params")
+    device = _params_device("adam_step_", params)
+    grads, exp_avgs, exp_avg_sqs = list(grads), list(exp_avgs), list(exp_avg_sqs)
+    max_exp_avg_sqs, updates = list(max_exp_avg_sqs) if amsgrad else [], list(updates or [])
+
+    def check():
+        _check_lists("adam_step_", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                                            **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
+                     acc_lists={"updates": updates} if updates else {})
+
     b = _backend.resolve("adam_step_", backend, device)
-    return _adam_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                    list(max_exp_avg_sqs) if amsgrad else [], list(updates or []), _scale_tensor(step_scale, device),
-                    float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
-                    bool(decoupled), bool(amsgrad), bool(maximize), bool(apply), b)
+    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), bool(decoupled),
+            bool(amsgrad), bool(maximize), bool(apply))
+    return _run_checked(_adam_op, args, b, check)
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None, *,
@@ -251,16 +283,20 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
                          maximize=maximize, first=first, updates=None if updates is None else L(updates),
                          step_scale=step_scale, apply=apply, backend=backend)
         return distributed.sum_shards(sums, params)
-    lists = {"grads": grads}
-    if momentum != 0:
-        if momentum_buffers is None:
-            raise ValueError("sgd_step_: momentum needs momentum_buffers")
-        lists["momentum_buffers"] = momentum_buffers
-    device = _check_lists("sgd_step_", params, lists, acc_lists={"updates": updates} if updates else {})
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError("sgd_step_: momentum needs momentum_buffers")
+    params = as_list(params, "sgd_step_: params")
+    device = _params_device("sgd_step_", params)
+    grads, bufs, updates = list(grads), list(momentum_buffers) if momentum != 0 else [], list(updates or [])
+
+    def check():
+        _check_lists("sgd_step_", params, {"grads": grads, **({"momentum_buffers": bufs} if momentum != 0 else {})},
+                     acc_lists={"updates": updates} if updates else {})
+
     b = _backend.resolve("sgd_step_", backend, device)
-    return _sgd_op(list(params), list(grads), list(momentum_buffers) if momentum != 0 else [], list(updates or []),
-                   _scale_tensor(step_scale, device), float(lr), float(momentum), float(dampening),
-                   float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply), b)
+    args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), float(lr), float(momentum),
+            float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply))
+    return _run_checked(_sgd_op, args, b, check)
 
 
 def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tensor | float,
@@ -269,6 +305,8 @@ def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tenso
     (the radius controller's effective learning rate), so applying it needs no host synchronisation."""
     if distributed.any_sharded(params):
         params, updates = distributed.locals_(params), distributed.locals_(updates)
-    device = _check_lists("apply_update_", params, {}, acc_lists={"updates": updates})
+    params, updates = as_list(params, "apply_update_: params"), list(updates)
+    device = _params_device("apply_update_", params)
     b = _backend.resolve("apply_update_", backend, device)
-    _apply_op(list(params), list(updates), _scale_tensor(lr, device), float(weight_decay), b)
+    _run_checked(_apply_op, (params, updates, _scale_tensor(lr, device), float(weight_decay)), b,
+                 lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))

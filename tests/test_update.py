@@ -1,4 +1,6 @@
 """Fused optimizer updates against torch.optim (the ground truth) and the float64 reference, per backend."""
+import functools
+
 import pytest
 import torch
 
@@ -177,28 +179,87 @@ def test_apply_update_dtypes_against_float64_reference(backend, device, dtype):
         torch.testing.assert_close(a.double(), b, rtol=DTYPE_TOL[dtype], atol=DTYPE_TOL[dtype])
 
 
-def test_update_errors_name_the_problem():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_update_errors_name_the_problem(backend):
+    """The same worded error on every backend (the compiled kernels check the lists themselves and the wrapper
+    words what they refuse), and nothing a refused call was given is changed."""
+    from stabkernels import backend as B
+    if B.why_unavailable(backend, "cpu"):
+        pytest.skip(B.why_unavailable(backend, "cpu"))
     p = make_params("cpu")
     g = grads_for(p, 1)
     z = [torch.zeros_like(x) for x in p]
+    before = [t.clone() for t in p + z]
+    adam = functools.partial(update.adam_step_, lr=0.1, backend=backend)
     with pytest.raises(ValueError, match=r"grads has 3 tensors for 4 params"):
-        update.adam_step_(p, g[:3], z, z, step=1, lr=0.1)
+        adam(p, g[:3], z, z, step=1)
     with pytest.raises(ValueError, match=r"exp_avgs\[1\] must have the shape"):
-        update.adam_step_(p, g, [z[0], z[0], z[2], z[3]], z, step=1, lr=0.1)
+        adam(p, g, [z[0], z[0], z[2], z[3]], z, step=1)
     with pytest.raises(ValueError, match=r"grads\[0\] must be a contiguous torch.float32"):
-        update.adam_step_(p, [g[0].double()] + g[1:], z, z, step=1, lr=0.1)
+        adam(p, [g[0].double()] + g[1:], z, z, step=1)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\] must be a contiguous torch.float32 .*\(non-contiguous\)"):
+        adam(p, g, z, z[:1] + [torch.zeros(9, 5).t()] + z[2:], step=1)
+    with pytest.raises(ValueError, match=r"updates\[3\] must have the shape"):
+        adam(p, g, z, z, step=1, updates=[torch.zeros_like(x) for x in p[:3]] + [torch.zeros(2)])
+    with pytest.raises(ValueError, match=r"max_exp_avg_sqs has 1 tensors for 4 params"):
+        adam(p, g, z, z, step=1, amsgrad=True, max_exp_avg_sqs=z[:1])
     with pytest.raises(ValueError, match="step must be >= 1"):
-        update.adam_step_(p, g, z, z, step=0, lr=0.1)
+        adam(p, g, z, z, step=0)
     with pytest.raises(ValueError, match="amsgrad needs"):
-        update.adam_step_(p, g, z, z, step=1, lr=0.1, amsgrad=True)
+        adam(p, g, z, z, step=1, amsgrad=True)
     with pytest.raises(ValueError, match="momentum needs"):
-        update.sgd_step_(p, g, None, lr=0.1, momentum=0.9)
+        update.sgd_step_(p, g, None, lr=0.1, momentum=0.9, backend=backend)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\] must be a contiguous torch.float32"):
+        update.sgd_step_(p, g, [b.double() for b in z], lr=0.1, momentum=0.9, backend=backend)
     with pytest.raises(ValueError, match=r"params\[1\] must be contiguous"):
-        update.sgd_step_([p[0], torch.randn(4, 3).t()], g[:1] + [torch.randn(3, 4)], None, lr=0.1)
+        update.sgd_step_([p[0], torch.randn(4, 3).t()], g[:1] + [torch.randn(3, 4)], None, lr=0.1, backend=backend)
     with pytest.raises(TypeError, match="sgd_step_: params must be a list of tensors"):
-        update.sgd_step_(p[0], g[0], None, lr=0.1)  # one tensor would otherwise step row by row
+        update.sgd_step_(p[0], g[0], None, lr=0.1, backend=backend)  # one tensor would otherwise step row by row
+    with pytest.raises(TypeError, match=r"sgd_step_: params\[1\] must be float32.*integer/bool"):
+        update.sgd_step_([p[0], torch.ones(3, dtype=torch.long)], g[:1] + [torch.ones(3)], None, lr=0.1,
+                         backend=backend)
     with pytest.raises(ValueError, match="apply_update_: params is empty"):
-        update.apply_update_([], [], 0.1)
+        update.apply_update_([], [], 0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"apply_update_: updates\[0\] must be a contiguous torch.float32"):
+        update.apply_update_(p, [u.half() for u in z], 0.1, backend=backend)
+    for a, b in zip(p + z, before):
+        assert torch.equal(a, b)
+
+
+def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
+    """The raw kernels check every list before touching memory (the wrappers rely on it: they skip their own
+    Python checks on the compiled backends), with ValueErrors that name the list and the tensor."""
+    from stabkernels import backend as B
+    if B.why_unavailable("cpp", "cpu"):
+        pytest.skip(B.why_unavailable("cpp", "cpu"))
+    C = torch.ops.stabkernels_C
+    p = make_params("cpu")
+    g = grads_for(p, 1)
+    z = [torch.zeros_like(x) for x in p]
+    before = [t.clone() for t in p + z]
+    one = torch.ones(())
+    adam = lambda ps, gs, ms, vs, vm=(), us=(), ams=False: C.adam_step_(  # noqa: E731
+        ps, gs, ms, vs, list(vm), list(us), one, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, True, ams, False, True)
+    cases = [
+        (lambda: adam(p, g[:3], z, z), r"adam_step_: grads has 3 tensors for 4 params"),
+        (lambda: adam(p, g, z, z[:1] + [torch.zeros(7)] + z[2:]), r"exp_avg_sqs\[1\] must have the shape of params\[1\]"),
+        (lambda: adam(p, g, z, z, vm=z[:2], ams=True), r"max_exp_avg_sqs has 2 tensors"),
+        (lambda: adam(p, g, z, z, us=[u.half() for u in z]), r"updates\[0\] must be a contiguous Float"),
+        (lambda: adam(p[:1] + [p[1].t()] + p[2:], g, z, z), r"params\[1\] must be contiguous"),
+        (lambda: adam([], [], [], []), r"params is empty"),
+        (lambda: C.sgd_step_(p, g, z[:2], [], one, 0.1, 0.9, 0.0, 0.0, False, False, False, True),
+         r"sgd_step_: momentum_buffers has 2 tensors"),
+        (lambda: C.sgd_step_([p[0], torch.ones(3, dtype=torch.long)], g[:1] + [torch.ones(3)], [], [], one, 0.1,
+                             0.0, 0.0, 0.0, False, False, False, True), r"params\[1\] must be a dense float32"),
+        (lambda: C.apply_update_(p, z[:3], one, 0.0), r"apply_update_: updates has 3 tensors"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    for a, b in zip(p + z, before):
+        assert torch.equal(a, b)
+    # lists the options leave unused may be empty; every optional list is checked when given
+    C.sgd_step_(p, g, [], [], one, 0.1, 0.0, 0.0, 0.0, False, False, False, False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -11,6 +11,7 @@
 
 #include "../philox.h"
 #include "common.h"
+#include "../list_checks.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include "stream_simd.h"
@@ -294,7 +295,7 @@ std::array<double, 3> wg_ww_gg(const T* w, const T* g, int64_t n) {
 // w.g, w.w, g.g (float64); |g - c w|^2 = g.g - 2 c w.g + c^2 w.w follows from them; a second pass writes,
 // also in float64. Both cancel when g is nearly parallel to w, which float32 arithmetic would turn to noise.
 void orthograd_cpu(at::TensorList params, at::TensorList grads) {
-  TORCH_CHECK(params.size() == grads.size(), "orthograd_: params and grads differ in length");
+  check_update_lists("orthograd_", params, {{"grads", grads}}, at::kCPU);
   const int64_t T = static_cast<int64_t>(params.size());
   const auto chunks = make_chunks(numels(params), int64_t{1} << 15);
   const int64_t C = static_cast<int64_t>(chunks.size());

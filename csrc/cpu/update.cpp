@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "../list_checks.h"
 
 namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
@@ -146,7 +147,11 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
                          bool apply) {
-  TORCH_CHECK(step >= 1, "adam_step_: step must be >= 1");
+  TORCH_CHECK_VALUE(step >= 1, "adam_step_: step must be >= 1, got ", step);
+  check_update_lists("adam_step_", params,
+                     {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                      {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
+                     at::kCPU);
   const AdamConsts c{lr, beta1, beta2, eps, weight_decay, 1 - std::pow(beta1, static_cast<double>(step)),
                      std::sqrt(1 - std::pow(beta2, static_cast<double>(step))), decoupled, amsgrad, maximize, apply};
   const double scale = read_scale(step_scale);
@@ -182,6 +187,10 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
                         const at::Tensor& step_scale, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
+  check_update_lists("sgd_step_", params,
+                     {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
+                      {"updates", updates, true, false}},
+                     at::kCPU);
   const SgdConsts c{momentum, dampening, weight_decay, nesterov, maximize, first, apply};
   const double scale = read_scale(step_scale);
   return chunked_sums(params, [&](const Chunk& ch) {
@@ -210,6 +219,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 
 // p <- p * (1 - lr * weight_decay) - lr * u, with lr read from a 0-d tensor.
 void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr_t, double weight_decay) {
+  check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCPU);
   const double lr = read_scale(lr_t);
   chunked_sums(params, [&](const Chunk& ch) {
     const int64_t i = ch.index;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "../list_checks.h"
 
 namespace stabkernels::cuda {
 namespace {
@@ -187,19 +188,15 @@ UpdateLaunch update_launch(const std::vector<int64_t>& idx, std::vector<at::Tens
   return out;
 }
 
-void check_update_lists(const char* op, at::TensorList params) {
-  TORCH_CHECK(!params.empty(), op, ": empty parameter list");
-  for (const auto& p : params)
-    TORCH_CHECK(p.is_cuda() && p.is_contiguous() && p.device() == params[0].device(), op,
-                ": parameters must be contiguous CUDA tensors on one device");
-}
-
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                           const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
                           double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
                           bool apply) {
-  check_update_lists("adam_step_", params);
+  check_update_lists("adam_step_", params,
+                     {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                      {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
+                     at::kCUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
@@ -222,7 +219,10 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
                          const at::Tensor& step_scale, double lr, double momentum, double dampening,
                          double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
-  check_update_lists("sgd_step_", params);
+  check_update_lists("sgd_step_", params,
+                     {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
+                      {"updates", updates, true, false}},
+                     at::kCUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const Column consts = double_bits({lr, momentum, dampening, weight_decay});
@@ -241,7 +241,7 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr, double weight_decay) {
-  check_update_lists("apply_update_", params);
+  check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor scale = lr.to(params[0].device(), at::kDouble).reshape({1});
@@ -435,7 +435,7 @@ at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in
 }
 
 void orthograd_cuda(at::TensorList params, at::TensorList grads) {
-  check_update_lists("orthograd_", params);
+  check_update_lists("orthograd_", params, {{"grads", grads}}, at::kCUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(params)) {
