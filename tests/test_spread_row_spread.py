@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import stabkernels as sk
+from stabkernels._checks import acc_dtype
 from stabkernels.spread import row_spread_reference
 
 from .helpers import FLOAT_DTYPES, ODD_SHAPES, backend_params, layouts, rtol_for
@@ -54,6 +55,32 @@ def test_nan_and_inf_propagate_per_row(backend, device):
         assert got[5].item() == float("inf")
         assert torch.isfinite(got[[0, 1, 3]]).all()
         assert torch.isnan(sk.row_spread(xv, "max", backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_special_rows_match_amax_minus_amin_exactly(backend, device, dtype):
+    """Rows that defeat a fast path: NaN or +-inf anywhere (the vector body's lanes, the tail), both
+    infinities, only +inf, and finite values whose sum overflows (a finite-sum test must not misjudge them)."""
+    big = torch.finfo(dtype).max / 4
+    x = torch.randn(10, 133, dtype=torch.float64).to(dtype)
+    x[0, 3] = float("nan")
+    x[1, 20] = float("nan")
+    x[2, 132] = float("-inf")
+    x[3, 5], x[3, 70] = float("inf"), float("-inf")
+    x[4] = float("inf")
+    x[5] = big  # sum overflows, spread 0
+    x[6, ::2] = big
+    x[6, 1::2] = -big / 2
+    x[7, 64] = float("inf")
+    x[8, 40:] = torch.finfo(dtype).max
+    x = x.to(device)
+    want = (x.to(torch.float64).amax(1) - x.to(torch.float64).amin(1)).to(acc_dtype(dtype))
+    for xv in layouts(x).values():
+        got = sk.row_spread(xv, "none", backend=backend)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+        ok = ~torch.isnan(want)
+        torch.testing.assert_close(got[ok], want[ok], rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

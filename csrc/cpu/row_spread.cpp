@@ -2,36 +2,80 @@
 // Three layouts, each read once: rows contiguous (SIMD along a row, parallel over rows), columns
 // contiguous (SIMD across rows, e.g. a transposed tensor) and arbitrary strides (scalar).
 
+#include <algorithm>
+#include <cmath>
+
 #include "common.h"
 
 namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
+// The extremes of one contiguous row with plain max/min (one instruction each, blind to NaN) and a running
+// sum beside them: the sum is finite only when no element is NaN or infinite, so a finite sum proves the
+// plain extremes exact. Returns false otherwise (a NaN, an infinity, or a sum that overflowed), and the
+// caller redoes the row with NaN-propagating extremes. At AVX2, NaN-aware max/min cost three instructions
+// each and made the loop compute bound below the memory's speed.
 template <typename T>
-void spread_rows_contiguous(const T* x, int64_t N, int64_t C, int64_t s0, acc_t<T>* out) {
+bool plain_row_extremes(const T* row, int64_t C, acc_t<T>& hi_out, acc_t<T>& lo_out) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t W = vec_width<T>();
+  constexpr int U = 4;  // vectors per iteration, each with its own accumulators
+  V hi[U], lo[U], sum[U];
+  for (int u = 0; u < U; ++u)
+    hi[u] = V(-std::numeric_limits<A>::infinity()), lo[u] = V(std::numeric_limits<A>::infinity()), sum[u] = V(A(0));
+  int64_t j = 0;
+  for (; j + U * W <= C; j += U * W) {
+    for (int u = 0; u < U; ++u) {
+      const V a = load_acc(row + j + u * W);
+      hi[u] = at::vec::clamp_min(a, hi[u]), lo[u] = at::vec::clamp_max(a, lo[u]), sum[u] = sum[u] + a;
+    }
+  }
+  for (; j + W <= C; j += W) {
+    const V a = load_acc(row + j);
+    hi[0] = at::vec::clamp_min(a, hi[0]), lo[0] = at::vec::clamp_max(a, lo[0]), sum[0] = sum[0] + a;
+  }
+  for (int u = 1; u < U; ++u)
+    hi[0] = at::vec::clamp_min(hi[u], hi[0]), lo[0] = at::vec::clamp_max(lo[u], lo[0]), sum[0] = sum[0] + sum[u];
+  A h = lane_max(hi[0]), l = lane_min(lo[0]), s = lane_sum(sum[0]);
+  for (; j < C; ++j) {
+    const A v = static_cast<A>(row[j]);
+    h = std::max(h, v), l = std::min(l, v), s += v;
+  }
+  hi_out = h, lo_out = l;
+  return std::isfinite(s);
+}
+
+// The NaN-propagating extremes of one contiguous row (once NaN, always NaN, as torch.amax/amin).
+template <typename T>
+void exact_row_extremes(const T* row, int64_t C, acc_t<T>& hi_out, acc_t<T>& lo_out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = vec_width<T>();
+  V hi0(-std::numeric_limits<A>::infinity()), hi1 = hi0;
+  V lo0(std::numeric_limits<A>::infinity()), lo1 = lo0;
+  int64_t j = 0;
+  for (; j + 2 * W <= C; j += 2 * W) {
+    const V a = load_acc(row + j), b = load_acc(row + j + W);
+    hi0 = at::vec::maximum(hi0, a), hi1 = at::vec::maximum(hi1, b);
+    lo0 = at::vec::minimum(lo0, a), lo1 = at::vec::minimum(lo1, b);
+  }
+  A hi = lane_max(at::vec::maximum(hi0, hi1)), lo = lane_min(at::vec::minimum(lo0, lo1));
+  for (; j < C; ++j) {
+    const A v = static_cast<A>(row[j]);
+    hi = nan_max(hi, v), lo = nan_min(lo, v);
+  }
+  hi_out = hi, lo_out = lo;
+}
+
+template <typename T>
+void spread_rows_contiguous(const T* x, int64_t N, int64_t C, int64_t s0, acc_t<T>* out) {
+  using A = acc_t<T>;
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* row = x + i * s0;
-      // Two independent accumulator pairs keep the SIMD units busy; maximum/minimum propagate NaN.
-      V hi0(-std::numeric_limits<A>::infinity()), hi1 = hi0;
-      V lo0(std::numeric_limits<A>::infinity()), lo1 = lo0;
-      int64_t j = 0;
-      for (; j + 2 * W <= C; j += 2 * W) {
-        V a = load_acc(row + j), b = load_acc(row + j + W);
-        hi0 = at::vec::maximum(hi0, a);
-        lo0 = at::vec::minimum(lo0, a);
-        hi1 = at::vec::maximum(hi1, b);
-        lo1 = at::vec::minimum(lo1, b);
-      }
-      A hi = lane_max(at::vec::maximum(hi0, hi1)), lo = lane_min(at::vec::minimum(lo0, lo1));
-      for (; j < C; ++j) {
-        A v = static_cast<A>(row[j]);
-        hi = nan_max(hi, v);
-        lo = nan_min(lo, v);
-      }
+      A hi, lo;
+      if (!plain_row_extremes(row, C, hi, lo)) exact_row_extremes(row, C, hi, lo);
       out[i] = hi - lo;  // NaN if the row held a NaN
     }
   });
