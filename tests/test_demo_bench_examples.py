@@ -103,3 +103,13 @@ def test_bench_compile_column_and_best_peer():
         assert abs(r["vs_best_peer"] - ratio) <= allowed
         assert r["pct_of_copy"] == round(100 * r["GB_per_s"] / 10.0, 1) or abs(
             r["pct_of_copy"] - 100 * r["GB_per_s"] / 10.0) < 0.2
+
+
+def test_machine_name_tells_a_bare_cpu_model_by_family_and_model():
+    from stabkernels.benchmarks.run import cpu_label
+
+    bare = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    assert cpu_label(bare) == "AMD EPYC-f25-m17"
+    named = "cpu family\t: 6\nmodel\t\t: 106\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.60GHz\n"
+    assert cpu_label(named) == "Intel(R) Xeon(R) Processor @ 2.60GHz"
+    assert cpu_label("processor\t: 0\n") is None

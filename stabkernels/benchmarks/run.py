@@ -41,6 +41,19 @@ def cpu_isa() -> str:
     return _ext.cpu_isa
 
 
+def cpu_label(cpuinfo: str) -> str | None:
+    """The CPU's model name in /proc/cpuinfo text; a VM may show only "AMD EPYC", so a name without a model
+    number gets the family and model, which tell the generation (Zen 2 has no AVX-512, Zen 4 has)."""
+    m = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    if not m:
+        return None
+    name = m.group(1)
+    fam, mod = (re.search(rf"^{key}\s*:\s*(\d+)$", cpuinfo, re.M) for key in ("cpu family", "model"))
+    if not re.search(r"\d", name) and fam and mod:
+        name = f"{name}-f{fam.group(1)}-m{mod.group(1)}"
+    return name
+
+
 def machine_name() -> str:
     """A file-name slug for this machine: the GPU's name, else the CPU model and core count."""
     if torch.cuda.is_available():
@@ -49,9 +62,7 @@ def machine_name() -> str:
         name = platform.processor() or platform.machine()
         try:
             with open("/proc/cpuinfo") as f:
-                m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-            if m:
-                name = m.group(1)
+                name = cpu_label(f.read()) or name
         except OSError:
             pass
         name = f"{name}-{os.cpu_count()}cores"
