@@ -195,15 +195,23 @@ void dots_block(const T* g, const float* n, int64_t len, double& sgn, double& sn
   if constexpr (std::is_same_v<acc_t<T>, float>) {
     using V = Vectorized<float>;
     constexpr int64_t L = V::size();
-    V agn(0.f), ann(0.f);
+    constexpr int U = 4;  // independent accumulators: one fmadd chain would take a tenth of the stream's time
+    V agn[U], ann[U];
+    for (int u = 0; u < U; ++u) agn[u] = ann[u] = V(0.f);
     int64_t j = 0;
+    for (; j + U * L <= len; j += U * L)
+      for (int u = 0; u < U; ++u) {
+        const V nv = V::loadu(n + j + u * L);
+        agn[u] = at::vec::fmadd(load_acc(g + j + u * L), nv, agn[u]);
+        ann[u] = at::vec::fmadd(nv, nv, ann[u]);
+      }
     for (; j + L <= len; j += L) {
       const V nv = V::loadu(n + j);
-      agn = at::vec::fmadd(load_acc(g + j), nv, agn);
-      ann = at::vec::fmadd(nv, nv, ann);
+      agn[0] = at::vec::fmadd(load_acc(g + j), nv, agn[0]);
+      ann[0] = at::vec::fmadd(nv, nv, ann[0]);
     }
-    sgn += lane_sum(agn);
-    snn += lane_sum(ann);
+    sgn += lane_sum((agn[0] + agn[1]) + (agn[2] + agn[3]));
+    snn += lane_sum((ann[0] + ann[1]) + (ann[2] + ann[3]));
     for (; j < len; ++j) sgn += static_cast<double>(g[j]) * n[j], snn += static_cast<double>(n[j]) * n[j];
   } else {
     for (int64_t j = 0; j < len; ++j) sgn += static_cast<double>(g[j]) * n[j], snn += static_cast<double>(n[j]) * n[j];
