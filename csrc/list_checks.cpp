@@ -9,9 +9,9 @@ bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 }  // namespace
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_update_lists(const char* op, at::TensorList params, std::initializer_list<MatchingList> lists,
                         c10::DeviceType device_type) {

@@ -9,6 +9,9 @@
 
 namespace stabkernels {
 
+// The math dtype of a storage dtype (SPEC 6): float64 for float64, float32 otherwise.
+at::ScalarType acc_of(at::ScalarType t);
+
 // One list that must match params tensor by tensor. `acc`: in the math dtype of each parameter (float64 for
 // float64, float32 otherwise) rather than in the parameter's own dtype; `required` false: an empty list means
 // the list is not given (an optional output, a buffer the options do not use).

@@ -151,7 +151,7 @@ _backend.register_kernels("apply_update_", "update")
 # public functions
 
 
-def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) -> torch.device:
+def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) -> None:
     """Validates that every list matches ``params`` tensor by tensor (shape, dtype, device, contiguity)."""
     params = check_tensor_list(params, f"{op}: params")
     device = params[0].device
@@ -184,7 +184,6 @@ def _check_lists(op: str, params, named_lists: dict, *, acc_lists: dict = ()) ->
         acc = [acc_dtype(d) for d in same]
         for name, ts in acc_lists.items():
             check(name, ts, acc)
-    return device
 
 
 def _params_device(op: str, params: list) -> torch.device:

@@ -60,8 +60,6 @@ std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList ts) {
   return groups;
 }
 
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 at::ScalarType grouped_acc(at::TensorList ts) {
   for (const auto& t : ts)
     if (t.scalar_type() == at::kDouble) return at::kDouble;
