@@ -157,3 +157,32 @@ def test_the_direction_stream_is_bit_identical_at_every_level(level):
         pytest.skip(f"this CPU lacks {level}")
     r = _run(STREAM_CHECK.format(level=level), {_ext.ISA_ENV: level})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def _setup_isa_flags() -> dict:
+    """setup.py's ISA_SOURCES (level -> (source, flags)), read without running setup.py."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ISA_SOURCES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no ISA_SOURCES")
+
+
+@pytest.mark.skipif(not (X86 and shutil.which("g++")), reason="builds x86-64 code with g++")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "DEFAULT"])
+def test_simd_box_muller_matches_the_definition_for_every_word(level, tmp_path):
+    """tests/cpp/box_muller_every_word.cpp: the level's Box-Muller equals csrc/philox.h's for all 2^23 radius
+    and 2^26 angle words (the random tests above see a few hundred thousand), compiled with the level's flags
+    and the extension's -ffp-contract=off."""
+    if level not in _lower_levels():
+        pytest.skip(f"this CPU lacks {level}")
+    flags = _setup_isa_flags()[level][1]
+    exe = tmp_path / "box_muller_every_word"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", f"-DCPU_CAPABILITY={level}",
+                    f"-DCPU_CAPABILITY_{level}", *flags, "-I", os.path.join(REPO, "csrc"),
+                    os.path.join(REPO, "tests", "cpp", "box_muller_every_word.cpp"), "-o", str(exe)], check=True)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert r.stdout.strip() == f"{(1 << 23) + (1 << 26)} checked, 0 mismatches"
