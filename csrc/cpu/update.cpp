@@ -21,52 +21,72 @@ template <typename V> inline V vmaximum(const V& a, const V& b) { return at::vec
 inline float vmaximum(float a, float b) { return std::max(a, b); }
 inline double vmaximum(double a, double b) { return std::max(a, b); }
 
-// The scalar type of a scalar or of a Vectorized<> value.
-template <typename V> struct ScalarOf { using type = typename V::value_type; };
-template <> struct ScalarOf<float> { using type = float; };
-template <> struct ScalarOf<double> { using type = double; };
-
 struct AdamConsts {
   double lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt;
   bool decoupled, amsgrad, maximize, apply;
 };
 
+// A chunk's own copy of the constants, in its math type A (each rounded from double once, as before the
+// loop). It is a local of the chunk's code on purpose: vector stores may alias any memory (the intrinsics'
+// unaligned types are may_alias), and constants shared with the parallel region are memory the OpenMP
+// runtime can see, so read from there they were reloaded, converted and broadcast, and their flags tested,
+// in every vector iteration; from a private copy the compiler keeps them in registers.
+template <typename A>
+struct AdamArgs {
+  A one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bc1, bc2_sqrt, step_lr, decay;
+  bool decoupled, l2, amsgrad, maximize, apply;  // l2: Adam's weight decay on g (tested in double)
+  AdamArgs(const AdamConsts& c, double scale)
+      : one_minus_beta1(A(1 - c.beta1)), beta2(A(c.beta2)), one_minus_beta2(A(1 - c.beta2)), eps(A(c.eps)),
+        weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(c.lr * scale)),
+        decay(A(1 - c.lr * c.weight_decay)), decoupled(c.decoupled), l2(!c.decoupled && c.weight_decay != 0),
+        amsgrad(c.amsgrad), maximize(c.maximize), apply(c.apply) {}
+};
+
 // One element (or one SIMD vector) of an Adam step. p, m, v, vmax are updated in place; returns u.
-template <typename V>
-inline V adam_math(V& p, V g, V& m, V& v, V& vmax, const AdamConsts& c, const V& step_lr, const V& decay) {
-  using A = typename ScalarOf<V>::type;
+template <typename V, typename A>
+inline V adam_math(V& p, V g, V& m, V& v, V& vmax, const AdamArgs<A>& c) {
   if (c.maximize) g = V(A(0)) - g;
-  if (c.apply && c.decoupled) p = p * decay;  // torch: param.mul_(1 - lr * wd) before the moments
-  if (!c.decoupled && c.weight_decay != 0) g = g + p * V(A(c.weight_decay));
-  m = m + (g - m) * V(A(1 - c.beta1));  // lerp(m, g, 1 - beta1), weight < 0.5
-  v = v * V(A(c.beta2)) + g * V(A(1 - c.beta2)) * g;
+  if (c.apply && c.decoupled) p = p * V(c.decay);  // torch: param.mul_(1 - lr * wd) before the moments
+  if (c.l2) g = g + p * V(c.weight_decay);
+  m = m + (g - m) * V(c.one_minus_beta1);  // lerp(m, g, 1 - beta1), weight < 0.5
+  v = v * V(c.beta2) + g * V(c.one_minus_beta2) * g;
   V vh = v;
   if (c.amsgrad) {
     vmax = vmaximum(vmax, v);
     vh = vmax;
   }
-  const V denom = vsqrt(vh) / V(A(c.bc2_sqrt)) + V(A(c.eps));
-  const V u = (m / V(A(c.bc1))) / denom;
-  if (c.apply) p = p - step_lr * u;
+  const V denom = vsqrt(vh) / V(c.bc2_sqrt) + V(c.eps);
+  const V u = (m / V(c.bc1)) / denom;
+  if (c.apply) p = p - V(c.step_lr) * u;
   return u;
 }
 
 struct SgdConsts {
-  double momentum, dampening, weight_decay;
+  double lr, momentum, dampening, weight_decay;
   bool nesterov, maximize, first, apply;
 };
 
-template <typename V>
-inline V sgd_math(V& p, V g, V& b, const SgdConsts& c, const V& step_lr) {
-  using A = typename ScalarOf<V>::type;
+// As AdamArgs, for SGD.
+template <typename A>
+struct SgdArgs {
+  A momentum, one_minus_dampening, weight_decay, step_lr;
+  bool decay, nesterov, maximize, first, apply;  // decay: weight_decay != 0 (tested in double)
+  SgdArgs(const SgdConsts& c, double scale)
+      : momentum(A(c.momentum)), one_minus_dampening(A(1 - c.dampening)), weight_decay(A(c.weight_decay)),
+        step_lr(A(c.lr * scale)), decay(c.weight_decay != 0), nesterov(c.nesterov), maximize(c.maximize),
+        first(c.first), apply(c.apply) {}
+};
+
+template <typename V, typename A>
+inline V sgd_math(V& p, V g, V& b, const SgdArgs<A>& c, bool has_momentum) {
   if (c.maximize) g = V(A(0)) - g;
-  if (c.weight_decay != 0) g = g + p * V(A(c.weight_decay));
+  if (c.decay) g = g + p * V(c.weight_decay);
   V u = g;
-  if (c.momentum != 0) {
-    b = c.first ? g : b * V(A(c.momentum)) + g * V(A(1 - c.dampening));
-    u = c.nesterov ? g + b * V(A(c.momentum)) : b;
+  if (has_momentum) {
+    b = c.first ? g : b * V(c.momentum) + g * V(c.one_minus_dampening);
+    u = c.nesterov ? g + b * V(c.momentum) : b;
   }
-  if (c.apply) p = p - step_lr * u;
+  if (c.apply) p = p - V(c.step_lr) * u;
   return u;
 }
 
@@ -161,22 +181,22 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
+      const AdamArgs<A> k(c, scale);
       T* p = params[i].mutable_data_ptr<T>();
       const T* g = grads[i].const_data_ptr<T>();
       T* m = exp_avgs[i].mutable_data_ptr<T>();
       T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
-      T* vm = amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
-      const A step_lr = static_cast<A>(lr * scale), decay = static_cast<A>(1 - lr * weight_decay);
+      T* vm = k.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
       sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
                          [&](int64_t j, auto zero) {
                            using V = decltype(zero);
                            V vp = load<V>(p + j), vmm = load<V>(m + j), vv = load<V>(v + j);
-                           V vmax = amsgrad ? load<V>(vm + j) : V(A(0));
-                           const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, c, V(step_lr), V(decay));
-                           if (apply) store(p + j, vp);
+                           V vmax = vm ? load<V>(vm + j) : V(A(0));
+                           const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, k);
+                           if (k.apply) store(p + j, vp);
                            store(m + j, vmm);
                            store(v + j, vv);
-                           if (amsgrad) store(vm + j, vmax);
+                           if (vm) store(vm + j, vmax);
                            return u;
                          });
     });
@@ -191,7 +211,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                      {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
                       {"updates", updates, true, false}},
                      at::kCPU);
-  const SgdConsts c{momentum, dampening, weight_decay, nesterov, maximize, first, apply};
+  const SgdConsts c{lr, momentum, dampening, weight_decay, nesterov, maximize, first, apply};
   const double scale = read_scale(step_scale);
   return chunked_sums(params, [&](const Chunk& ch) {
     const int64_t i = ch.index;
@@ -199,16 +219,16 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     STABKERNELS_DISPATCH_FLOAT(params[i], "sgd_step_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
+      const SgdArgs<A> k(c, scale);
       T* p = params[i].mutable_data_ptr<T>();
       const T* g = grads[i].const_data_ptr<T>();
-      T* b = momentum != 0 ? bufs[i].mutable_data_ptr<T>() : nullptr;
-      const A step_lr = static_cast<A>(lr * scale);
+      T* b = c.momentum != 0 ? bufs[i].mutable_data_ptr<T>() : nullptr;
       sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
                          [&](int64_t j, auto zero) {
                            using V = decltype(zero);
                            V vp = load<V>(p + j), vb = b ? load<V>(b + j) : V(A(0));
-                           const V u = sgd_math(vp, load<V>(g + j), vb, c, V(step_lr));
-                           if (apply) store(p + j, vp);
+                           const V u = sgd_math(vp, load<V>(g + j), vb, k, b != nullptr);
+                           if (k.apply) store(p + j, vp);
                            if (b) store(b + j, vb);
                            return u;
                          });
