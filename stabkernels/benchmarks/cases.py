@@ -115,11 +115,16 @@ def spectral_cases(device: str, quick: bool) -> Iterator[Case]:
             p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-3
         return ps
 
-    plain = torch.optim.AdamW(make_params(), lr=1e-4, foreach=True)
-    quiet = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None)
-    fired = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None, every=1)
+    # all four step the same parameters, gradients and AdamW state (share_state)
+    ps = make_params()
+    plain = torch.optim.AdamW(ps, lr=1e-4, foreach=True)
+    quiet = PSS(torch.optim.AdamW(ps, lr=1e-4, foreach=True), trigger=None)
+    fired = PSS(torch.optim.AdamW(ps, lr=1e-4, foreach=True), trigger=None, every=1)
     # a training loop that clips already has the gradient norm: step(grad_norm=...) skips PSS's own pass
-    given = PSS(torch.optim.AdamW(make_params(), lr=1e-4, foreach=True), trigger=None)
+    given = PSS(torch.optim.AdamW(ps, lr=1e-4, foreach=True), trigger=None)
+    for opt in (plain, quiet.optimizer, fired.optimizer, given.optimizer):
+        opt.step()
+    share_state(plain, quiet.optimizer, fired.optimizer, given.optimizer)
     norm = float(global_grad_norm(given.params()))
     step_bytes = sum(p.numel() * 4 for g in plain.param_groups for p in g["params"])
     yield Case(op="pss_adamw_step", compile_baseline=False, shape=label, dtype="float32", nbytes=step_bytes, baseline=plain.step,
@@ -287,8 +292,19 @@ def resnet18_case_shapes(quick: bool) -> tuple[list[tuple[int, ...]], str]:
     return shapes, f"resnet18{'/8' if quick else ''}:{sum(math.prod(s) for s in shapes)}params"
 
 
+def share_state(first: torch.optim.Optimizer, *others: torch.optim.Optimizer) -> None:
+    """Points the state of ``others`` (optimizers over the same parameters as ``first``, each stepped once) at
+    ``first``'s tensors, so that every candidate of a case steps the same memory. On separate copies the same
+    kernel was timed up to 13% apart from one copy to the other (AVX2 SGD step, one Zen 4 core: where the
+    allocator put them), more than the differences between the candidates being measured."""
+    for opt in others:
+        for p, state in first.state.items():
+            opt.state[p] = dict(state)
+
+
 def update_cases(device: str, quick: bool) -> Iterator[Case]:
-    """The fused updates alone against torch's multi-tensor (foreach) optimizers on ResNet-18's parameters."""
+    """The fused updates alone against torch's multi-tensor (foreach) and fused optimizers on ResNet-18's
+    parameters; every candidate of a case steps the same parameters, gradients and state tensors."""
     from .. import update
 
     shapes, label = resnet18_case_shapes(quick)
@@ -307,33 +323,39 @@ def update_cases(device: str, quick: bool) -> Iterator[Case]:
     lr, wd = 1e-3, 1e-2
 
     ps = params_with_grads()
-    grads, exp_avgs, exp_avg_sqs = [p.grad for p in ps], tensors(1e-4), [t.abs() for t in tensors(1e-6)]
-    adamw = torch.optim.AdamW(params_with_grads(), lr=lr, weight_decay=wd, foreach=True)
+    grads = [p.grad for p in ps]
+    adamw, fused_adamw = (torch.optim.AdamW(ps, lr=lr, weight_decay=wd, **kind)
+                          for kind in ({"foreach": True}, {"fused": True}))
+    adamw.step(), fused_adamw.step()
+    share_state(adamw, fused_adamw)
+    exp_avgs = [adamw.state[p]["exp_avg"] for p in ps]
+    exp_avg_sqs = [adamw.state[p]["exp_avg_sq"] for p in ps]
     candidates = {b: (lambda b=b: update.adam_step_(ps, grads, exp_avgs, exp_avg_sqs, step=10, lr=lr,
                                                    weight_decay=wd, backend=b))
                   for b in kernel_backends("adam_step_", device)}
     # torch's own fused kernel (one pass, like ours) is the fair comparison where it exists
-    candidates["ref:AdamW(fused=True)"] = torch.optim.AdamW(params_with_grads(), lr=lr, weight_decay=wd,
-                                                            fused=True).step
+    candidates["ref:AdamW(fused=True)"] = fused_adamw.step
     yield Case(op="adam_step_", shape=label, dtype="float32", nbytes=4 * param_bytes, baseline=adamw.step,
                baseline_name="torch.optim.AdamW(foreach=True).step()", candidates=candidates)
 
     ps = params_with_grads()
-    grads, bufs = [p.grad for p in ps], tensors(1e-3)
-    sgd, fused_sgd = (torch.optim.SGD(params_with_grads(), lr=lr, momentum=0.9, weight_decay=wd, **kind)
+    grads = [p.grad for p in ps]
+    sgd, fused_sgd = (torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd, **kind)
                       for kind in ({"foreach": True}, {"fused": True}))
     sgd.step(), fused_sgd.step()  # momentum buffers exist: the timed steps are all steady-state ones
+    share_state(sgd, fused_sgd)
+    bufs = [sgd.state[p]["momentum_buffer"] for p in ps]
     candidates = {b: (lambda b=b: update.sgd_step_(ps, grads, bufs, lr=lr, momentum=0.9, weight_decay=wd, backend=b))
                   for b in kernel_backends("sgd_step_", device)}
     candidates["ref:SGD(fused=True)"] = fused_sgd.step
     yield Case(op="sgd_step_", shape=label, dtype="float32", nbytes=3 * param_bytes, baseline=sgd.step,
                baseline_name="torch.optim.SGD(momentum=0.9, foreach=True).step()", candidates=candidates)
 
-    ps, updates, ref_ps = tensors(0.02), tensors(1.0), tensors(0.02)
+    ps, updates = tensors(0.02), tensors(1.0)
 
     def foreach_apply():
-        torch._foreach_mul_(ref_ps, 1 - lr * wd)
-        torch._foreach_add_(ref_ps, updates, alpha=-lr)
+        torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_add_(ps, updates, alpha=-lr)
 
     yield Case(op="apply_update_", shape=label, dtype="float32", nbytes=2 * param_bytes, baseline=foreach_apply,
                baseline_name="torch._foreach_mul_ + torch._foreach_add_",
