@@ -84,6 +84,32 @@ def test_special_rows_match_amax_minus_amin_exactly(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_pattern(backend, device, dtype):
+    """All 65536 patterns of the 16-bit formats (NaNs of either sign and any payload, -0, subnormals, the
+    infinities), which the C++ kernel compares as integer keys: rows of 97 (odd: the vector tail) from a
+    shuffle of all of them (rows with and without NaN), and from the non-NaN values in sorted order, so that
+    every pattern is some row's maximum or minimum or next to it."""
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.xfail("under the Triton interpreter, rows whose maximum is a float32 subnormal bfloat16 come out "
+                     "as if it were 0 (6 rows, e.g. max -4.50e-39, min -1.33e-38); not yet seen on a GPU")
+    g = torch.Generator().manual_seed(0)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    numbers = every[~torch.isnan(every)]
+    shuffled = every[torch.randperm(every.numel(), generator=g)]
+    ordered = numbers.double().sort().values.to(dtype)
+    ordered = torch.cat([ordered, ordered.flip(0)])  # both ends of every window, either way round
+    for values in (shuffled, ordered):
+        x = values[: values.numel() // 97 * 97].reshape(-1, 97)
+        x = x[:, torch.randperm(97, generator=g)].contiguous().to(device)
+        want = (x.double().amax(1) - x.double().amin(1)).float()
+        got = sk.row_spread(x, "none", backend=backend)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        ok = ~torch.isnan(want)
+        assert torch.equal(got[ok], want[ok])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_constant_rows_give_zero(backend, device):
     x = torch.full((5, 40), 3.25, device=device)
     assert torch.equal(sk.row_spread(x, "none", backend=backend), torch.zeros(5, device=device))

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common.h"
 
@@ -46,6 +47,49 @@ bool plain_row_extremes(const T* row, int64_t C, acc_t<T>& hi_out, acc_t<T>& lo_
   return std::isfinite(s);
 }
 
+// The extremes of one contiguous float16 / bfloat16 row on its raw 16-bit patterns, twice as many elements per
+// instruction as in float32 and no conversion. Both formats are sign-magnitude, so the key b ^ (b < 0 ?
+// 0x7FFF : 0) orders the patterns as int16 the way their values are ordered (-0 just below +0), and a
+// negative value's key is -1 - (the key of its magnitude). NaN keys lie beyond the infinities' (above +inf's,
+// below -inf's), so a row holds a NaN iff its largest key is above +inf's or its smallest below -inf's; it
+// returns false then (the caller redoes the row with NaN-propagating extremes), else the exact extremes.
+template <typename T>
+bool key_row_extremes(const T* row, int64_t C, float& hi_out, float& lo_out) {
+  using V = Vectorized<int16_t>;
+  constexpr int64_t W = V::size();
+  static_assert(sizeof(T) == 2, "16-bit floating types only");
+  const auto* bits = reinterpret_cast<const int16_t*>(row);
+  const V magnitude(int16_t{0x7FFF}), zero(int16_t{0});
+  V hi0(std::numeric_limits<int16_t>::min()), hi1 = hi0, lo0(std::numeric_limits<int16_t>::max()), lo1 = lo0;
+  int64_t j = 0;
+  for (; j + 2 * W <= C; j += 2 * W) {
+    const V a = V::loadu(bits + j), b = V::loadu(bits + j + W);
+    const V ka = a ^ ((a < zero) & magnitude), kb = b ^ ((b < zero) & magnitude);
+    hi0 = at::vec::maximum(hi0, ka), hi1 = at::vec::maximum(hi1, kb);
+    lo0 = at::vec::minimum(lo0, ka), lo1 = at::vec::minimum(lo1, kb);
+  }
+  int16_t lanes_hi[W], lanes_lo[W];
+  at::vec::maximum(hi0, hi1).store(lanes_hi);
+  at::vec::minimum(lo0, lo1).store(lanes_lo);
+  int16_t hi = *std::max_element(lanes_hi, lanes_hi + W), lo = *std::min_element(lanes_lo, lanes_lo + W);
+  for (; j < C; ++j) {
+    const int16_t k = bits[j] < 0 ? static_cast<int16_t>(bits[j] ^ 0x7FFF) : bits[j];
+    hi = std::max(hi, k), lo = std::min(lo, k);
+  }
+  const T inf = std::numeric_limits<T>::infinity();
+  int16_t inf_key;
+  std::memcpy(&inf_key, &inf, sizeof inf_key);
+  if (hi > inf_key || lo < -1 - inf_key) return false;
+  auto value = [](int16_t k) {  // the key back to its pattern, and the value in float32
+    const int16_t b = k < 0 ? static_cast<int16_t>(k ^ 0x7FFF) : k;
+    T t;
+    std::memcpy(&t, &b, sizeof t);
+    return static_cast<float>(t);
+  };
+  hi_out = value(hi), lo_out = value(lo);
+  return true;
+}
+
 // The NaN-propagating extremes of one contiguous row (once NaN, always NaN, as torch.amax/amin).
 template <typename T>
 void exact_row_extremes(const T* row, int64_t C, acc_t<T>& hi_out, acc_t<T>& lo_out) {
@@ -75,7 +119,13 @@ void spread_rows_contiguous(const T* x, int64_t N, int64_t C, int64_t s0, acc_t<
     for (int64_t i = begin; i < end; ++i) {
       const T* row = x + i * s0;
       A hi, lo;
-      if (!plain_row_extremes(row, C, hi, lo)) exact_row_extremes(row, C, hi, lo);
+      bool exact;
+      if constexpr (sizeof(T) == 2) {
+        exact = key_row_extremes(row, C, hi, lo);
+      } else {
+        exact = plain_row_extremes(row, C, hi, lo);
+      }
+      if (!exact) exact_row_extremes(row, C, hi, lo);
       out[i] = hi - lo;  // NaN if the row held a NaN
     }
   });
