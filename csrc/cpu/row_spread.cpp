@@ -11,7 +11,7 @@
 namespace stabkernels::cpu::CPU_CAPABILITY {
 namespace {
 
-// The extremes of one contiguous row with plain max/min (one instruction each, blind to NaN) and a running
+// The extremes of one contiguous float32/float64 row with plain max/min (one instruction each, blind to NaN) and a running
 // sum beside them: the sum is finite only when no element is NaN or infinite, so a finite sum proves the
 // plain extremes exact. Returns false otherwise (a NaN, an infinity, or a sum that overflowed), and the
 // caller redoes the row with NaN-propagating extremes. At AVX2, NaN-aware max/min cost three instructions
