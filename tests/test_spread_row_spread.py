@@ -91,8 +91,10 @@ def test_every_16_bit_pattern(backend, device, dtype):
     shuffle of all of them (rows with and without NaN), and from the non-NaN values in sorted order, so that
     every pattern is some row's maximum or minimum or next to it."""
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.xfail("under the Triton interpreter, rows whose maximum is a float32 subnormal bfloat16 come out "
-                     "as if it were 0 (6 rows, e.g. max -4.50e-39, min -1.33e-38); not yet seen on a GPU")
+        # triton.runtime.interpreter._convert_float renormalises subnormal bfloat16 and then clamps the float32
+        # exponent at 0, so their casts to float32 are wrong (-4.4999e-39 becomes -6.2448e-39); a GPU casts
+        # bfloat16 to float32 by a shift of the bits (not run here: no GPU), so the kernel is not at fault
+        pytest.xfail("the Triton interpreter (3.8) casts subnormal bfloat16 to float32 inexactly")
     g = torch.Generator().manual_seed(0)
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     numbers = every[~torch.isnan(every)]
