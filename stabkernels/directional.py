@@ -38,6 +38,7 @@ from torch import Tensor
 from . import backend as _backend
 from . import distributed
 from ._checks import acc_dtype, check_float_tensor, check_tensor_list, grouped_acc_dtype
+from ._launch_plan import arange
 from ._library import define_op
 
 MASK32 = 0xFFFFFFFF
@@ -69,6 +70,31 @@ def key_table(seed: int, probes: Sequence[int], count: int, device=None) -> Tens
     """(len(probes), count) int64 tensor of keys (bit patterns of the unsigned keys)."""
     return torch.tensor([[_signed(stream_key(seed, p, t)) for t in range(count)] for p in probes],
                         dtype=torch.int64, device=device)
+
+
+_SPLITMIX = tuple(_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64_tensor(x: Tensor) -> Tensor:
+    """:func:`splitmix64` on int64 bit patterns (two's-complement wrap-around is arithmetic mod 2^64)."""
+    x = x + _SPLITMIX[0]
+    z = (x ^ _srl(x, 30)) * _SPLITMIX[1]
+    z = (z ^ _srl(z, 27)) * _SPLITMIX[2]
+    return z ^ _srl(z, 31)
+
+
+def device_key_table(seed: int, first_probe: int, num_probes: int, count: int, device) -> Tensor:
+    """:func:`key_table` for probes first_probe .. first_probe + num_probes - 1, computed on ``device`` by a few
+    elementwise kernels whose only host inputs are scalar arguments: no host-to-device copy (the GPU backends'
+    keys; on a CUDA graph replay the scalars are those of the capture)."""
+    probes = arange(num_probes, device) + _signed(first_probe & MASK64)
+    h = _splitmix64_tensor(probes ^ _signed(splitmix64(seed & MASK64)))
+    return _splitmix64_tensor(h[:, None] ^ arange(count, device)[None, :])
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,19 +293,20 @@ _backend.register("shard_normals", "triton")(
 # are summed over the shards (one all-reduce of T numbers per probe).
 
 
-def _shard_normals(tensors, keys: Tensor, backend: str = "auto") -> tuple[list[Tensor], Tensor]:
+def _shard_normals(tensors, seed: int, probe: int, backend: str = "auto") -> tuple[list[Tensor], Tensor]:
     """The local shards' normals (flat float32) and the per-tensor float32 scales s of step 4, over the whole
     tensors."""
     shards = distributed.locals_(tensors)
     normals = [torch.empty(t.numel(), dtype=torch.float32, device=t.device) for t in shards]
     b = _backend.resolve("shard_normals", backend, shards[0].device)
+    keys = _keys(seed, probe, 1, len(tensors), b, shards[0].device)[0]
     sums = _shard_normals_op(normals, keys, [distributed.layout(t).offset for t in tensors], b)
     S = distributed.sum_shards(sums.to(shards[0].device), tensors)
     return normals, (1.0 / (S.sqrt() + 1e-12)).to(torch.float32)
 
 
-def _sharded_directions(tensors, keys: Tensor, backend: str = "auto") -> list[Tensor]:
-    normals, scales = _shard_normals(tensors, keys, backend)
+def _sharded_directions(tensors, seed: int, probe: int, backend: str = "auto") -> list[Tensor]:
+    normals, scales = _shard_normals(tensors, seed, probe, backend)
     out = []
     for t, n, s in zip(tensors, normals, scales):
         A = acc_dtype(t.dtype)
@@ -299,17 +326,25 @@ def _seed_int(seed) -> int:
     return seed & MASK64
 
 
+def _keys(seed: int, first_probe: int, num_probes: int, count: int, backend: str, device) -> Tensor:
+    """The (num_probes, count) key table where ``backend`` reads it: built on the device for the GPU backends
+    (no host-to-device copy in a step), on the host for the others."""
+    if backend in ("triton", "cuda"):
+        return device_key_table(seed, first_probe, num_probes, count, device)
+    return key_table(seed, range(first_probe, first_probe + num_probes), count)
+
+
 def random_directions(tensors: Sequence[Tensor], seed: int, probe: int, *, backend: str = "auto") -> list[Tensor]:
     """The unit directions d (one per tensor, its shape) of probe ``probe`` of the stream ``seed``: the
     reference definition of the stream (module docstring). Returns float32 tensors (float64 for float64
     inputs); only the shapes and dtypes of ``tensors`` matter. For DTensors (FSDP2) each rank gets its local
     shard's slice of each direction (plain tensors of the local shape); unit norm is per full tensor."""
     if distributed.any_sharded(tensors):
-        return _sharded_directions(tensors, key_table(_seed_int(seed), [probe], len(tensors))[0], backend)
+        return _sharded_directions(tensors, _seed_int(seed), probe, backend)
     tensors = check_tensor_list(tensors, "tensors")
     b = _backend.resolve("random_directions", backend, tensors[0].device)
-    keys = key_table(_seed_int(seed), [probe], len(tensors))[0]
-    return list(_random_directions_op(tensors, keys if b != "triton" else keys.to(tensors[0].device), b))
+    keys = _keys(_seed_int(seed), probe, 1, len(tensors), b, tensors[0].device)[0]
+    return list(_random_directions_op(tensors, keys, b))
 
 
 def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: Sequence[Tensor] | None = None, *,
@@ -340,8 +375,8 @@ def perturb(params: Sequence[Tensor], seed: int, probe: int, sigma: float, out: 
                 raise ValueError(f"out[{i}] aliases params[{i}]: perturb never writes the parameters")
     params = [p.contiguous() for p in params]
     b = _backend.resolve("perturb", backend, params[0].device)
-    keys = key_table(_seed_int(seed), [probe], len(params))[0]
-    _perturb_op(params, keys if b != "triton" else keys.to(params[0].device), float(sigma), out, b)
+    keys = _keys(_seed_int(seed), probe, 1, len(params), b, params[0].device)[0]
+    _perturb_op(params, keys, float(sigma), out, b)
     return out
 
 
@@ -351,8 +386,7 @@ def _perturb_sharded(params, seed: int, probe: int, sigma: float, out, backend: 
     out = list(out)
     if len(out) != len(params):
         raise ValueError(f"out has {len(out)} tensors for {len(params)} params")
-    keys = key_table(seed, [probe], len(params))[0]
-    for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, keys, backend))):
+    for i, (p, o, d) in enumerate(zip(params, out, _sharded_directions(params, seed, probe, backend))):
         pl, ol = distributed.local(p), distributed.local(o)
         if ol.shape != pl.shape or ol.dtype != pl.dtype:
             raise ValueError(f"out[{i}] must be a {pl.dtype} tensor of the local shard's shape {tuple(pl.shape)}")
@@ -375,16 +409,15 @@ def directional_dots(grads: Sequence[Tensor], seed: int, num_probes: int, *, fir
         return _dots_sharded(list(grads), _seed_int(seed), range(first_probe, first_probe + num_probes), backend)
     grads = check_tensor_list(grads, "grads")
     b = _backend.resolve("directional_dots", backend, grads[0].device)
-    keys = key_table(_seed_int(seed), range(first_probe, first_probe + num_probes), len(grads))
-    return _dots_op(grads, keys if b != "triton" else keys.to(grads[0].device), b)
+    keys = _keys(_seed_int(seed), first_probe, num_probes, len(grads), b, grads[0].device)
+    return _dots_op(grads, keys, b)
 
 
 def _dots_sharded(grads, seed: int, probes, backend: str) -> Tensor:
     """Per probe: sum_t (g_t . n_t) s_t, with the shard dot products and S summed over the shards."""
-    table = key_table(seed, probes, len(grads))
     out = []
-    for row in table:
-        normals, scales = _shard_normals(grads, row, backend)
+    for probe in probes:
+        normals, scales = _shard_normals(grads, seed, probe, backend)
         dots = torch.stack([distributed.local(g).reshape(-1).to(torch.float64) @ n.to(torch.float64)
                             for g, n in zip(grads, normals)])
         out.append((distributed.sum_shards(dots, grads) * scales.to(torch.float64)).sum())

@@ -129,8 +129,8 @@ class _FusedLoss(torch.autograd.Function):
         else:
             grad = torch.empty_like(x)
         b = _backend.resolve(kind, backend, x.device)
-        if b in ("triton", "cuda") and bool((((t < 0) | (t >= V)) & valid).any()):  # CPU kernels check themselves
-            raise IndexError(f"target out of range [0, {V})")
+        if b in ("triton", "cuda"):  # the CPU kernels check themselves; here a device-side assert, no host read
+            torch._assert_async(~(((t < 0) | (t >= V)) & valid).any(), f"target out of range [0, {V})")
         if kind == "cross_entropy_z_loss":
             ce, zl = _ce_z_op(x, t, grad, scale, z_coef, ignore_index, b)
             rows = ce + zl
@@ -152,6 +152,7 @@ class _FusedLoss(torch.autograd.Function):
         ctx.save_for_backward(logits, target)
         ctx.args = (kind, z_coef, reduction, ignore_index, backend)
         ctx.shape, ctx.inplace = logits.shape, inplace and grad is x
+        ctx.gpu_backend = b in ("triton", "cuda") and grad.numel() > 0
         return loss, z
 
     @staticmethod
@@ -170,9 +171,21 @@ class _FusedLoss(torch.autograd.Function):
             return g, None, None, None, None, None, None, None
         if ctx.args[2] == "none":
             grad = grad * grad_loss.reshape(-1, 1).to(grad.dtype)
-        elif not bool(grad_loss == 1):  # the usual loss.backward(): the stored gradient is final
+        elif ctx.gpu_backend:
+            # decided on the device: no memory is moved when grad_loss is 1 (the usual loss.backward())
+            grad = _scale_unless_one_(grad, grad_loss)
+        elif not bool(grad_loss == 1):  # CPU: reading grad_loss costs nothing; 1 leaves the gradient final
             grad = grad.mul_(grad_loss.to(grad.dtype)) if ctx.inplace else grad * grad_loss.to(grad.dtype)
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None
+
+
+def _scale_unless_one_(grad: Tensor, s: Tensor) -> Tensor:
+    """grad *= s (a 0-d device tensor) without reading s on the host. grad is ours (its only reference) or, with
+    inplace_backward, the logits' storage handed over for this purpose, so scaling in place is safe."""
+    if grad.is_contiguous() and _backend.triton_status()[0]:
+        from .triton.scale import scale_unless_one_
+        return scale_unless_one_(grad, s.reshape(()))
+    return grad.mul_(s.to(grad.dtype))
 
 
 def _check(logits, target, reduction):

@@ -1,7 +1,11 @@
-"""Small helpers shared by the Triton kernel modules."""
+"""Small helpers shared by the Triton kernel modules. Launch tables come from stabkernels/_launch_plan.py (built
+once per tensor list, kept on the device); per-tensor sums are reduced in a fixed order (per-program partials,
+then :func:`segment_sums`), never with float atomics, so they are the same bits on every run."""
 import torch
 import triton
 import triton.language as tl
+
+from .._launch_plan import Group
 
 ACC_DTYPE = {torch.float64: tl.float64}
 
@@ -10,26 +14,9 @@ def tl_acc(dtype: torch.dtype):
     """Triton math dtype for a storage dtype: fp64 for fp64, fp32 otherwise."""
     return ACC_DTYPE.get(dtype, tl.float32)
 
+
 TL_STORAGE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
-
-
-def pointer_table(tensors, device) -> torch.Tensor:
-    """int64 data pointers of ``tensors``, for kernels that walk a list of tensors in one launch (cast back
-    in the kernel with ``.to(tl.pointer_type(...))``)."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-
-def int_table(values, device) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.int64, device=device)
-
-
-def group_by_dtype(tensors):
-    """{dtype: [indices]} preserving order: one launch per storage dtype."""
-    groups = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    return groups
 
 
 @triton.jit
@@ -38,3 +25,48 @@ def chunk_range(chunk_tensor, chunk_start, numels):
     c = tl.program_id(0)
     i = tl.load(chunk_tensor + c)
     return i, tl.load(chunk_start + c), tl.load(numels + i)
+
+
+@triton.jit
+def _segment_sums_kernel(partials, first, count, out, width, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    # member t's programs are consecutive: out[t, :] = sum of partials[first[t] : first[t] + count[t], :], in a
+    # fixed order (blocks of BLOCK rows in sequence, a fixed tree inside a block)
+    t = tl.program_id(0)
+    f = tl.load(first + t)
+    n = tl.load(count + t)
+    cols = tl.arange(0, WIDTH)
+    acc = tl.zeros([BLOCK, WIDTH], tl.float64)
+    for r0 in range(0, n, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        acc += tl.load(partials + (f + rows)[:, None] * width + cols[None, :],
+                       mask=(rows < n)[:, None] & (cols < width)[None, :], other=0.0).to(tl.float64)
+    tl.store(out + t * width + cols, tl.sum(acc, axis=0).to(out.dtype.element_ty), mask=cols < width)
+
+
+def segment_sums(partials: torch.Tensor, group: Group) -> torch.Tensor:
+    """Per member of ``group``: the sum of its programs' partials (``partials`` is (num_chunks,) or
+    (num_chunks, W)), in float64 and a fixed order; the result has ``partials``' dtype and trailing shape. The
+    second pass reads num_chunks * W numbers: one per 4096-1024 elements, well under 0.1% of the first pass."""
+    width = 1 if partials.dim() == 1 else partials.shape[1]
+    out = torch.empty((group.size,) + tuple(partials.shape[1:]), dtype=partials.dtype, device=partials.device)
+    _segment_sums_kernel[(group.size,)](partials, group.first_chunk, group.chunk_count, out, width,
+                                        WIDTH=triton.next_power_of_2(width), BLOCK=64)
+    return out
+
+
+@triton.jit
+def div_ieee(a, b, ACC: tl.constexpr):
+    """a / b rounded to nearest (Triton's float32 ``/`` is an approximate division on a GPU; float64's is IEEE)."""
+    if ACC == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def sqrt_ieee(x, ACC: tl.constexpr):
+    """sqrt(x) rounded to nearest (Triton's float32 ``tl.sqrt`` is ``sqrt.approx.ftz`` on a GPU)."""
+    if ACC == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)

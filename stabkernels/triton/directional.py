@@ -1,15 +1,21 @@
 """Triton kernels of the directional family. The stream (stabkernels/directional.py) uses
 ``tl.randint4x(key, counter)`` for Philox and the stream's float32 Box-Muller, so it matches the torch
-reference and the C++ kernels (bit for bit under the interpreter; on a GPU, up to fused multiply-adds).
-One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; sums are accumulated with
-float64 atomics and finished on the device by torch."""
+reference and the C++ kernels bit for bit: the stream kernels are launched with ``enable_fp_fusion=False``
+(Triton would otherwise contract the Box-Muller arithmetic into FMAs on a GPU, changing the bits of about 8%
+of the normals). One program handles BLOCK Philox counters (4 * BLOCK elements) of one tensor; launch tables
+come from the cached launch plan, the keys are a device tensor indexed by each tensor's global index, and sums
+are per-program float64 partials reduced in a fixed order (no atomics), finished on the device by torch."""
 import torch
 import triton
 import triton.language as tl
 
+from .. import _launch_plan as plan
 from .. import directional as D
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
+from ._common import TL_STORAGE, chunk_range, segment_sums, tl_acc
+
+# launch option of every kernel that generates the stream: no FP contraction, the reference's rounding
+STREAM = dict(enable_fp_fusion=False)
 
 BLOCK = 256  # counters per program: 1024 elements
 
@@ -60,32 +66,33 @@ def _normals(key, ctr):
 
 
 @triton.jit
-def _sq_sums_kernel(keys, numels, blk_tensor, blk_ctr, sums, BLOCK: tl.constexpr):
+def _sq_sums_kernel(keys, gidx, numels, blk_tensor, blk_ctr, partials, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
     n = tl.load(numels + t)
     ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
-    n0, n1, n2, n3 = _normals(tl.load(keys + t), ctr)
+    n0, n1, n2, n3 = _normals(tl.load(keys + tl.load(gidx + t)), ctr)
     e = 4 * ctr
     s = tl.where(e < n, n0.to(tl.float64) * n0, 0.0) + tl.where(e + 1 < n, n1.to(tl.float64) * n1, 0.0)
     s += tl.where(e + 2 < n, n2.to(tl.float64) * n2, 0.0) + tl.where(e + 3 < n, n3.to(tl.float64) * n3, 0.0)
-    tl.atomic_add(sums + t, tl.sum(s, axis=0))
+    tl.store(partials + b, tl.sum(s, axis=0))
 
 
 @triton.jit
-def _write_kernel(keys, numels, blk_tensor, blk_ctr, scales, src_tab, out_tab, sigma,
+def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_tab, sigma,
                   SRC: tl.constexpr, OUT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
                   BLOCK: tl.constexpr):
     # out = d (HAS_SRC False) or theta + sigma * d (HAS_SRC), d = n * s in the math dtype ACC.
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
     n = tl.load(numels + t)
+    gi = tl.load(gidx + t)
     ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
-    s = tl.load(scales + t).to(ACC)
+    s = tl.load(scales + gi).to(ACC)
     sg = tl.load(sigma).to(ACC)
     out = tl.load(out_tab + t).to(tl.pointer_type(OUT))
     src = tl.load(src_tab + t).to(tl.pointer_type(SRC))
-    n0, n1, n2, n3 = _normals(tl.load(keys + t), ctr)
+    n0, n1, n2, n3 = _normals(tl.load(keys + gi), ctr)
     e = 4 * ctr
     _write_one(out, src, e, n, n0, s, sg, ACC, HAS_SRC)
     _write_one(out, src, e + 1, n, n1, s, sg, ACC, HAS_SRC)
@@ -103,11 +110,14 @@ def _write_one(out, src, idx, n, nj, s, sg, ACC: tl.constexpr, HAS_SRC: tl.const
 
 
 @triton.jit
-def _dots_kernel(keys, K, T, g_tab, numels, blk_tensor, blk_ctr, gn, nn, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    # One block of g, loaded once; the K probes' normals are generated against it.
+def _dots_kernel(keys, K, T, gidx, g_tab, numels, blk_tensor, blk_ctr, partials, DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # One block of g, loaded once; the K probes' normals are generated against it. Partials: per program,
+    # K dot products then K sums of squares.
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
     n = tl.load(numels + t)
+    gi = tl.load(gidx + t)
     ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
     e = 4 * ctr
     g = tl.load(g_tab + t).to(tl.pointer_type(DTYPE))
@@ -115,18 +125,19 @@ def _dots_kernel(keys, K, T, g_tab, numels, blk_tensor, blk_ctr, gn, nn, DTYPE: 
     g1 = tl.load(g + e + 1, mask=e + 1 < n, other=0.0).to(tl.float64)
     g2 = tl.load(g + e + 2, mask=e + 2 < n, other=0.0).to(tl.float64)
     g3 = tl.load(g + e + 3, mask=e + 3 < n, other=0.0).to(tl.float64)
+    row = partials + b * 2 * K
     for k in range(K):
-        n0, n1, n2, n3 = _normals(tl.load(keys + k * T + t), ctr)
+        n0, n1, n2, n3 = _normals(tl.load(keys + k * T + gi), ctr)
         a0 = tl.where(e < n, n0.to(tl.float64), 0.0)
         a1 = tl.where(e + 1 < n, n1.to(tl.float64), 0.0)
         a2 = tl.where(e + 2 < n, n2.to(tl.float64), 0.0)
         a3 = tl.where(e + 3 < n, n3.to(tl.float64), 0.0)
-        tl.atomic_add(gn + k * T + t, tl.sum(g0 * a0 + g1 * a1 + g2 * a2 + g3 * a3, axis=0))
-        tl.atomic_add(nn + k * T + t, tl.sum(a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3, axis=0))
+        tl.store(row + k, tl.sum(g0 * a0 + g1 * a1 + g2 * a2 + g3 * a3, axis=0))
+        tl.store(row + K + k, tl.sum(a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3, axis=0))
 
 
 @triton.jit
-def _shard_normals_kernel(keys, offsets, numels, blk_tensor, blk_ctr, out_tab, sums, BLOCK: tl.constexpr):
+def _shard_normals_kernel(keys, offsets, numels, blk_tensor, blk_ctr, out_tab, partials, BLOCK: tl.constexpr):
     # the normals of elements [offset, offset + n) of stream t: counters from offset // 4, local index 4c + j - offset
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
@@ -138,7 +149,7 @@ def _shard_normals_kernel(keys, offsets, numels, blk_tensor, blk_ctr, out_tab, s
     e = 4 * ctr - off
     s = _store_in_range(out, e, n, n0) + _store_in_range(out, e + 1, n, n1)
     s += _store_in_range(out, e + 2, n, n2) + _store_in_range(out, e + 3, n, n3)
-    tl.atomic_add(sums + t, tl.sum(s, axis=0))
+    tl.store(partials + b, tl.sum(s, axis=0))
 
 
 @triton.jit
@@ -149,16 +160,17 @@ def _store_in_range(out, idx, n, v):
 
 
 @triton.jit
-def _ortho_sums_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, sums, DTYPE: tl.constexpr,
+def _ortho_sums_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, partials, DTYPE: tl.constexpr,
                        CHUNK: tl.constexpr):
     t, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     idx = start + tl.arange(0, CHUNK)
     m = idx < n
     w = tl.load(tl.load(w_tab + t).to(tl.pointer_type(DTYPE)) + idx, mask=m, other=0.0).to(tl.float64)
     g = tl.load(tl.load(g_tab + t).to(tl.pointer_type(DTYPE)) + idx, mask=m, other=0.0).to(tl.float64)
-    tl.atomic_add(sums + 3 * t, tl.sum(w * g, axis=0))
-    tl.atomic_add(sums + 3 * t + 1, tl.sum(w * w, axis=0))
-    tl.atomic_add(sums + 3 * t + 2, tl.sum(g * g, axis=0))
+    row = partials + 3 * tl.program_id(0)
+    tl.store(row, tl.sum(w * g, axis=0))
+    tl.store(row + 1, tl.sum(w * w, axis=0))
+    tl.store(row + 2, tl.sum(g * g, axis=0))
 
 
 @triton.jit
@@ -179,96 +191,97 @@ def _ortho_write_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, coef, s
     tl.store(gp + idx, r.to(DTYPE), mask=m)
 
 
-def _blocks(tensors, device):
-    """Per program: tensor index and first Philox counter (BLOCK counters = 4 * BLOCK elements each)."""
-    blocks = [(i, c) for i, t in enumerate(tensors) for c in range(0, max((t.numel() + 3) // 4, 1), BLOCK)]
-    return (len(blocks), int_table((t.numel() for t in tensors), device), int_table((b[0] for b in blocks), device),
-            int_table((b[1] for b in blocks), device))
+def _stream_layout(tensors, dtypes=None):
+    """Programs of BLOCK counters (4 * BLOCK elements) over each tensor's stream."""
+    return plan.layout(tensors, BLOCK, unit=4, dtypes=dtypes)
+
+
+def _scatter(groups, parts, shape, device):
+    """The groups' per-member results in global order (no copy when there is one group)."""
+    if len(groups) == 1:
+        return parts[0]
+    out = torch.empty(shape, dtype=parts[0].dtype, device=device)
+    for g, p in zip(groups, parts):
+        out.index_copy_(0, g.index, p)
+    return out
 
 
 def _stream_sq_sums(tensors, keys, device):
-    nblk, numels, blk_t, blk_c = _blocks(tensors, device)
-    sums = torch.zeros(len(tensors), dtype=torch.float64, device=device)
-    _sq_sums_kernel[(nblk,)](keys, numels, blk_t, blk_c, sums, BLOCK=BLOCK)
-    return sums, (nblk, numels, blk_t, blk_c)
+    """sum of n^2 over each tensor's stream, (T,) float64, in global order."""
+    groups = _stream_layout(tensors, dtypes=[torch.float32] * len(tensors))  # one group: all tensors in order
+    (g,) = groups
+    partials = torch.empty(g.num_chunks, dtype=torch.float64, device=device)
+    _sq_sums_kernel[(g.num_chunks,)](keys, g.index, g.numels, g.chunk_tensor, g.chunk_start, partials, BLOCK=BLOCK,
+                                     **STREAM)
+    return segment_sums(partials, g)
 
 
 def _write(tensors, keys, outs, srcs, sigma, device):
-    sums, (nblk, numels, blk_t, blk_c) = _stream_sq_sums(tensors, keys, device)
+    sums = _stream_sq_sums(tensors, keys, device)
     inv = (1.0 / (sums.sqrt() + 1e-12)).to(torch.float32)  # the stream's scale, rounded to float32
-    sig = torch.tensor([sigma], dtype=torch.float64, device=device)
+    sig = plan.constants((sigma,), device)
     # one launch per output dtype; the math dtype (and the rounding of the scale) follows it
-    for dtype, idx in group_by_dtype(outs).items():
-        acc = acc_dtype(dtype)
-        sub_keys = keys[idx]
-        sub = [tensors[i] for i in idx]
-        n2, numels2, blk_t2, blk_c2 = _blocks(sub, device)
-        src_tab = pointer_table([srcs[i] for i in idx], device) if srcs is not None else pointer_table(
-            [outs[i] for i in idx], device)
-        _write_kernel[(n2,)](sub_keys, numels2, blk_t2, blk_c2, inv[idx].to(acc), src_tab,
-                             pointer_table([outs[i] for i in idx], device), sig,
-                             SRC=TL_STORAGE[srcs[idx[0]].dtype] if srcs is not None else TL_STORAGE[dtype],
-                             OUT=TL_STORAGE[dtype], ACC=tl_acc(dtype), HAS_SRC=srcs is not None, BLOCK=BLOCK)
+    for g in _stream_layout(tensors, dtypes=[o.dtype for o in outs]):
+        src_tab = plan.addresses(srcs if srcs is not None else outs, g)
+        _write_kernel[(g.num_chunks,)](keys, g.index, g.numels, g.chunk_tensor, g.chunk_start,
+                                       inv.to(acc_dtype(g.dtype)), src_tab, plan.addresses(outs, g), sig,
+                                       SRC=TL_STORAGE[srcs[g.members[0]].dtype if srcs is not None else g.dtype],
+                                       OUT=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), HAS_SRC=srcs is not None,
+                                       BLOCK=BLOCK, **STREAM)
 
 
 def random_directions(tensors, keys):
     device = tensors[0].device
     outs = [torch.empty(t.shape, dtype=acc_dtype(t.dtype), device=device) for t in tensors]
-    _write(tensors, keys.to(device), outs, None, 0.0, device)
+    with plan.device_guard(device):
+        _write(tensors, keys, outs, None, 0.0, device)
     return outs
 
 
 def perturb(params, keys, sigma, out):
     device = params[0].device
-    _write(params, keys.to(device), out, params, sigma, device)
+    with plan.device_guard(device):
+        _write(params, keys, out, params, sigma, device)
 
 
 def directional_dots(grads, keys):
     device = grads[0].device
-    keys = keys.to(device)
     K, T = keys.shape
-    flat = [g.contiguous() for g in grads]
-    out_dtype = grouped_acc_dtype(grads)
-    gn = torch.zeros(K, T, dtype=torch.float64, device=device)
-    nn = torch.zeros(K, T, dtype=torch.float64, device=device)
-    for dtype, idx in group_by_dtype(flat).items():
-        sub = [flat[i] for i in idx]
-        nblk, numels, blk_t, blk_c = _blocks(sub, device)
-        sub_gn = torch.zeros(K, len(idx), dtype=torch.float64, device=device)
-        sub_nn = torch.zeros(K, len(idx), dtype=torch.float64, device=device)
-        _dots_kernel[(nblk,)](keys[:, idx].contiguous(), K, len(idx), pointer_table(sub, device), numels, blk_t,
-                              blk_c, sub_gn, sub_nn, DTYPE=TL_STORAGE[dtype], BLOCK=BLOCK)
-        gn[:, idx] = sub_gn
-        nn[:, idx] = sub_nn
-    scale = (1.0 / (nn.sqrt() + 1e-12)).to(torch.float32).to(torch.float64)  # the stream's rounded scale
-    return (gn * scale).sum(dim=1).to(out_dtype)
+    flat = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    groups = _stream_layout(flat)
+    with plan.device_guard(device):
+        parts = []
+        for g in groups:
+            partials = torch.empty(g.num_chunks, 2 * K, dtype=torch.float64, device=device)
+            _dots_kernel[(g.num_chunks,)](keys, K, T, g.index, plan.addresses(flat, g), g.numels, g.chunk_tensor,
+                                          g.chunk_start, partials, DTYPE=TL_STORAGE[g.dtype], BLOCK=BLOCK, **STREAM)
+            parts.append(segment_sums(partials, g))
+        sums = _scatter(groups, parts, (T, 2 * K), device)
+        gn, nn = sums[:, :K], sums[:, K:]
+        scale = (1.0 / (nn.sqrt() + 1e-12)).to(torch.float32).to(torch.float64)  # the stream's rounded scale
+        return (gn * scale).sum(dim=0).to(grouped_acc_dtype(grads))
 
 
 def orthograd_(params, grads, chunk=1024):
     device = params[0].device
-    for dtype, idx in group_by_dtype(params).items():
-        ws = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        chunks = [(j, s) for j, w in enumerate(ws) for s in range(0, max(w.numel(), 1), chunk)]
-        tabs = (pointer_table(ws, device), pointer_table(gs, device), int_table((w.numel() for w in ws), device),
-                int_table((c[0] for c in chunks), device), int_table((c[1] for c in chunks), device))
-        sums = torch.zeros(len(ws), 3, dtype=torch.float64, device=device)
-        _ortho_sums_kernel[(len(chunks),)](*tabs, sums, DTYPE=TL_STORAGE[dtype], CHUNK=chunk)
-        wg, ww, gg = sums.unbind(1)
-        coef = wg / (ww + 1e-30)
-        perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0)
-        scale = gg.sqrt() / (perp2.sqrt() + 1e-30)
-        _ortho_write_kernel[(len(chunks),)](*tabs, coef, scale, DTYPE=TL_STORAGE[dtype], CHUNK=chunk)
+    with plan.device_guard(device):
+        for g in plan.layout(params, chunk):
+            tabs = (plan.addresses(params, g), plan.addresses(grads, g), g.numels, g.chunk_tensor, g.chunk_start)
+            partials = torch.empty(g.num_chunks, 3, dtype=torch.float64, device=device)
+            _ortho_sums_kernel[(g.num_chunks,)](*tabs, partials, DTYPE=TL_STORAGE[g.dtype], CHUNK=chunk)
+            wg, ww, gg = segment_sums(partials, g).unbind(1)
+            coef = wg / (ww + 1e-30)
+            perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0)
+            scale = gg.sqrt() / (perp2.sqrt() + 1e-30)
+            _ortho_write_kernel[(g.num_chunks,)](*tabs, coef, scale, DTYPE=TL_STORAGE[g.dtype], CHUNK=chunk)
 
 
 def shard_normals(out, keys, offsets):
     device = out[0].device
-    blocks = [(i, c) for i, (o, off) in enumerate(zip(out, offsets))
-              for c in range(off // 4, max((off + o.numel() + 3) // 4, off // 4 + 1), BLOCK)]
-    sums = torch.zeros(len(out), dtype=torch.float64, device=device)
-    _shard_normals_kernel[(len(blocks),)](keys.to(device), int_table(offsets, device),
-                                          int_table((o.numel() for o in out), device),
-                                          int_table((b[0] for b in blocks), device),
-                                          int_table((b[1] for b in blocks), device), pointer_table(out, device), sums,
-                                          BLOCK=BLOCK)
-    return sums
+    (g,) = plan.layout(out, BLOCK, unit=4, starts=offsets)  # every out is float32: one group
+    offs = plan.cached(("shard_offsets", device) + tuple(offsets), lambda: plan.upload(offsets, device))
+    partials = torch.empty(g.num_chunks, dtype=torch.float64, device=device)
+    with plan.device_guard(device):
+        _shard_normals_kernel[(g.num_chunks,)](keys, offs, g.numels, g.chunk_tensor, g.chunk_start,
+                                               plan.addresses(out, g), partials, BLOCK=BLOCK, **STREAM)
+        return segment_sums(partials, g)
