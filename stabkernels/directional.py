@@ -89,11 +89,15 @@ def _splitmix64_tensor(x: Tensor) -> Tensor:
 
 
 def device_key_table(seed: int, first_probe: int, num_probes: int, count: int, device) -> Tensor:
-    """:func:`key_table` for probes first_probe .. first_probe + num_probes - 1, computed on ``device`` by a few
-    elementwise kernels whose only host inputs are scalar arguments: no host-to-device copy (the GPU backends'
-    keys; on a CUDA graph replay the scalars are those of the capture)."""
+    """:func:`key_table` for probes first_probe .. first_probe + num_probes - 1, computed on ``device`` from scalar
+    arguments only, so no host-to-device copy (the GPU backends' keys; on a CUDA graph replay the scalars are
+    those of the capture): one Triton launch where triton is available, else a few elementwise torch ops."""
+    seed_hash = _signed(splitmix64(seed & MASK64))
+    if _backend.why_unavailable("triton", device) is None:
+        from .triton.directional import key_table as triton_key_table
+        return triton_key_table(seed_hash, _signed(first_probe & MASK64), num_probes, count, device)
     probes = arange(num_probes, device) + _signed(first_probe & MASK64)
-    h = _splitmix64_tensor(probes ^ _signed(splitmix64(seed & MASK64)))
+    h = _splitmix64_tensor(probes ^ seed_hash)
     return _splitmix64_tensor(h[:, None] ^ arange(count, device)[None, :])
 
 

@@ -182,7 +182,7 @@ class _FusedLoss(torch.autograd.Function):
 def _scale_unless_one_(grad: Tensor, s: Tensor) -> Tensor:
     """grad *= s (a 0-d device tensor) without reading s on the host. grad is ours (its only reference) or, with
     inplace_backward, the logits' storage handed over for this purpose, so scaling in place is safe."""
-    if grad.is_contiguous() and _backend.triton_status()[0]:
+    if grad.is_contiguous() and _backend.why_unavailable("triton", grad.device) is None:
         from .triton.scale import scale_unless_one_
         return scale_unless_one_(grad, s.reshape(()))
     return grad.mul_(s.to(grad.dtype))

@@ -66,6 +66,32 @@ def _normals(key, ctr):
 
 
 @triton.jit
+def _splitmix64(x):
+    x = x + 0x9E3779B97F4A7C15
+    z = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+@triton.jit(do_not_specialize=["seed_hash", "first"])
+def _keys_kernel(out, seed_hash, first, T, BLOCK: tl.constexpr):
+    # key[k, t] = splitmix64(splitmix64(splitmix64(seed) ^ (first + k)) ^ t)  (SPEC stream step 1, uint64)
+    k = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    h = _splitmix64((first + k).to(tl.uint64) ^ seed_hash.to(tl.uint64))
+    tl.store(out + k * T + t, _splitmix64(h ^ t.to(tl.uint64)).to(tl.int64, bitcast=True), mask=t < T)
+
+
+def key_table(seed_hash: int, first_probe: int, num_probes: int, count: int, device) -> torch.Tensor:
+    """The (num_probes, count) int64 key table computed on the device in one launch; ``seed_hash`` is
+    splitmix64(seed) as a signed int64 (see stabkernels/directional.py)."""
+    out = torch.empty(num_probes, count, dtype=torch.int64, device=device)
+    with plan.device_guard(torch.device(device)):
+        _keys_kernel[(num_probes, triton.cdiv(count, 128))](out, seed_hash, first_probe, count, BLOCK=128)
+    return out
+
+
+@triton.jit
 def _sq_sums_kernel(keys, gidx, numels, blk_tensor, blk_ctr, partials, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
