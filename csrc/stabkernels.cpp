@@ -42,15 +42,19 @@ TORCH_LIBRARY(stabkernels_C, m) {
   m.def("sq_norms(Tensor[] tensors) -> Tensor");
   // Fused optimizer updates (SPEC 2.4, 3.1). Each advances the moments once, optionally writes the unit
   // proposal u (the step at lr = 1) into `updates` (math dtype), optionally applies
-  // p <- p - lr * step_scale * u, and returns sum(u^2) per tensor.
+  // p <- p - lr * step_scale * u, and returns sum(u^2) per tensor. step_scale, lr and step (the step number
+  // after this step, >= 1) are 0-d float64 tensors on the params' device, read by the kernels (on CUDA from
+  // device memory: no host round trip, capturable), so Adam's bias corrections bc1 = 1 - beta1^step and
+  // sqrt(bc2) = sqrt(1 - beta2^step) are computed by the kernels, in double. eps_raw: eps is added to
+  // sqrt(v) before the bias correction, i.e. the eps used is eps / sqrt(bc2) (S-Adam's eps_mode="authors").
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, "
-      "bool apply) -> Tensor");
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "bool apply, bool eps_raw) -> Tensor");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
-      "Tensor step_scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first, bool apply) -> Tensor");
   // directional (SPEC 3.3, 4): keys are the per-tensor 64-bit stream keys (int64 bit patterns, see
   // csrc/philox.h and stabkernels/directional.py).

@@ -9,12 +9,18 @@ dtype group on GPU, one parallel region on CPU) and can
   the device (S-Adam's damping), so no host synchronisation is needed.
 
 ``apply_update_`` applies a stored proposal with a device-side learning rate (the radius controller's
-effective lr). Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD`` (single-tensor implementations)
+effective lr).
+
+Per-step scalars never make a host round trip: ``step_scale``, ``lr`` and Adam's ``step`` reach the kernels
+as 0-d float64 tensors on the parameters' device (:func:`_scalar_tensor` makes them without a host-to-device
+copy), and Adam's bias corrections are computed from ``step`` by the kernels themselves, so a step can be
+captured in a CUDA graph (with ``step`` and ``lr`` device tensors advanced in place) and compiled by
+torch.compile without a recompile per step. Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD`` (single-tensor implementations)
 operation by operation, so the results agree with torch to fp32 rounding.
 """
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -31,8 +37,9 @@ def _sums_fake(params, *args):
     return params[0].new_empty(len(params), dtype=grouped_acc_dtype(params))
 
 
-def _scale(step_scale: Tensor) -> Tensor:
-    return step_scale.to(torch.float64).reshape(())
+def _scale(x) -> Tensor:
+    """A 0-d float64 tensor of a 0-d tensor (kept on its device) or a number (the references accept both)."""
+    return torch.as_tensor(x, dtype=torch.float64).reshape(())
 
 
 def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale) -> Tensor:
@@ -40,7 +47,7 @@ def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale) -> Tensor:
     if updates:
         updates[i].copy_(u)
     if apply:
-        p.copy_(pa - (lr * _scale(step_scale).to(pa.dtype)) * u)
+        p.copy_(pa - (_scale(lr).to(pa.dtype) * _scale(step_scale).to(pa.dtype)) * u)
     return u.double().pow(2).sum()
 
 
@@ -50,19 +57,26 @@ def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale) -> Tensor:
 _adam_op = define_op(
     "adam_step_",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, float lr, float beta1, "
-    "float beta2, float eps, float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, "
-    "bool apply, str backend) -> Tensor",
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+    "bool apply, bool eps_raw, str backend) -> Tensor",
     _sums_fake,
 )
 
 
 @_backend.register("adam_step_", "torch")
-def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, beta1,
-                        beta2, eps, weight_decay, step, decoupled, amsgrad, maximize, apply):
-    """Reference: torch.optim.Adam/AdamW's single-tensor step, per tensor, math in fp32 (fp64)."""
+def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step,
+                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw):
+    """Reference: torch.optim.Adam/AdamW's single-tensor step, per tensor, math in fp32 (fp64).
+
+    ``step_scale``, ``lr`` and ``step`` are 0-d tensors (float64 on the params' device from the public
+    wrapper); the bias corrections bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) are computed in
+    float64 from ``step``; ``eps_raw`` uses eps / sqrt(bc2), i.e. eps added to sqrt(v) before the correction."""
+    lr, step = _scale(lr), _scale(step)
     bc1 = 1 - beta1 ** step
-    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    bc2_sqrt = (1 - beta2 ** step).sqrt()
+    if eps_raw:  # a true division (a number / a tensor would multiply by the reciprocal)
+        eps = torch.full_like(bc2_sqrt, eps) / bc2_sqrt
     sums = []
     for i, p in enumerate(params):
         A = acc_dtype(p.dtype)
@@ -95,7 +109,7 @@ _backend.register_kernels("adam_step_", "update")
 _sgd_op = define_op(
     "sgd_step_",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
-    "Tensor step_scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+    "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
     "bool maximize, bool first, bool apply, str backend) -> Tensor",
     _sums_fake,
 )
@@ -104,7 +118,8 @@ _sgd_op = define_op(
 @_backend.register("sgd_step_", "torch")
 def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr, momentum, dampening,
                        weight_decay, nesterov, maximize, first, apply):
-    """Reference: torch.optim.SGD's single-tensor step, per tensor (a first step copies g into the buffer)."""
+    """Reference: torch.optim.SGD's single-tensor step, per tensor (a first step copies g into the buffer);
+    ``step_scale`` and ``lr`` are 0-d tensors."""
     sums = []
     for i, p in enumerate(params):
         A = acc_dtype(p.dtype)
@@ -211,28 +226,55 @@ def _run_checked(op, args: tuple, backend: str, check) -> Tensor | None:
         raise
 
 
+def _scalar_tensor(x, name: str, device: torch.device) -> Tensor:
+    """``x`` (a Python number or a one-element tensor) as the 0-d float64 tensor on ``device`` the kernels read,
+    made without a host-to-device copy (which on CUDA would be a blocking copy, and break graph capture):
+
+    * a number: ``torch.full`` on the device (a fill kernel; ``torch.tensor(x, device=cuda)`` would copy);
+    * a tensor on ``device``: converted there (``.to(float64)``, a no-op for float64) and viewed as 0-d;
+    * a one-element CPU tensor while ``device`` is not the CPU: read on the host (reading a CPU tensor does not
+      synchronise the GPU) and filled on the device;
+    * anything else: ValueError naming ``name``."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must hold one number, got a tensor of shape {tuple(x.shape)}")
+        if x.device == device:
+            return x.to(torch.float64).reshape(())
+        if x.device.type == "cpu":
+            return torch.full((), float(x), dtype=torch.float64, device=device)
+        raise ValueError(f"{name} must be a number or a one-element tensor on {device} (or on the CPU), got a "
+                         f"tensor on {x.device}")
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
 def _scale_tensor(step_scale, device) -> Tensor:
+    """The step scale as a 0-d float64 tensor on ``device`` (1 when None), without a host-to-device copy."""
     if step_scale is None:
-        return torch.ones((), device=device)
-    if not isinstance(step_scale, Tensor):
-        return torch.tensor(float(step_scale), device=device)
-    if step_scale.numel() != 1:
-        raise ValueError(f"step_scale must hold one number, got shape {tuple(step_scale.shape)}")
-    return step_scale
+        return torch.ones((), dtype=torch.float64, device=device)
+    return _scalar_tensor(step_scale, "step_scale", device)
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-               exp_avg_sqs: Sequence[Tensor], *, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0, decoupled: bool = True, amsgrad: bool = False, maximize: bool = False,
-               max_exp_avg_sqs: Sequence[Tensor] | None = None, updates: Sequence[Tensor] | None = None,
-               step_scale: Tensor | float | None = None, apply: bool = True, backend: str = "auto") -> Tensor:
+               exp_avg_sqs: Sequence[Tensor], *, step: int | Tensor, lr: float | Tensor, betas=(0.9, 0.999),
+               eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = True, amsgrad: bool = False,
+               maximize: bool = False, max_exp_avg_sqs: Sequence[Tensor] | None = None,
+               updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
+               apply: bool = True, eps_raw: bool = False, backend: str = "auto") -> Tensor:
     """One Adam (``decoupled=False``) or AdamW step over every parameter, fused.
 
     Moments are advanced once (m, v and, with ``amsgrad``, the running max of v); u = (m / bc1) /
     (sqrt(v_hat) / sqrt(bc2) + eps) is the unit proposal. ``updates`` (same shapes, math dtype) receive u;
     with ``apply`` the parameters move: p <- p (1 - lr wd) [AdamW] - lr * step_scale * u, where
     ``step_scale`` is a 0-d tensor (kept on the device) or a number. Returns sum(u^2) per parameter
-    (float32, float64 if a parameter is float64). ``step`` is the step number after this step (>= 1).
+    (float32, float64 if a parameter is float64). ``step`` is the step number after this step (>= 1): an int or
+    a one-element tensor (a device tensor keeps the step free of host round trips and capturable in a CUDA
+    graph; the bias corrections are computed from it by the kernel, in float64). ``lr`` is a number or a
+    one-element tensor (the torch.optim way; a device tensor changed in place, e.g. by a scheduler, needs no
+    recompile under torch.compile). ``eps_raw``: eps is added to sqrt(v) before the bias correction
+    (u = (m / bc1) / ((sqrt(v) + eps) / sqrt(bc2)), i.e. eps / sqrt(bc2) in the formula above: S-Adam's
+    eps_mode="authors"). A tensor ``step`` below 1 is not checked on CUDA (that would read the device).
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers)."""
     if distributed.any_sharded(params):  # FSDP2: the step is element-wise, so each rank steps its shards
@@ -241,12 +283,12 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                           weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
                           max_exp_avg_sqs=None if max_exp_avg_sqs is None else L(max_exp_avg_sqs),
                           updates=None if updates is None else L(updates), step_scale=step_scale, apply=apply,
-                          backend=backend)
+                          eps_raw=eps_raw, backend=backend)
         return distributed.sum_shards(sums, params)
     beta1, beta2 = betas
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("adam_step_: amsgrad needs max_exp_avg_sqs")
-    if step < 1:
+    if not isinstance(step, Tensor) and step < 1:
         raise ValueError(f"adam_step_: step must be >= 1, got {step}")
     params = as_list(params, "adam_step_: params")
     device = _params_device("adam_step_", params)
@@ -260,13 +302,14 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 
     b = _backend.resolve("adam_step_", backend, device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), bool(decoupled),
-            bool(amsgrad), bool(maximize), bool(apply))
+            _scalar_tensor(lr, "lr", device), _scalar_tensor(step, "step", device), float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(apply),
+            bool(eps_raw))
     return _run_checked(_adam_op, args, b, check)
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None, *,
-              lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+              lr: float | Tensor, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
               nesterov: bool = False, maximize: bool = False, first: bool = False,
               updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
               apply: bool = True, backend: str = "auto") -> Tensor:
@@ -274,7 +317,8 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
 
     g' = g + wd p; with momentum b = g' on the ``first`` step, else mu b + (1 - dampening) g';
     u = g' + mu b (Nesterov) or b (or g' without momentum). ``updates`` receive u; with ``apply``,
-    p <- p - lr * step_scale * u. Returns sum(u^2) per parameter."""
+    p <- p - lr * step_scale * u. Returns sum(u^2) per parameter. ``lr`` is a number or a one-element tensor
+    (kept on the device: no host round trip)."""
     if distributed.any_sharded(params):  # FSDP2: element-wise, each rank steps its shards
         L = distributed.locals_
         sums = sgd_step_(L(params), L(grads), None if momentum_buffers is None else L(momentum_buffers), lr=lr,
@@ -293,8 +337,8 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
                      acc_lists={"updates": updates} if updates else {})
 
     b = _backend.resolve("sgd_step_", backend, device)
-    args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), float(lr), float(momentum),
-            float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply))
+    args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), _scalar_tensor(lr, "lr", device),
+            float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply))
     return _run_checked(_sgd_op, args, b, check)
 
 

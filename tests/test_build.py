@@ -72,3 +72,42 @@ def test_cuda_glue_is_valid_cpp(path, tmp_path):
     cmd += [f"-I{p}" for p in includes]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+
+
+# Host-to-device copies and host reads that a CUDA step must not make: each is free on CPU tensors (so no
+# CPU test sees it) and on CUDA a blocking copy or a device synchronisation that also breaks graph capture.
+HOST_ROUND_TRIPS = {
+    "at::tensor(": "a tensor built from host data",
+    ".cpu()": "a device-to-host copy",
+    "pinned_memory": "a host staging buffer",
+    "non_blocking": "a host-to-device copy",
+    ".item": "a host read of a device value",
+    ".to(": "a copy or conversion that may move host data to the device",
+    "index_copy_": "a per-call index scatter (write results at the tensor's index in the kernel instead)",
+    "cudaMemcpy": "a raw copy",
+    "cudaStreamSynchronize": "a host wait",
+    "cudaDeviceSynchronize": "a host wait",
+}
+
+
+def _code(path):
+    """The file's text without // comments (the rules name what they forbid)."""
+    with open(path) as f:
+        return "\n".join(line.split("//")[0] for line in f)
+
+
+@pytest.mark.parametrize("path", [p for p in GLUE_FILES if os.path.basename(p) != "launch_plan.cpp"],
+                         ids=lambda p: os.path.relpath(p, REPO))
+def test_cuda_glue_makes_no_host_round_trip(path):
+    """csrc/cuda/launch_plan.cpp is the one module of the CUDA glue that uploads host data (cached launch
+    plans, built once per list of tensors); every other glue file gets its tables from it and passes per-step
+    scalars as device tensors, so a step neither copies from the host nor waits for the device."""
+    code = _code(path)
+    found = {pattern: why for pattern, why in HOST_ROUND_TRIPS.items() if pattern in code}
+    assert not found, f"{os.path.relpath(path, REPO)}: {found}"
+
+
+def test_only_the_launch_plan_uploads():
+    code = _code(os.path.join(REPO, "csrc", "cuda", "launch_plan.cpp"))
+    assert "non_blocking=*/true" in code and "pinned_memory(true)" in code  # pinned, asynchronous: no host wait
+    assert ".item" not in code and ".cpu()" not in code

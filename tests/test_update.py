@@ -15,6 +15,11 @@ APPLY_BACKENDS = backend_params("apply_update_")
 SHAPES = [(37,), (5, 9), (3, 4, 5), (1,)]
 
 
+def f64(x, device="cpu"):
+    """A 0-d float64 tensor: how the wrappers hand lr, step and step_scale to the ops."""
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
 def make_params(device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in SHAPES]
@@ -128,8 +133,8 @@ def test_adam_step_dtypes_against_float64_reference(backend, device, dtype):
         g = grads_for(ours, step)
         s = update.adam_step_(ours, g, state[0], state[1], step=step, lr=0.01, weight_decay=0.1, amsgrad=True,
                               max_exp_avg_sqs=state[2], updates=u, step_scale=scale, backend=backend)
-        s_ref = adam_step_reference(ref, [x.double() for x in g], *ref_state, u_ref, scale, 0.01, 0.9, 0.999,
-                                    1e-8, 0.1, step, True, True, False, True)
+        s_ref = adam_step_reference(ref, [x.double() for x in g], *ref_state, u_ref, scale, f64(0.01, device),
+                                    f64(step, device), 0.9, 0.999, 1e-8, 0.1, True, True, False, True, False)
         # the reference sees the same rounded inputs each step
         for a, b in zip(ref + sum(ref_state, []), ours + sum(state, [])):
             a.copy_(b)
@@ -156,8 +161,8 @@ def test_sgd_step_dtypes_against_float64_reference(backend, device, dtype):
     g = grads_for(ours, 1)
     s = update.sgd_step_(ours, g, bufs, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True, first=True,
                          updates=u, step_scale=scale, backend=backend)
-    s_ref = sgd_step_reference(ref, [x.double() for x in g], ref_bufs, u_ref, scale, 0.05, 0.9, 0.0, 0.01, True,
-                               False, True, True)
+    s_ref = sgd_step_reference(ref, [x.double() for x in g], ref_bufs, u_ref, scale, f64(0.05, device), 0.9, 0.0,
+                               0.01, True, False, True, True)
     tol = DTYPE_TOL[dtype]
     for a, b in zip(u + ours + bufs, u_ref + ref + ref_bufs):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
@@ -237,9 +242,9 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
     g = grads_for(p, 1)
     z = [torch.zeros_like(x) for x in p]
     before = [t.clone() for t in p + z]
-    one = torch.ones(())
+    one, lr = f64(1), f64(0.1)
     adam = lambda ps, gs, ms, vs, vm=(), us=(), ams=False: C.adam_step_(  # noqa: E731
-        ps, gs, ms, vs, list(vm), list(us), one, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, True, ams, False, True)
+        ps, gs, ms, vs, list(vm), list(us), one, lr, one, 0.9, 0.999, 1e-8, 0.0, True, ams, False, True, False)
     cases = [
         (lambda: adam(p, g[:3], z, z), r"adam_step_: grads has 3 tensors for 4 params"),
         (lambda: adam(p, g, z, z[:1] + [torch.zeros(7)] + z[2:]), r"exp_avg_sqs\[1\] must have the shape of params\[1\]"),
@@ -247,9 +252,9 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
         (lambda: adam(p, g, z, z, us=[u.half() for u in z]), r"updates\[0\] must be a contiguous Float"),
         (lambda: adam(p[:1] + [p[1].t()] + p[2:], g, z, z), r"params\[1\] must be contiguous"),
         (lambda: adam([], [], [], []), r"params is empty"),
-        (lambda: C.sgd_step_(p, g, z[:2], [], one, 0.1, 0.9, 0.0, 0.0, False, False, False, True),
+        (lambda: C.sgd_step_(p, g, z[:2], [], one, lr, 0.9, 0.0, 0.0, False, False, False, True),
          r"sgd_step_: momentum_buffers has 2 tensors"),
-        (lambda: C.sgd_step_([p[0], torch.ones(3, dtype=torch.long)], g[:1] + [torch.ones(3)], [], [], one, 0.1,
+        (lambda: C.sgd_step_([p[0], torch.ones(3, dtype=torch.long)], g[:1] + [torch.ones(3)], [], [], one, lr,
                              0.0, 0.0, 0.0, False, False, False, True), r"params\[1\] must be a dense float32"),
         (lambda: C.apply_update_(p, z[:3], one, 0.0), r"apply_update_: updates has 3 tensors"),
     ]
@@ -259,7 +264,7 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
     for a, b in zip(p + z, before):
         assert torch.equal(a, b)
     # lists the options leave unused may be empty; every optional list is checked when given
-    C.sgd_step_(p, g, [], [], one, 0.1, 0.0, 0.0, 0.0, False, False, False, False)
+    C.sgd_step_(p, g, [], [], one, lr, 0.0, 0.0, 0.0, False, False, False, False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -271,8 +276,102 @@ def test_opcheck(backend):
     g = grads_for(p, 1)
     z = lambda: [torch.zeros_like(x) for x in p]  # noqa: E731
     torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
-                          (p, g, z(), z(), z(), z(), torch.tensor(1.0), 0.1, 0.9, 0.999, 1e-8, 0.01, 2, True, True,
-                           False, True, backend))
+                          (p, g, z(), z(), z(), z(), f64(1.0), f64(0.1), f64(2), 0.9, 0.999, 1e-8, 0.01, True, True,
+                           False, True, False, backend))
     torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
-                          (p, g, z(), z(), torch.tensor(1.0), 0.1, 0.9, 0.0, 0.0, True, False, False, True, backend))
+                          (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, backend))
     torch.library.opcheck(torch.ops.stabkernels.apply_update_.default, (p, z(), torch.tensor(0.5), 0.1, backend))
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+def test_tensor_step_lr_and_eps_raw_give_the_numbers_of_python_ones(backend, device):
+    """step and lr as 0-d tensors (the capturable, recompile-free form) step exactly as the Python numbers
+    do; eps_raw equals eps / sqrt(1 - beta2^step) passed by hand (what S-Adam's eps_mode="authors" did)."""
+    import math
+    runs = {}
+    for mode in ("numbers", "tensors", "eps_by_hand", "eps_raw"):
+        ps = make_params(device)
+        m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        u = [torch.empty_like(p) for p in ps]
+        sums = []
+        for step in range(1, 4):
+            lr = 0.01 * step
+            kw = dict(step=step, lr=lr, eps=1e-3)
+            if mode == "tensors":
+                kw.update(step=torch.tensor(step, device=device), lr=torch.tensor(lr, dtype=torch.float64,
+                                                                                  device=device))
+            elif mode == "eps_by_hand":
+                kw.update(eps=1e-3 / math.sqrt(1 - 0.999 ** step))
+            elif mode == "eps_raw":
+                kw.update(eps_raw=True)
+            sums.append(update.adam_step_(ps, grads_for(ps, step), m, v, updates=u, weight_decay=0.1,
+                                          backend=backend, **kw))
+        runs[mode] = ps + m + v + u + sums
+    for a, b in zip(runs["numbers"], runs["tensors"]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs["eps_by_hand"], runs["eps_raw"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", SGD_BACKENDS)
+def test_sgd_tensor_lr_gives_the_numbers_of_a_python_lr(backend, device):
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64, device=device), torch.tensor([0.05], dtype=torch.float64)):
+        ps = make_params(device)
+        bufs = [torch.zeros_like(p) for p in ps]
+        sums = [update.sgd_step_(ps, grads_for(ps, s), bufs, lr=lr, momentum=0.9, first=s == 1, backend=backend)
+                for s in (1, 2)]
+        runs.append(ps + bufs + sums)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def test_per_step_scalars_reach_the_device_without_a_host_copy():
+    """Numbers become a fill on the params' device (torch.tensor(x, device=cuda) would be a blocking copy);
+    tensors on the device are converted there; a CPU tensor for another device is read on the host (no GPU
+    sync) and filled; any other device is refused. The meta device stands in for a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    meta = torch.device("meta")
+    for x in (0.5, 3, torch.tensor(0.5), torch.tensor([2.0], dtype=torch.float64)):
+        with Ops() as rec:
+            t = update._scalar_tensor(x, "lr", meta)
+        assert t.device == meta and t.dtype == torch.float64 and t.shape == ()
+        assert all(op in ("aten.full", "aten._local_scalar_dense") for op in rec.ops), rec.ops
+    on_dev = torch.ones((), device=meta, dtype=torch.float32)
+    with Ops() as rec:
+        t = update._scalar_tensor(on_dev, "lr", meta)
+    assert t.dtype == torch.float64 and "aten._to_copy" in rec.ops and "aten.full" not in rec.ops
+    t64 = torch.ones((1,), device="cpu", dtype=torch.float64)
+    assert update._scalar_tensor(t64, "lr", torch.device("cpu")).data_ptr() == t64.data_ptr()  # no copy at all
+    with pytest.raises(ValueError, match="lr must be a number or a one-element tensor on cpu"):
+        update._scalar_tensor(torch.ones((), device=meta), "lr", torch.device("cpu"))
+    with pytest.raises(ValueError, match="step must hold one number"):
+        update._scalar_tensor(torch.ones(2), "step", torch.device("cpu"))
+    with pytest.raises(ValueError, match="step_scale must be a number"):
+        update._scale_tensor("1", torch.device("cpu"))
+    assert update._scale_tensor(None, meta).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_adam_step_below_one_is_refused(backend):
+    from stabkernels import backend as B
+    if B.why_unavailable(backend, "cpu"):
+        pytest.skip(B.why_unavailable(backend, "cpu"))
+    p = make_params("cpu")
+    z = [torch.zeros_like(x) for x in p]
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        update.adam_step_(p, grads_for(p, 1), z, z, step=0, lr=0.1, backend=backend)
+    if backend == "cpp":  # the CPU kernel reads a tensor step (free on CPU); a CUDA kernel cannot
+        with pytest.raises(ValueError, match="step must be >= 1"):
+            update.adam_step_(p, grads_for(p, 1), z, z, step=torch.tensor(0), lr=0.1, backend=backend)

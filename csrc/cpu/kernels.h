@@ -26,11 +26,11 @@ struct CpuKernels {
   Tensor (*power_iteration_)(TensorList mats, TensorList us, TensorList vs, int64_t iters, double eps) = nullptr;
   Tensor (*sq_norms)(TensorList tensors) = nullptr;
   Tensor (*adam_step_)(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                       TensorList max_exp_avg_sqs, TensorList updates, const Tensor& step_scale, double lr,
-                       double beta1, double beta2, double eps, double weight_decay, int64_t step, bool decoupled,
-                       bool amsgrad, bool maximize, bool apply) = nullptr;
+                       TensorList max_exp_avg_sqs, TensorList updates, const Tensor& step_scale, const Tensor& lr,
+                       const Tensor& step, double beta1, double beta2, double eps, double weight_decay,
+                       bool decoupled, bool amsgrad, bool maximize, bool apply, bool eps_raw) = nullptr;
   Tensor (*sgd_step_)(TensorList params, TensorList grads, TensorList bufs, TensorList updates,
-                      const Tensor& step_scale, double lr, double momentum, double dampening, double weight_decay,
+                      const Tensor& step_scale, const Tensor& lr, double momentum, double dampening, double weight_decay,
                       bool nesterov, bool maximize, bool first, bool apply) = nullptr;
   void (*apply_update_)(TensorList params, TensorList updates, const Tensor& lr, double weight_decay) = nullptr;
   std::vector<Tensor> (*random_directions)(TensorList like, const Tensor& keys) = nullptr;

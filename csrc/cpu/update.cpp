@@ -139,10 +139,12 @@ double run_chunk(int64_t begin, int64_t end, acc_t<T>* u_out, Body&& body) {
   return sum;
 }
 
-double read_scale(const at::Tensor& scale) {
-  TORCH_CHECK(scale.numel() == 1, "step_scale must hold one number");
-  return scale.to(at::kDouble).item<double>();
+double read_number(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == 1, name, " must hold one number, got shape ", t.sizes());
+  return t.to(at::kDouble).item<double>();
 }
+
+double read_scale(const at::Tensor& scale) { return read_number(scale, "step_scale"); }
 
 // Calls fn(chunk) -> double for chunks of ~32K elements across all parameters in one parallel region and
 // returns the per-tensor totals (float64 if a parameter is float64, else float32).
@@ -164,16 +166,20 @@ at::Tensor chunked_sums(at::TensorList params, F&& fn) {
 
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
-                         const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
-                         bool apply) {
+                         const at::Tensor& step_scale, const at::Tensor& lr_t, const at::Tensor& step_t,
+                         double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
+                         bool maximize, bool apply, bool eps_raw) {
+  // lr and step arrive as 0-d (float64) CPU tensors: reading them is free on CPU.
+  const double step = read_number(step_t, "step");
   TORCH_CHECK_VALUE(step >= 1, "adam_step_: step must be >= 1, got ", step);
+  const double lr = read_number(lr_t, "lr");
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
                      at::kCPU);
-  const AdamConsts c{lr, beta1, beta2, eps, weight_decay, 1 - std::pow(beta1, static_cast<double>(step)),
-                     std::sqrt(1 - std::pow(beta2, static_cast<double>(step))), decoupled, amsgrad, maximize, apply};
+  const double bc2_sqrt = std::sqrt(1 - std::pow(beta2, step));
+  const AdamConsts c{lr, beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
+                     bc2_sqrt, decoupled, amsgrad, maximize, apply};
   const double scale = read_scale(step_scale);
   return chunked_sums(params, [&](const Chunk& ch) {
     const int64_t i = ch.index;
@@ -205,8 +211,9 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
-                        const at::Tensor& step_scale, double lr, double momentum, double dampening,
+                        const at::Tensor& step_scale, const at::Tensor& lr_t, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
+  const double lr = read_number(lr_t, "lr");
   check_update_lists("sgd_step_", params,
                      {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
                       {"updates", updates, true, false}},

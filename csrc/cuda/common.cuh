@@ -62,13 +62,28 @@ __device__ A block_max(A v) {
   return total;
 }
 
-// This block's chunk of a grouped launch over UpdateTables: tensor index and element range.
+// The tensor that owns block b of a grouped launch: the last i in [0, n) with first[i] <= b, where first
+// (n + 1 entries, non-decreasing, first[0] = 0) holds the prefix sums of the tensors' block counts. Empty
+// tensors own no block (first[i] == first[i + 1]) and are skipped. O(log n) reads of a column of n + 1
+// entries that every block reads (cache-resident), instead of a per-block column of the launch's size.
+__device__ __forceinline__ int64_t owner(const int64_t* first, int64_t n, int64_t b) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (first[mid] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// This block's chunk of a grouped launch over UpdateTables: tensor (group-local) and element range.
 struct ChunkRange {
   int64_t tensor, begin, end;
 };
 __device__ __forceinline__ ChunkRange chunk_range(const UpdateTables& t) {
-  const int64_t i = t.chunk_tensor[blockIdx.x];
-  const int64_t begin = t.chunk_start[blockIdx.x];
+  const int64_t b = blockIdx.x;
+  const int64_t i = owner(t.chunk_first, t.num_tensors, b);
+  const int64_t begin = (b - t.chunk_first[i]) * kUpdateChunk;
   return {i, begin, begin + kUpdateChunk < t.numel[i] ? begin + kUpdateChunk : t.numel[i]};
 }
 

@@ -10,32 +10,40 @@ constexpr int kThreads = static_cast<int>(kStreamCounters);
 
 __device__ __forceinline__ void normals4(uint64_t key, uint64_t ctr, float n[4]) { stream_normals4(key, ctr, n); }
 
+// This block's tensor (group-local) and its thread's Philox counter.
+struct StreamBlock {
+  int64_t tensor, ctr;
+};
+__device__ __forceinline__ StreamBlock stream_block(const StreamTables& t) {
+  const int64_t b = blockIdx.x;
+  const int64_t i = owner(t.blk_first, t.num_tensors, b);
+  return {i, (b - t.blk_first[i]) * kStreamCounters + threadIdx.x};
+}
+
 __global__ void sq_sums_kernel(StreamTables t, double* sums) {
-  const int64_t i = t.blk_tensor[blockIdx.x];
+  const auto [i, ctr] = stream_block(t);
   const int64_t numel = t.numel[i];
-  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
   double s = 0;
   if (4 * ctr < numel) {
     float n[4];
-    normals4(static_cast<uint64_t>(t.keys[i]), static_cast<uint64_t>(ctr), n);
+    normals4(static_cast<uint64_t>(t.keys[t.index[i]]), static_cast<uint64_t>(ctr), n);
     for (int j = 0; j < 4; ++j)
       if (4 * ctr + j < numel) s += static_cast<double>(n[j]) * n[j];
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) atomicAdd(sums + i, s);
+  if (threadIdx.x == 0) atomicAdd(sums + t.index[i], s);
 }
 
 template <typename T>
-__global__ void write_kernel(StreamTables t, const typename Acc<T>::type* scales, const int64_t* src,
-                             const int64_t* out, double sigma) {
+__global__ void write_kernel(StreamTables t, const double* scales, const int64_t* src, const int64_t* out,
+                             double sigma) {
   using A = typename Acc<T>::type;
-  const int64_t i = t.blk_tensor[blockIdx.x];
+  const auto [i, ctr] = stream_block(t);
   const int64_t numel = t.numel[i];
-  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
   if (4 * ctr >= numel) return;
   float n[4];
-  normals4(static_cast<uint64_t>(t.keys[i]), static_cast<uint64_t>(ctr), n);
-  const A s = scales[i], sg = static_cast<A>(sigma);
+  normals4(static_cast<uint64_t>(t.keys[t.index[i]]), static_cast<uint64_t>(ctr), n);
+  const A s = static_cast<A>(scales[t.index[i]]), sg = static_cast<A>(sigma);
   T* o = reinterpret_cast<T*>(out[i]);
   const T* th = src ? reinterpret_cast<const T*>(src[i]) : nullptr;
   for (int j = 0; j < 4; ++j) {
@@ -49,9 +57,9 @@ __global__ void write_kernel(StreamTables t, const typename Acc<T>::type* scales
 
 template <typename T>
 __global__ void dots_kernel(StreamTables t, int64_t K, int64_t T_, const int64_t* grads, double* gn, double* nn) {
-  const int64_t i = t.blk_tensor[blockIdx.x];
+  const auto [i, ctr] = stream_block(t);
   const int64_t numel = t.numel[i];
-  const int64_t ctr = t.blk_ctr[blockIdx.x] + threadIdx.x;
+  const int64_t col = t.index[i];
   const T* g = reinterpret_cast<const T*>(grads[i]);
   double gv[4] = {0, 0, 0, 0};
   const bool live = 4 * ctr < numel;
@@ -62,15 +70,15 @@ __global__ void dots_kernel(StreamTables t, int64_t K, int64_t T_, const int64_t
     double sgn = 0, snn = 0;
     if (live) {
       float n[4];
-      normals4(static_cast<uint64_t>(t.keys[k * T_ + i]), static_cast<uint64_t>(ctr), n);
+      normals4(static_cast<uint64_t>(t.keys[k * T_ + col]), static_cast<uint64_t>(ctr), n);
       for (int j = 0; j < 4; ++j)
         if (4 * ctr + j < numel) sgn += gv[j] * n[j], snn += static_cast<double>(n[j]) * n[j];
     }
     sgn = block_sum(sgn);
     snn = block_sum(snn);
     if (threadIdx.x == 0) {
-      atomicAdd(gn + k * T_ + i, sgn);
-      atomicAdd(nn + k * T_ + i, snn);
+      atomicAdd(gn + k * T_ + col, sgn);
+      atomicAdd(nn + k * T_ + col, snn);
     }
   }
 }
@@ -114,15 +122,14 @@ cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* su
   return cudaGetLastError();
 }
 
-cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const void* scales,
+cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const double* scales,
                          const int64_t* src, const int64_t* out, double sigma, cudaStream_t stream) {
   (void)acc;
   if (num_blocks == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(num_blocks);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    using A = typename Acc<T>::type;
-    write_kernel<T><<<blocks, kThreads, 0, stream>>>(t, static_cast<const A*>(scales), src, out, sigma);
+    write_kernel<T><<<blocks, kThreads, 0, stream>>>(t, scales, src, out, sigma);
     return cudaGetLastError();
   });
 }

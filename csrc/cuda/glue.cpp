@@ -1,18 +1,26 @@
 // Torch glue for the raw CUDA kernels: device guard, current stream, dtype mapping, output allocation.
 // Compiled only when setup.py builds CUDA kernels (STABKERNELS_WITH_CUDA).
+//
+// No op here copies host data to the device or reads the device on the host: the multi-tensor tables come
+// from cached launch plans (launch_plan.h, the one module that uploads), per-step scalars (lr, step, step
+// scale, grad scale) are device tensors whose addresses the kernels read, per-tensor results are written by
+// the kernels at each tensor's position in the op's list (no host-built index scatters), and stream keys
+// are read from the caller's device tensor. So a steady-state step neither waits for the host nor breaks
+// CUDA graph capture. Keep it that way: tests/test_build.py refuses host copies and host reads in this file.
 #ifdef STABKERNELS_WITH_CUDA
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
-#include <cstring>
 #include <map>
 #include <tuple>
 #include <vector>
 
 #include "kernels.h"
+#include "launch_plan.h"
 #include "../list_checks.h"
 
 namespace stabkernels::cuda {
@@ -20,40 +28,41 @@ namespace {
 
 using Column = std::vector<int64_t>;
 
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
     case at::kFloat: return kFloat32;
     case at::kDouble: return kFloat64;
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
-    default: TORCH_CHECK(false, "stabkernels CUDA kernels take float32/float64/float16/bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, "stabkernels CUDA kernels take float32/float64/float16/bfloat16, got ", t);
   }
 }
+DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
+DType acc_dtype(at::ScalarType t) { return acc_of(t) == at::kDouble ? kFloat64 : kFloat32; }
 
 void check(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// Copies int64 columns (pointer/shape tables) to the device in one transfer; column c starts at
-// data + offsets[c]. The returned tensor owns the memory and must outlive the launches that read it.
-at::Tensor device_table(const std::vector<Column>& columns, const at::Device& device,
-                        std::vector<const int64_t*>& starts) {
-  int64_t total = 0;
-  for (const auto& c : columns) total += static_cast<int64_t>(c.size());
-  at::Tensor host = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* p = host.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> offsets;
-  for (const auto& c : columns) {
-    offsets.push_back(p - host.mutable_data_ptr<int64_t>());
-    p = std::copy(c.begin(), c.end(), p);
-  }
-  at::Tensor dev = host.to(device, /*non_blocking=*/true);
-  starts.clear();
-  for (int64_t off : offsets) starts.push_back(dev.const_data_ptr<int64_t>() + off);
-  return dev;
+// `t` in dtype `dtype`, converted on its own device (a kernel, no host involvement); `t` itself if it has it.
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  return at::empty_like(t, t.options().dtype(dtype)).copy_(t);
 }
 
-// Indices of `ts` grouped by storage dtype, in order: one launch per group.
+// A per-step scalar (lr, step, step scale, grad scale) as a one-element `dtype` tensor on `device` whose
+// address a kernel reads. It must already be on the device (the Python wrappers make it there without a
+// host copy); a float64 one is used as is.
+at::Tensor device_scalar(const at::Tensor& t, const at::Device& device, at::ScalarType dtype, const char* op,
+                         const char* name) {
+  TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.device() == device, op, ": ", name,
+                    " must be a one-element tensor on ", device, " (kept on the device: no host copy), got ",
+                    t.defined() ? t.toString() : "an undefined tensor", t.defined() ? " on " : "",
+                    t.defined() ? c10::str(t.device()) : "");
+  return converted(t, dtype).reshape({1}).contiguous();
+}
+
+// Positions in `ts` grouped by storage dtype, in a fixed order: one launch per group.
 std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList ts) {
   std::map<at::ScalarType, std::vector<int64_t>> groups;
   for (int64_t i = 0; i < static_cast<int64_t>(ts.size()); ++i) groups[ts[i].scalar_type()].push_back(i);
@@ -68,187 +77,242 @@ at::ScalarType grouped_acc(at::TensorList ts) {
 
 int64_t addr(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.const_data_ptr()); }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Prefix sums of per-tensor block counts: n + 1 entries (the kernels' owner() search).
+Column prefix_sums(const Column& counts) {
+  Column first{0};
+  for (int64_t c : counts) first.push_back(first.back() + c);
+  return first;
+}
+
+// Appends `cols` to a plan's columns and returns the index of the first.
+size_t append(PlanTables& p, std::vector<Column> cols) {
+  const size_t base = p.columns.size();
+  for (auto& c : cols) p.columns.push_back(std::move(c));
+  return base;
+}
+
+// ---- spectral family
+
 at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::TensorList vs, int64_t iters,
                                 double eps) {
   TORCH_CHECK(us.size() == mats.size() && vs.size() == mats.size(), "power_iteration_: list lengths differ");
   const int64_t T = static_cast<int64_t>(mats.size());
   TORCH_CHECK(T > 0, "power_iteration_: empty list");
-  const c10::cuda::CUDAGuard guard(mats[0].device());
+  const at::Device device = mats[0].device();
+  for (int64_t i = 0; i < T; ++i) {
+    const auto& W = mats[i];
+    TORCH_CHECK(W.dim() == 2 && W.is_cuda() && W.device() == device, "power_iteration_: mats[", i,
+                "] must be a 2-D tensor on ", device);
+    const auto acc = acc_of(W.scalar_type());
+    TORCH_CHECK(us[i].is_contiguous() && vs[i].is_contiguous() && us[i].scalar_type() == acc &&
+                    vs[i].scalar_type() == acc && us[i].device() == device && vs[i].device() == device &&
+                    us[i].numel() == W.size(0) && vs[i].numel() == W.size(1),
+                "power_iteration_: us/vs[", i, "] must be contiguous ", acc, " vectors matching mats[", i, "]");
+  }
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor sigma = at::zeros({T}, mats[0].options().dtype(grouped_acc(mats)));
-  for (const auto& [dtype, idx] : by_dtype(mats)) {
-    const auto acc = acc_of(dtype);
-    Column w, u, v, rows, cols, s0, s1, x_off, y_off, blk_mat, blk_row;
-    int64_t xs = 0, ys = 0;
-    for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
-      const auto& W = mats[idx[j]];
-      TORCH_CHECK(W.dim() == 2 && W.is_cuda() && W.device() == mats[0].device(), "power_iteration_: mats[", idx[j],
-                  "] must be a 2-D tensor on ", mats[0].device());
-      const auto& U = us[idx[j]];
-      const auto& V = vs[idx[j]];
-      TORCH_CHECK(U.is_contiguous() && V.is_contiguous() && U.scalar_type() == acc && V.scalar_type() == acc &&
-                      U.numel() == W.size(0) && V.numel() == W.size(1),
-                  "power_iteration_: us/vs[", idx[j], "] must be contiguous ", acc, " vectors matching mats[",
-                  idx[j], "]");
-      w.push_back(addr(W)), u.push_back(addr(U)), v.push_back(addr(V));
-      rows.push_back(W.size(0)), cols.push_back(W.size(1)), s0.push_back(W.stride(0)), s1.push_back(W.stride(1));
-      x_off.push_back(xs), y_off.push_back(ys);
-      xs += W.size(0), ys += W.size(1);
-      for (int64_t r = 0; r < W.size(0); r += kPowerIterationRows) blk_mat.push_back(j), blk_row.push_back(r);
+  // Per dtype group: columns w, u, v, rows, cols, s0, s1, x_off, y_off, blk_first, index; info per group:
+  // dtype, matrices, row blocks, x length, y length.
+  constexpr size_t kCols = 11, kInfo = 5;
+  PlanKey key("power_iteration", device);
+  key.add_list(mats, false).add_list(us, true).add_list(vs, true);
+  const auto plan = launch_plan(key, [&] {
+    PlanTables p;
+    for (const auto& [dtype, idx] : by_dtype(mats)) {
+      Column w, u, v, rows, cols, s0, s1, x_off, y_off, blocks, index;
+      int64_t xs = 0, ys = 0;
+      for (int64_t i : idx) {
+        const auto& W = mats[i];
+        w.push_back(addr(W)), u.push_back(addr(us[i])), v.push_back(addr(vs[i]));
+        rows.push_back(W.size(0)), cols.push_back(W.size(1)), s0.push_back(W.stride(0)), s1.push_back(W.stride(1));
+        x_off.push_back(xs), y_off.push_back(ys), index.push_back(i);
+        xs += W.size(0), ys += W.size(1);
+        blocks.push_back(ceil_div(W.size(0), kPowerIterationRows));
+      }
+      Column first = prefix_sums(blocks);
+      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back(), xs, ys});
+      append(p, {w, u, v, rows, cols, s0, s1, x_off, y_off, first, index});
     }
-    std::vector<const int64_t*> c;
-    at::Tensor table = device_table({w, u, v, rows, cols, s0, s1, x_off, y_off, blk_mat, blk_row}, mats[0].device(), c);
-    at::Tensor active = at::ones({static_cast<int64_t>(idx.size())}, mats[0].options().dtype(at::kInt));
-    PowerIterationTables t{c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
+    return p;
+  });
+  at::Tensor sigma = at::zeros({T}, mats[0].options().dtype(at::kDouble));
+  const auto& info = plan->info();
+  for (size_t g = 0; g * kInfo < info.size(); ++g) {
+    const auto dtype = static_cast<at::ScalarType>(info[g * kInfo]);
+    const int64_t n = info[g * kInfo + 1], blocks = info[g * kInfo + 2];
+    const auto acc = acc_of(dtype);
+    const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    at::Tensor active = at::ones({n}, mats[0].options().dtype(at::kInt));
+    PowerIterationTables t{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), n,
                            active.mutable_data_ptr<int32_t>()};
-    at::Tensor x_buf = at::empty({xs}, mats[0].options().dtype(acc));
-    at::Tensor y_buf = at::empty({ys}, mats[0].options().dtype(acc));
-    at::Tensor sig = at::zeros({static_cast<int64_t>(idx.size())}, mats[0].options().dtype(acc));
+    at::Tensor x_buf = at::empty({info[g * kInfo + 3]}, mats[0].options().dtype(acc));
+    at::Tensor y_buf = at::empty({info[g * kInfo + 4]}, mats[0].options().dtype(acc));
     for (int64_t it = 0; it < iters; ++it) {
       y_buf.zero_();
-      check(power_iteration_pass(dtype_of(mats[idx[0]]), t, static_cast<int64_t>(blk_mat.size()),
-                                 x_buf.mutable_data_ptr(), y_buf.mutable_data_ptr(), stream),
+      check(power_iteration_pass(dtype_of(dtype), t, blocks, x_buf.mutable_data_ptr(), y_buf.mutable_data_ptr(),
+                                 stream),
             "power_iteration_");
-      check(power_iteration_finish(acc == at::kDouble ? kFloat64 : kFloat32, t, static_cast<int64_t>(idx.size()),
-                                   x_buf.const_data_ptr(), y_buf.const_data_ptr(), sig.mutable_data_ptr(), eps,
-                                   stream),
+      check(power_iteration_finish(acc_dtype(dtype), t, x_buf.const_data_ptr(), y_buf.const_data_ptr(),
+                                   sigma.mutable_data_ptr<double>(), eps, stream),
             "power_iteration_");
     }
-    sigma.index_copy_(0, at::tensor(idx, at::kLong).to(sigma.device()), sig.to(sigma.scalar_type()));
   }
-  return sigma;
+  return converted(sigma, grouped_acc(mats));
 }
 
 at::Tensor sq_norms_cuda(at::TensorList tensors) {
   const int64_t T = static_cast<int64_t>(tensors.size());
   TORCH_CHECK(T > 0, "sq_norms: empty list");
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const at::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int64_t kChunk = 1 << 16;
-  at::Tensor out = at::zeros({T}, tensors[0].options().dtype(grouped_acc(tensors)));
-  for (const auto& [dtype, idx] : by_dtype(tensors)) {
-    std::vector<at::Tensor> flat;
-    Column ptrs, numels, chunk_tensor, chunk_start;
-    for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
-      flat.push_back(tensors[idx[j]].contiguous());
-      ptrs.push_back(addr(flat.back())), numels.push_back(flat.back().numel());
-      for (int64_t s = 0; s < flat.back().numel(); s += kChunk) chunk_tensor.push_back(j), chunk_start.push_back(s);
+  std::vector<at::Tensor> flat;  // non-contiguous tensors are copied on the device (and miss the cache)
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device() == device, "sq_norms: every tensor must be on ", device);
+    flat.push_back(t.contiguous());
+  }
+  // Per dtype group: columns ptrs, numels, chunk_first, index; info per group: dtype, tensors, chunks.
+  constexpr size_t kCols = 4, kInfo = 3;
+  PlanKey key("sq_norms", device);
+  key.add_list(flat, true);
+  const auto plan = launch_plan(key, [&] {
+    PlanTables p;
+    for (const auto& [dtype, idx] : by_dtype(flat)) {
+      Column ptrs, numels, chunks, index;
+      for (int64_t i : idx) {
+        ptrs.push_back(addr(flat[i])), numels.push_back(flat[i].numel()), index.push_back(i);
+        chunks.push_back(ceil_div(flat[i].numel(), kChunk));
+      }
+      Column first = prefix_sums(chunks);
+      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back()});
+      append(p, {ptrs, numels, first, index});
     }
-    std::vector<const int64_t*> c;
-    at::Tensor table = device_table({ptrs, numels, chunk_tensor, chunk_start}, tensors[0].device(), c);
-    at::Tensor part = at::zeros({static_cast<int64_t>(idx.size())}, tensors[0].options().dtype(acc_of(dtype)));
-    check(sq_norms(dtype_of(flat[0]), c[0], c[1], c[2], c[3], static_cast<int64_t>(chunk_tensor.size()), kChunk,
-                   part.mutable_data_ptr(), stream),
+    return p;
+  });
+  at::Tensor out = at::zeros({T}, tensors[0].options().dtype(at::kDouble));
+  const auto& info = plan->info();
+  for (size_t g = 0; g * kInfo < info.size(); ++g) {
+    const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    check(sq_norms(dtype_of(static_cast<at::ScalarType>(info[g * kInfo])), c(0), c(1), c(2), c(3),
+                   info[g * kInfo + 1], info[g * kInfo + 2], kChunk, out.mutable_data_ptr<double>(), stream),
           "sq_norms");
-    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), part.to(out.scalar_type()));
   }
-  return out;
+  return converted(out, grouped_acc(tensors));
 }
 
-// Doubles travel in the int64 tables bit for bit.
-Column double_bits(std::initializer_list<double> values) {
-  Column out;
-  for (double d : values) {
-    int64_t bits;
-    std::memcpy(&bits, &d, sizeof bits);
-    out.push_back(bits);
-  }
-  return out;
-}
+// ---- fused optimizer updates
 
-// Tables of one dtype group of a fused update; `lists` in UpdateTables order (p, g, m, v, vm, u), an empty
-// list giving zero addresses. The trailing column holds `consts` as double bits.
-struct UpdateLaunch {
-  at::Tensor table;
+// The plan of a grouped update over `lists` in UpdateTables order (p, g, m, v, vm, u; an empty list gives
+// zero addresses): per dtype group of lists[0], columns p, g, m, v, vm, u, numel, chunk_first, index; info
+// per group: dtype, tensors, chunks. Keyed on every list's addresses, dtypes and numels (the lists were
+// checked contiguous by check_update_lists), so any change of storage or shape builds a new plan.
+struct UpdateGroup {
+  at::ScalarType dtype;
   UpdateTables t;
   int64_t chunks;
-  const double* consts;
+};
+struct UpdatePlan {
+  std::shared_ptr<const LaunchPlan> plan;  // held until the launches are queued (the tables' memory)
+  std::vector<UpdateGroup> groups;
 };
 
-UpdateLaunch update_launch(const std::vector<int64_t>& idx, std::vector<at::TensorList> lists, const Column& consts,
-                           const at::Device& device) {
-  std::vector<Column> cols(6);
-  Column numel, chunk_tensor, chunk_start;
-  for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
-    for (size_t l = 0; l < 6; ++l)
-      cols[l].push_back(l < lists.size() && !lists[l].empty() ? addr(lists[l][idx[j]]) : 0);
-    const int64_t n = lists[0][idx[j]].numel();
-    numel.push_back(n);
-    for (int64_t s = 0; s < n; s += kUpdateChunk) chunk_tensor.push_back(j), chunk_start.push_back(s);
+UpdatePlan update_plan(const std::array<at::TensorList, 6>& lists) {
+  constexpr size_t kCols = 9, kInfo = 3;
+  const at::TensorList params = lists[0];
+  PlanKey key("update", params[0].device());
+  for (const auto& l : lists) key.add_list(l, true);
+  const auto plan = launch_plan(key, [&] {
+    PlanTables p;
+    for (const auto& [dtype, idx] : by_dtype(params)) {
+      std::vector<Column> cols(6);
+      Column numel, chunks, index;
+      for (int64_t i : idx) {
+        for (size_t l = 0; l < 6; ++l) cols[l].push_back(lists[l].empty() ? 0 : addr(lists[l][i]));
+        numel.push_back(params[i].numel()), index.push_back(i);
+        chunks.push_back(ceil_div(params[i].numel(), kUpdateChunk));
+      }
+      Column first = prefix_sums(chunks);
+      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back()});
+      cols.push_back(numel), cols.push_back(first), cols.push_back(index);
+      append(p, std::move(cols));
+    }
+    return p;
+  });
+  UpdatePlan out{plan, {}};
+  const auto& info = plan->info();
+  for (size_t g = 0; g * kInfo < info.size(); ++g) {
+    const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    out.groups.push_back({static_cast<at::ScalarType>(info[g * kInfo]),
+                          UpdateTables{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), info[g * kInfo + 1]},
+                          info[g * kInfo + 2]});
   }
-  cols.push_back(numel), cols.push_back(chunk_tensor), cols.push_back(chunk_start), cols.push_back(consts);
-  std::vector<const int64_t*> c;
-  UpdateLaunch out;
-  out.table = device_table(cols, device, c);
-  out.t = UpdateTables{c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]};
-  out.chunks = static_cast<int64_t>(chunk_tensor.size());
-  out.consts = reinterpret_cast<const double*>(c[9]);
   return out;
 }
 
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
-                          const at::Tensor& step_scale, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
-                          bool apply) {
+                          const at::Tensor& step_scale, const at::Tensor& lr, const at::Tensor& step, double beta1,
+                          double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                          bool apply, bool eps_raw) {
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
                      at::kCUDA);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
-  const double bc2s = std::sqrt(1 - std::pow(beta2, static_cast<double>(step)));
-  const Column consts = double_bits({lr, beta1, beta2, eps, weight_decay, bc1, bc2s});
-  at::Tensor scale = step_scale.to(params[0].device(), at::kDouble).reshape({1});
-  at::Tensor out = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(grouped_acc(params)));
-  for (const auto& [dtype, idx] : by_dtype(params)) {
-    auto l = update_launch(idx, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates}, consts,
-                           params[0].device());
-    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size())}, params[0].options().dtype(acc_of(dtype)));
-    check(adam_step(dtype_of(params[idx[0]]), l.t, l.chunks, l.consts, scale.const_data_ptr<double>(),
-                    sums.mutable_data_ptr(), AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty()}, stream),
+  // step is not checked (>= 1) here: that would read the device. The kernels compute the bias corrections.
+  const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "adam_step_", "step_scale");
+  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "adam_step_", "lr");
+  const at::Tensor step_d = device_scalar(step, device, at::kDouble, "adam_step_", "step");
+  at::Tensor sums = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
+  const at::TensorList vm = amsgrad ? max_exp_avg_sqs : at::TensorList();
+  const UpdatePlan plan = update_plan({params, grads, exp_avgs, exp_avg_sqs, vm, updates});
+  for (const auto& g : plan.groups)
+    check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
+                    lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
+                    sums.mutable_data_ptr<double>(),
+                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty(), eps_raw}, stream),
           "adam_step_");
-    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), sums.to(out.scalar_type()));
-  }
-  return out;
+  return converted(sums, grouped_acc(params));
 }
 
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
-                         const at::Tensor& step_scale, double lr, double momentum, double dampening,
+                         const at::Tensor& step_scale, const at::Tensor& lr, double momentum, double dampening,
                          double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
   check_update_lists("sgd_step_", params,
                      {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
                       {"updates", updates, true, false}},
                      at::kCUDA);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Column consts = double_bits({lr, momentum, dampening, weight_decay});
-  at::Tensor scale = step_scale.to(params[0].device(), at::kDouble).reshape({1});
-  at::Tensor out = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(grouped_acc(params)));
-  for (const auto& [dtype, idx] : by_dtype(params)) {
-    auto l = update_launch(idx, {params, grads, bufs, {}, {}, updates}, consts, params[0].device());
-    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size())}, params[0].options().dtype(acc_of(dtype)));
-    check(sgd_step(dtype_of(params[idx[0]]), l.t, l.chunks, l.consts, scale.const_data_ptr<double>(),
-                   sums.mutable_data_ptr(),
+  const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "sgd_step_", "step_scale");
+  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "sgd_step_", "lr");
+  at::Tensor sums = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
+  const at::TensorList b = momentum != 0 ? bufs : at::TensorList();
+  const UpdatePlan plan = update_plan({params, grads, b, {}, {}, updates});
+  for (const auto& g : plan.groups)
+    check(sgd_step(dtype_of(g.dtype), g.t, g.chunks, SgdHyper{momentum, dampening, weight_decay},
+                   lr_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(), sums.mutable_data_ptr<double>(),
                    SgdFlags{momentum != 0, nesterov, maximize, first, apply, !updates.empty()}, stream),
           "sgd_step_");
-    out.index_copy_(0, at::tensor(idx, at::kLong).to(out.device()), sums.to(out.scalar_type()));
-  }
-  return out;
+  return converted(sums, grouped_acc(params));
 }
 
 void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr, double weight_decay) {
   check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor scale = lr.to(params[0].device(), at::kDouble).reshape({1});
-  for (const auto& [dtype, idx] : by_dtype(params)) {
-    auto l = update_launch(idx, {params, {}, {}, {}, {}, updates}, {}, params[0].device());
-    check(apply_update(dtype_of(params[idx[0]]), l.t, l.chunks, scale.const_data_ptr<double>(), weight_decay,
-                       stream),
+  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "apply_update_", "lr");
+  const UpdatePlan plan = update_plan({params, {}, {}, {}, {}, updates});
+  for (const auto& g : plan.groups)
+    check(apply_update(dtype_of(g.dtype), g.t, g.chunks, lr_d.const_data_ptr<double>(), weight_decay, stream),
           "apply_update_");
-  }
 }
 
 // cuBLAS (fp32 unless torch.backends.cuda.matmul.allow_tf32 is set) on vocabulary chunks, each folded into running extremes by
@@ -262,11 +326,11 @@ at::Tensor tangent_spread_linear_cuda(const at::Tensor& h_in, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(h_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc = acc_of(h_in.scalar_type());
-  const at::Tensor h = h_in.to(acc), hd = h_dot_in.to(acc), w = w_in.to(acc);
+  const at::Tensor h = converted(h_in, acc), hd = converted(h_dot_in, acc), w = converted(w_in, acc);
   const bool has_wd = w_dot_in.has_value() && w_dot_in->defined();
   const bool has_bd = b_dot_in.has_value() && b_dot_in->defined();
-  const at::Tensor wd = has_wd ? w_dot_in->to(acc) : at::Tensor();
-  const at::Tensor bd = has_bd ? b_dot_in->to(acc).contiguous() : at::Tensor();
+  const at::Tensor wd = has_wd ? converted(*w_dot_in, acc) : at::Tensor();
+  const at::Tensor bd = has_bd ? converted(*b_dot_in, acc).contiguous() : at::Tensor();
   const int64_t N = h.size(0), V = w.size(0);
   at::Tensor hi = at::full({N}, -INFINITY, h.options()), lo = at::full({N}, INFINITY, h.options());
   at::Tensor tile = at::empty({N, std::min(kVocabChunk, V)}, h.options());
@@ -304,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cuda(const at::Tensor& l
                                                              double z_coef, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc = acc_of(logits.scalar_type());
-  const at::Tensor scale = grad_scale.to(logits.device(), acc).reshape({1}).contiguous();
+  const at::Tensor scale = device_scalar(grad_scale, logits.device(), acc, "fused loss", "grad_scale");
   const at::Tensor tgt = target.contiguous();
   at::Tensor ce = at::empty({logits.size(0)}, logits.options().dtype(acc)), zl = at::empty_like(ce);
   check(cross_entropy_z_loss(dtype_of(logits), loss_args(logits, tgt, grad, scale, ignore_index), z_coef,
@@ -317,7 +381,7 @@ at::Tensor stablemax_cross_entropy_cuda(const at::Tensor& logits, const at::Tens
                                         const at::Tensor& grad_scale, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc = acc_of(logits.scalar_type());
-  const at::Tensor scale = grad_scale.to(logits.device(), acc).reshape({1}).contiguous();
+  const at::Tensor scale = device_scalar(grad_scale, logits.device(), acc, "fused loss", "grad_scale");
   const at::Tensor tgt = target.contiguous();
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
   check(stablemax_cross_entropy(dtype_of(logits), loss_args(logits, tgt, grad, scale, ignore_index),
@@ -328,68 +392,71 @@ at::Tensor stablemax_cross_entropy_cuda(const at::Tensor& logits, const at::Tens
 
 // ---- directional family
 
-// Tables for the stream kernels over tensors idx of `ts`: keys (row `key_row` of a (K, T) CPU key tensor,
-// or all K rows when key_row < 0), numel, blocks of kStreamCounters counters; plus `extra` address columns.
-struct StreamLaunch {
-  at::Tensor table;
-  StreamTables t;
-  int64_t blocks;
-  std::vector<const int64_t*> extra;
-};
-
-StreamLaunch stream_launch(const std::vector<int64_t>& idx, at::TensorList ts, const at::Tensor& keys, int64_t key_row,
-                           std::vector<Column> extra, const at::Device& device) {
-  const at::Tensor k2 = (keys.dim() == 1 ? keys.unsqueeze(0) : keys).contiguous();  // owns the data read below
-  const int64_t T = k2.size(1);
-  const int64_t* kp = k2.const_data_ptr<int64_t>();
-  Column key_col, numel, blk_tensor, blk_ctr;
-  for (int64_t r = (key_row < 0 ? 0 : key_row); r < (key_row < 0 ? k2.size(0) : key_row + 1); ++r)
-    for (int64_t i : idx) key_col.push_back(kp[r * T + i]);
-  for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
-    const int64_t n = ts[idx[j]].numel();
-    numel.push_back(n);
-    for (int64_t c = 0; 4 * c < n; c += kStreamCounters) blk_tensor.push_back(j), blk_ctr.push_back(c);
-  }
-  std::vector<Column> cols = {key_col, numel, blk_tensor, blk_ctr};
-  for (auto& e : extra) cols.push_back(std::move(e));
-  StreamLaunch l;
-  std::vector<const int64_t*> c;
-  l.table = device_table(cols, device, c);
-  l.t = StreamTables{c[0], c[1], c[2], c[3]};
-  l.blocks = static_cast<int64_t>(blk_tensor.size());
-  l.extra.assign(c.begin() + 4, c.end());
-  return l;
+// The caller's key tensor, on the device: (T,) or (K, T) int64, row-major (a non-contiguous one is made
+// contiguous on the device). T is the length of the op's list.
+at::Tensor device_keys(const at::Tensor& keys, const at::Device& device, int64_t T, const char* op) {
+  TORCH_CHECK_VALUE(keys.scalar_type() == at::kLong && keys.device() == device && (keys.dim() == 1 || keys.dim() == 2) &&
+                        keys.size(-1) == T && keys.numel() > 0,
+                    op, ": keys must be an int64 (", T, ",) or (K, ", T, ") tensor on ", device,
+                    " (computed on the device: no host copy), got ", keys.toString(), " of shape ", keys.sizes(),
+                    " on ", keys.device());
+  return keys.contiguous();
 }
 
-std::vector<int64_t> all_indices(at::TensorList ts) {
-  std::vector<int64_t> idx(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) idx[i] = static_cast<int64_t>(i);
-  return idx;
-}
+// Number of stream blocks (kStreamCounters Philox counters of four elements each) of a tensor.
+int64_t stream_blocks(int64_t numel) { return ceil_div(numel, 4 * kStreamCounters); }
 
-// The stream's unit-norm scales per tensor, rounded to float32 (then widened to float64 for the math).
-at::Tensor stream_scales(at::TensorList ts, const at::Tensor& keys, const at::Device& device, cudaStream_t stream) {
-  auto l = stream_launch(all_indices(ts), ts, keys, 0, {}, device);
-  at::Tensor sums = at::zeros({static_cast<int64_t>(ts.size())}, at::TensorOptions().device(device).dtype(at::kDouble));
-  check(stream_sq_sums(l.t, l.blocks, sums.mutable_data_ptr<double>(), stream), "stream_sq_sums");
-  return (1.0 / (sums.sqrt() + 1e-12)).to(at::kFloat).to(at::kDouble);
-}
-
-// out[i] = d_i (src empty) or src[i] + sigma d_i, one launch per output dtype.
-void stream_write_all(at::TensorList ts, const at::Tensor& keys, at::TensorList outs, at::TensorList srcs,
-                      double sigma, const at::Device& device, cudaStream_t stream) {
-  const at::Tensor scales = stream_scales(ts, keys, device, stream);
-  for (const auto& [dtype, idx] : by_dtype(outs)) {
-    Column src_col, out_col;
-    for (int64_t i : idx) {
-      out_col.push_back(addr(outs[i]));
-      src_col.push_back(srcs.empty() ? 0 : addr(srcs[i]));
+// out[i] = d_i (srcs empty) or srcs[i] + sigma d_i, d_i the unit-norm direction of stream keys[index i]:
+// one sum-of-squares launch over every tensor, then one write launch per output dtype. Plan: columns numel,
+// index, blk_first over every tensor; then per output dtype group numel, index, blk_first, src, out. Info:
+// total blocks, then per group dtype, tensors, blocks.
+void stream_write_all(at::TensorList ts, const at::Tensor& keys_in, at::TensorList outs, at::TensorList srcs,
+                      double sigma, const at::Device& device, cudaStream_t stream, const char* op) {
+  const int64_t T = static_cast<int64_t>(ts.size());
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK(outs[i].device() == device && outs[i].is_contiguous() && outs[i].numel() == ts[i].numel() &&
+                    (srcs.empty() || (srcs[i].device() == device && srcs[i].is_contiguous())),
+                op, ": out[", i, "] (and params[", i, "]) must be contiguous tensors on ", device,
+                " with the numel of params[", i, "]");
+  const at::Tensor keys = device_keys(keys_in, device, T, op);
+  constexpr size_t kCols = 5, kInfo = 3;
+  PlanKey key("stream_write", device);
+  for (const auto& t : ts) key.add(t.numel());
+  key.add_list(outs, true).add_list(srcs, true);
+  const auto plan = launch_plan(key, [&] {
+    PlanTables p;
+    Column numel, index, blocks;
+    for (int64_t i = 0; i < T; ++i)
+      numel.push_back(ts[i].numel()), index.push_back(i), blocks.push_back(stream_blocks(ts[i].numel()));
+    Column first = prefix_sums(blocks);
+    p.info.push_back(first.back());
+    append(p, {numel, index, first});
+    for (const auto& [dtype, idx] : by_dtype(outs)) {
+      Column gnumel, gindex, gblocks, src, out;
+      for (int64_t i : idx) {
+        gnumel.push_back(ts[i].numel()), gindex.push_back(i), gblocks.push_back(stream_blocks(ts[i].numel()));
+        src.push_back(srcs.empty() ? 0 : addr(srcs[i])), out.push_back(addr(outs[i]));
+      }
+      Column gfirst = prefix_sums(gblocks);
+      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), gfirst.back()});
+      append(p, {gnumel, gindex, gfirst, src, out});
     }
-    auto l = stream_launch(idx, ts, keys, 0, {src_col, out_col}, device);
-    const auto acc = acc_of(dtype);
-    at::Tensor sub = scales.index_select(0, at::tensor(idx, at::kLong).to(device)).to(acc);
-    check(stream_write(dtype_of(outs[idx[0]]), acc == at::kDouble ? kFloat64 : kFloat32, l.t, l.blocks,
-                       sub.const_data_ptr(), srcs.empty() ? nullptr : l.extra[0], l.extra[1], sigma, stream),
+    return p;
+  });
+  const auto& info = plan->info();
+  const int64_t* kp = keys.const_data_ptr<int64_t>();  // row 0: one key per tensor
+  // The stream's unit-norm scales per tensor, rounded to float32 (then widened to float64 for the math).
+  at::Tensor sums = at::zeros({T}, at::TensorOptions().device(device).dtype(at::kDouble));
+  check(stream_sq_sums(StreamTables{kp, plan->column(0), plan->column(1), plan->column(2), T}, info[0],
+                       sums.mutable_data_ptr<double>(), stream),
+        "stream_sq_sums");
+  const at::Tensor scales = converted(converted(1.0 / (sums.sqrt() + 1e-12), at::kFloat), at::kDouble);
+  for (size_t g = 0; 1 + g * kInfo < info.size(); ++g) {
+    const auto c = [&](size_t k) { return plan->column(3 + g * kCols + k); };
+    const auto dtype = static_cast<at::ScalarType>(info[1 + g * kInfo]);
+    check(stream_write(dtype_of(dtype), acc_dtype(dtype), StreamTables{kp, c(0), c(1), c(2), info[2 + g * kInfo]},
+                       info[3 + g * kInfo], scales.const_data_ptr<double>(), srcs.empty() ? nullptr : c(3), c(4),
+                       sigma, stream),
           "stream_write");
   }
 }
@@ -399,53 +466,76 @@ std::vector<at::Tensor> random_directions_cuda(at::TensorList like, const at::Te
   const c10::cuda::CUDAGuard guard(like[0].device());
   std::vector<at::Tensor> outs;
   for (const auto& t : like) outs.push_back(at::empty(t.sizes(), t.options().dtype(acc_of(t.scalar_type()))));
-  stream_write_all(like, keys.cpu(), outs, {}, 0.0, like[0].device(), c10::cuda::getCurrentCUDAStream());
+  stream_write_all(like, keys, outs, {}, 0.0, like[0].device(), c10::cuda::getCurrentCUDAStream(),
+                   "random_directions");
   return outs;
 }
 
 void perturb_cuda(at::TensorList params, const at::Tensor& keys, double sigma, at::TensorList out) {
   TORCH_CHECK(!params.empty() && out.size() == params.size(), "perturb: one output per parameter");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  stream_write_all(params, keys.cpu(), out, params, sigma, params[0].device(), c10::cuda::getCurrentCUDAStream());
+  stream_write_all(params, keys, out, params, sigma, params[0].device(), c10::cuda::getCurrentCUDAStream(),
+                   "perturb");
 }
 
 at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in) {
   TORCH_CHECK(!grads.empty(), "directional_dots: empty list");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor keys = keys_in.cpu();
-  const int64_t K = keys.size(0);
+  const int64_t T = static_cast<int64_t>(grads.size());
+  const at::Tensor keys = device_keys(keys_in, device, T, "directional_dots");
+  const int64_t K = keys.dim() == 2 ? keys.size(0) : 1;
   std::vector<at::Tensor> flat;
-  for (const auto& g : grads) flat.push_back(g.contiguous());
-  at::Tensor total = at::zeros({K}, grads[0].options().dtype(at::kDouble));
-  for (const auto& [dtype, idx] : by_dtype(grads)) {
-    Column g_col;
-    for (int64_t i : idx) g_col.push_back(addr(flat[i]));
-    auto l = stream_launch(idx, flat, keys, -1, {g_col}, grads[0].device());
-    const int64_t Tsub = static_cast<int64_t>(idx.size());
-    at::Tensor gn = at::zeros({K, Tsub}, total.options()), nn = at::zeros({K, Tsub}, total.options());
-    check(directional_dots(dtype_of(grads[idx[0]]), l.t, l.blocks, K, Tsub, l.extra[0], gn.mutable_data_ptr<double>(),
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.device() == device, "directional_dots: every gradient must be on ", device);
+    flat.push_back(g.contiguous());
+  }
+  // Per dtype group: columns numel, index, blk_first, g; info per group: dtype, tensors, blocks.
+  constexpr size_t kCols = 4, kInfo = 3;
+  PlanKey key("directional_dots", device);
+  key.add_list(flat, true);
+  const auto plan = launch_plan(key, [&] {
+    PlanTables p;
+    for (const auto& [dtype, idx] : by_dtype(flat)) {
+      Column numel, index, blocks, g;
+      for (int64_t i : idx) {
+        numel.push_back(flat[i].numel()), index.push_back(i), blocks.push_back(stream_blocks(flat[i].numel()));
+        g.push_back(addr(flat[i]));
+      }
+      Column first = prefix_sums(blocks);
+      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back()});
+      append(p, {numel, index, first, g});
+    }
+    return p;
+  });
+  at::Tensor gn = at::zeros({K, T}, grads[0].options().dtype(at::kDouble)), nn = at::zeros_like(gn);
+  const auto& info = plan->info();
+  for (size_t g = 0; g * kInfo < info.size(); ++g) {
+    const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    check(directional_dots(dtype_of(static_cast<at::ScalarType>(info[g * kInfo])),
+                           StreamTables{keys.const_data_ptr<int64_t>(), c(0), c(1), c(2), info[g * kInfo + 1]},
+                           info[g * kInfo + 2], K, T, c(3), gn.mutable_data_ptr<double>(),
                            nn.mutable_data_ptr<double>(), stream),
           "directional_dots");
-    total += (gn * (1.0 / (nn.sqrt() + 1e-12)).to(at::kFloat).to(at::kDouble)).sum(1);
   }
-  return total.to(grouped_acc(grads));
+  const at::Tensor scales = converted(converted(1.0 / (nn.sqrt() + 1e-12), at::kFloat), at::kDouble);
+  return converted((gn * scales).sum(1), grouped_acc(grads));
 }
 
 void orthograd_cuda(at::TensorList params, at::TensorList grads) {
   check_update_lists("orthograd_", params, {{"grads", grads}}, at::kCUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, idx] : by_dtype(params)) {
-    auto l = update_launch(idx, {params, grads}, {}, params[0].device());
-    at::Tensor sums = at::zeros({static_cast<int64_t>(idx.size()), 3}, params[0].options().dtype(at::kDouble));
-    check(orthograd_sums(dtype_of(params[idx[0]]), l.t, l.chunks, sums.mutable_data_ptr<double>(), stream),
-          "orthograd_");
+  const UpdatePlan plan = update_plan({params, grads, {}, {}, {}, {}});
+  for (const auto& g : plan.groups) {
+    at::Tensor sums = at::zeros({g.t.num_tensors, 3}, params[0].options().dtype(at::kDouble));
+    check(orthograd_sums(dtype_of(g.dtype), g.t, g.chunks, sums.mutable_data_ptr<double>(), stream), "orthograd_");
     const at::Tensor wg = sums.select(1, 0), ww = sums.select(1, 1), gg = sums.select(1, 2);
     const at::Tensor coef = (wg / (ww + 1e-30)).contiguous();
     const at::Tensor perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0);
     const at::Tensor scale = (gg.sqrt() / (perp2.sqrt() + 1e-30)).contiguous();
-    check(orthograd_write(dtype_of(params[idx[0]]), l.t, l.chunks, coef.const_data_ptr<double>(),
+    check(orthograd_write(dtype_of(g.dtype), g.t, g.chunks, coef.const_data_ptr<double>(),
                           scale.const_data_ptr<double>(), stream),
           "orthograd_");
   }

@@ -18,8 +18,13 @@ cudaError_t row_spread(const void* x, DType dtype, int64_t rows, int64_t cols, i
 cudaError_t row_minmax_fold(DType acc, const void* tile, int64_t rows, int64_t cols, int64_t ld, const void* bias,
                             void* hi, void* lo, cudaStream_t stream);
 
-// Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor.
-// Pointers travel as int64 addresses so that one int64 tensor built on the host holds every table.
+// Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor of the
+// group (plus one for the *_first columns). Pointers travel as int64 addresses so that one int64 tensor built
+// on the host holds every table; glue.cpp gets them from a cached launch plan (launch_plan.h), built once per
+// list of tensors, so every column here is O(number of tensors): a block finds its tensor by a binary search
+// of a prefix-sum column (owner() in common.cuh), never from a per-block column.
+// `index` columns hold each tensor's position in the op's whole list (its dtype group is a subset): kernels
+// write their per-tensor results there, so no scatter follows on the host side.
 struct PowerIterationTables {
   const int64_t* w;      // matrix data
   const int64_t* u;      // u vectors (acc type), updated
@@ -30,26 +35,29 @@ struct PowerIterationTables {
   const int64_t* s1;     // column stride
   const int64_t* x_off;  // offset of the matrix's x (m entries) in x_buf
   const int64_t* y_off;  // offset of the matrix's y (n entries) in y_buf
-  const int64_t* blk_mat;  // per row block: matrix index
-  const int64_t* blk_row;  // per row block: first row
-  int32_t* active;         // 0 once a matrix turned out zero or non-finite
+  const int64_t* blk_first;  // num_mats + 1: the matrix's first row block (prefix sums of ceil(m / kRows))
+  const int64_t* index;      // position of the matrix in the op's list (sigma is written there)
+  int64_t num_mats;
+  int32_t* active;           // 0 once a matrix turned out zero or non-finite (per call, group-local)
 };
 
-// Rows per block of the power-iteration pass (the host builds blk_mat/blk_row with this step).
+// Rows per block of the power-iteration pass (the host builds blk_first with this step).
 constexpr int64_t kPowerIterationRows = 32;
 
 // One pass over every matrix: x = W v into x_buf; y += W^T x into y_buf (zeroed by the caller).
 cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
                                  void* y_buf, cudaStream_t stream);
 // Per matrix: sigma = |y| / |x|, u = x / |x|, v = y / |y| (zero: sigma 0; non-finite: NaN; both deactivate).
-// `acc` is kFloat32 or kFloat64 (the buffers' and vectors' type); sigma has that type too.
-cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, int64_t num_mats, const void* x_buf,
-                                   const void* y_buf, void* sigma, double eps, cudaStream_t stream);
+// `acc` is kFloat32 or kFloat64 (the buffers' and vectors' type); sigma (float64, one per tensor of the op's
+// list) gets the acc-type value at index[i].
+cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, const void* x_buf, const void* y_buf,
+                                   double* sigma, double eps, cudaStream_t stream);
 
-// Sum of squares per tensor (contiguous), in chunks of `chunk` elements; out (acc type, zeroed) gets
-// atomic adds.
-cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
-                     const int64_t* chunk_start, int64_t num_chunks, int64_t chunk, void* out,
+// Sum of squares per tensor (contiguous), in chunks of `chunk` elements (chunk_first: prefix sums of the
+// tensors' chunk counts, num_tensors + 1 entries); out (float64, one per tensor of the op's list, zeroed)
+// gets atomic adds at index[i].
+cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
+                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* out,
                      cudaStream_t stream);
 
 // Fused optimizer updates: tables of per-tensor addresses (0 where a list is absent) and element chunks.
@@ -61,25 +69,35 @@ struct UpdateTables {
   const int64_t* vm;  // Adam: max_exp_avg_sq (amsgrad)
   const int64_t* u;   // unit proposals (acc type), or 0
   const int64_t* numel;
-  const int64_t* chunk_tensor;
-  const int64_t* chunk_start;
+  const int64_t* chunk_first;  // num_tensors + 1: prefix sums of ceil(numel / kUpdateChunk)
+  const int64_t* index;        // position of the tensor in the op's list
+  int64_t num_tensors;
 };
 constexpr int64_t kUpdateChunk = 1 << 14;
 
 struct AdamFlags {
-  bool decoupled, amsgrad, maximize, apply, write_u;
+  bool decoupled, amsgrad, maximize, apply, write_u, eps_raw;
 };
 struct SgdFlags {
   bool momentum, nesterov, maximize, first, apply, write_u;
 };
+// Hyper-parameters that change rarely travel by value (kernel arguments), never in the cached tables.
+struct AdamHyper {
+  double beta1, beta2, eps, weight_decay;
+};
+struct SgdHyper {
+  double momentum, dampening, weight_decay;
+};
 
-// consts (device, double): Adam {lr, beta1, beta2, eps, wd, bc1, bc2_sqrt}; SGD {lr, momentum, dampening, wd}.
-// scale (device, double): the step scale (Adam/SGD) or the learning rate (apply_update).
-// sums (acc type, zeroed): sum of u^2 per tensor.
-cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
-                      const double* scale, void* sums, AdamFlags flags, cudaStream_t stream);
-cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
-                     const double* scale, void* sums, SgdFlags flags, cudaStream_t stream);
+// Per-step scalars are read from device memory (0-d float64 tensors on the params' device), so a step
+// makes no host round trip and can be captured in a CUDA graph:
+//   lr, scale (the step scale) and, for Adam, step (the step number after this step, >= 1): the kernel
+//   computes bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) in double (eps_raw: eps / sqrt(bc2)).
+// sums (float64, one per tensor of the op's list, zeroed): sum of u^2 per tensor, at index[i].
+cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
+                      const double* step, const double* scale, double* sums, AdamFlags flags, cudaStream_t stream);
+cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
+                     const double* scale, double* sums, SgdFlags flags, cudaStream_t stream);
 // p <- p * (1 - lr * weight_decay) - lr * u, lr = *scale.
 cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
                          double weight_decay, cudaStream_t stream);
@@ -98,24 +116,29 @@ struct LossArgs {
 cudaError_t cross_entropy_z_loss(DType dtype, const LossArgs& a, double z_coef, void* ce, void* zl, cudaStream_t stream);
 cudaError_t stablemax_cross_entropy(DType dtype, const LossArgs& a, void* loss, cudaStream_t stream);
 
-// Directional family. Tables: per tensor keys (stream keys, int64 bit patterns), numel, data addresses;
-// per block of kStreamCounters Philox counters: tensor index and first counter.
+// Directional family. Tables (cached): per tensor numel, position in the op's list (index) and data
+// addresses; blk_first: prefix sums of the tensors' counts of blocks of kStreamCounters Philox counters.
+// keys: the caller's int64 key tensor ON THE DEVICE (never in a table: it changes every call), row-major
+// (K, T) with T the length of the op's whole list (K = 1 for a (T,) key vector); tensor i of a launch uses
+// keys[k * T + index[i]].
 constexpr int64_t kStreamCounters = 256;
 struct StreamTables {
   const int64_t* keys;
   const int64_t* numel;
-  const int64_t* blk_tensor;
-  const int64_t* blk_ctr;
+  const int64_t* index;
+  const int64_t* blk_first;
+  int64_t num_tensors;
 };
-// sums[t] += sum of n^2 over tensor t's stream (float64, zeroed by the caller).
+// sums[index[t]] += sum of n^2 over tensor t's stream (float64, zeroed by the caller).
 cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* sums, cudaStream_t stream);
-// out[t] = n * scale[t] (src null) or src[t] + sigma * (n * scale[t]), math in `acc`, stored as `dtype`.
-cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const void* scales,
+// out[t] = n * scale (src null) or src[t] + sigma * (n * scale), scale = scales[index[t]] (float64 holding a
+// float32 value), math in `acc`, stored as `dtype`.
+cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const double* scales,
                          const int64_t* src, const int64_t* out, double sigma, cudaStream_t stream);
-// gn[k, t] += g_t . n_{t,k}; nn[k, t] += n_{t,k} . n_{t,k} (float64); keys is (K, T) row-major.
+// gn[k, index[t]] += g_t . n_{t,k}; nn[k, index[t]] += n_{t,k} . n_{t,k} (float64, (K, T) row-major).
 cudaError_t directional_dots(DType dtype, const StreamTables& t, int64_t num_blocks, int64_t K, int64_t T,
                              const int64_t* grads, double* gn, double* nn, cudaStream_t stream);
-// OrthoGrad: sums[3t..3t+2] += (w.g, w.w, g.g); then g <- (g - coef[t] w) * scale[t].
+// OrthoGrad: sums[3t..3t+2] += (w.g, w.w, g.g) (t group-local); then g <- (g - coef[t] w) * scale[t].
 cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunks, double* sums, cudaStream_t stream);
 cudaError_t orthograd_write(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* coef,
                             const double* scale, cudaStream_t stream);

@@ -15,9 +15,9 @@ template <typename T>
 __global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf, typename Acc<T>::type* y_buf) {
   using A = typename Acc<T>::type;
   __shared__ A xs[kRows];
-  const int64_t i = t.blk_mat[blockIdx.x];
+  const int64_t i = owner(t.blk_first, t.num_mats, blockIdx.x);
   if (t.active[i] == 0) return;
-  const int64_t r0 = t.blk_row[blockIdx.x], m = t.rows[i], n = t.cols[i], s0 = t.s0[i], s1 = t.s1[i];
+  const int64_t r0 = (blockIdx.x - t.blk_first[i]) * kRows, m = t.rows[i], n = t.cols[i], s0 = t.s0[i], s1 = t.s1[i];
   const T* w = reinterpret_cast<const T*>(t.w[i]);
   const A* v = reinterpret_cast<const A*>(t.v[i]);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -43,7 +43,7 @@ __global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf
 }
 
 template <typename A>
-__global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y_buf, A* sigma, double eps) {
+__global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y_buf, double* sigma, double eps) {
   const int64_t i = blockIdx.x;
   if (t.active[i] == 0) return;
   const int64_t m = t.rows[i], n = t.cols[i];
@@ -56,7 +56,7 @@ __global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y
   const bool finite = isfinite(nx) && isfinite(ny);
   if (!finite || nx <= eps || ny <= 0) {
     if (threadIdx.x == 0) {
-      sigma[i] = finite ? A(0) : A(NAN);  // vectors stay as they were
+      sigma[t.index[i]] = finite ? 0.0 : static_cast<double>(NAN);  // vectors stay as they were
       t.active[i] = 0;
     }
     return;
@@ -65,15 +65,15 @@ __global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y
   A* v = reinterpret_cast<A*>(t.v[i]);
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) u[j] = x[j] / nx;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v[j] = y[j] / ny;
-  if (threadIdx.x == 0) sigma[i] = ny / nx;
+  if (threadIdx.x == 0) sigma[t.index[i]] = static_cast<double>(ny / nx);  // the acc-type quotient
 }
 
 template <typename T>
-__global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
-                                const int64_t* chunk_start, int64_t chunk, typename Acc<T>::type* out) {
+__global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
+                                const int64_t* index, int64_t num_tensors, int64_t chunk, double* out) {
   using A = typename Acc<T>::type;
-  const int64_t i = chunk_tensor[blockIdx.x];
-  const int64_t begin = chunk_start[blockIdx.x];
+  const int64_t i = owner(chunk_first, num_tensors, blockIdx.x);
+  const int64_t begin = (blockIdx.x - chunk_first[i]) * chunk;
   const int64_t end = begin + chunk < numels[i] ? begin + chunk : numels[i];
   const T* p = reinterpret_cast<const T*>(ptrs[i]);
   A s = 0;
@@ -82,7 +82,7 @@ __global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, cons
     s += a * a;
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) atomicAdd(out + i, s);
+  if (threadIdx.x == 0) atomicAdd(out + index[i], static_cast<double>(s));
 }
 
 }  // namespace
@@ -99,31 +99,28 @@ cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int
   });
 }
 
-cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, int64_t num_mats, const void* x_buf,
-                                   const void* y_buf, void* sigma, double eps, cudaStream_t stream) {
-  if (num_mats == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(num_mats);
+cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, const void* x_buf, const void* y_buf,
+                                   double* sigma, double eps, cudaStream_t stream) {
+  if (t.num_mats == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(t.num_mats);
   if (acc == kFloat64) {
     finish_kernel<double><<<blocks, kThreads, 0, stream>>>(t, static_cast<const double*>(x_buf),
-                                                           static_cast<const double*>(y_buf),
-                                                           static_cast<double*>(sigma), eps);
+                                                           static_cast<const double*>(y_buf), sigma, eps);
   } else {
     finish_kernel<float><<<blocks, kThreads, 0, stream>>>(t, static_cast<const float*>(x_buf),
-                                                          static_cast<const float*>(y_buf),
-                                                          static_cast<float*>(sigma), eps);
+                                                          static_cast<const float*>(y_buf), sigma, eps);
   }
   return cudaGetLastError();
 }
 
-cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_tensor,
-                     const int64_t* chunk_start, int64_t num_chunks, int64_t chunk, void* out,
+cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
+                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* out,
                      cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    using A = typename Acc<T>::type;
     sq_norms_kernel<T><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-        ptrs, numels, chunk_tensor, chunk_start, chunk, static_cast<A*>(out));
+        ptrs, numels, chunk_first, index, num_tensors, chunk, out);
     return cudaGetLastError();
   });
 }

@@ -1,6 +1,9 @@
 // Fused optimizer updates on CUDA: one launch per storage dtype over every parameter, in chunks of
-// kUpdateChunk elements; hyper-parameters and the step scale are read from device memory (no host sync,
-// capturable in a CUDA graph). Arithmetic as in csrc/cpu/update.cpp (torch.optim's order of operations).
+// kUpdateChunk elements. The per-step scalars (lr, step scale, Adam's step number) are read from device
+// memory and Adam's bias corrections computed here from the step number, so a step makes no host round trip
+// and a captured CUDA graph replays the right corrections; the other hyper-parameters are kernel arguments.
+// Arithmetic as in csrc/cpu/update.cpp (torch.optim's order of operations; constants rounded from double
+// to the math type once, step_lr = lr * scale and 1 - lr * wd formed in double as there).
 #include "common.cuh"
 
 namespace stabkernels::cuda {
@@ -17,21 +20,25 @@ __device__ __forceinline__ void finish_element(int64_t j, A u, A pj, A step_lr, 
   acc += u * u;
 }
 
-// The common end of a chunk: the block's sum of u^2 added to its tensor's total.
+// The common end of a chunk: the block's sum of u^2 added to its tensor's total (at its list position).
 template <typename A>
-__device__ __forceinline__ void finish_chunk(A acc, A* sums, int64_t i) {
+__device__ __forceinline__ void finish_chunk(A acc, double* sums, const UpdateTables& t, int64_t i) {
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(sums + i, acc);
+  if (threadIdx.x == 0) atomicAdd(sums + t.index[i], static_cast<double>(acc));
 }
 
 template <typename T>
-__global__ void adam_kernel(UpdateTables t, const double* consts, const double* scale,
-                            typename Acc<T>::type* sums, AdamFlags f) {
+__global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, const double* step_p,
+                            const double* scale_p, double* sums, AdamFlags f) {
   using A = typename Acc<T>::type;
   const auto [i, begin, end] = chunk_range(t);
-  const A lr = consts[0], b1 = consts[1], b2 = consts[2], eps = consts[3], wd = consts[4], bc1 = consts[5],
-          bc2s = consts[6];
-  const A step_lr = lr * static_cast<A>(*scale), decay = A(1) - lr * wd;
+  // The bias corrections, from the device step counter, in double as the CPU kernel computes them.
+  const double lr_d = *lr_p, step_d = *step_p;
+  const double bc1_d = 1.0 - pow(h.beta1, step_d), bc2s_d = sqrt(1.0 - pow(h.beta2, step_d));
+  const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2), wd = static_cast<A>(h.weight_decay);
+  const A eps = static_cast<A>(f.eps_raw ? h.eps / bc2s_d : h.eps);
+  const A bc1 = static_cast<A>(bc1_d), bc2s = static_cast<A>(bc2s_d);
+  const A step_lr = static_cast<A>(lr_d * *scale_p), decay = static_cast<A>(1.0 - lr_d * h.weight_decay);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const T* g = reinterpret_cast<const T*>(t.g[i]);
   T* m = reinterpret_cast<T*>(t.m[i]);
@@ -56,16 +63,17 @@ __global__ void adam_kernel(UpdateTables t, const double* consts, const double* 
     v[j] = from_acc<T>(vj);
     finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
   }
-  finish_chunk(acc, sums, i);
+  finish_chunk(acc, sums, t, i);
 }
 
 template <typename T>
-__global__ void sgd_kernel(UpdateTables t, const double* consts, const double* scale, typename Acc<T>::type* sums,
+__global__ void sgd_kernel(UpdateTables t, SgdHyper h, const double* lr_p, const double* scale_p, double* sums,
                            SgdFlags f) {
   using A = typename Acc<T>::type;
   const auto [i, begin, end] = chunk_range(t);
-  const A lr = consts[0], mu = consts[1], damp = consts[2], wd = consts[3];
-  const A step_lr = lr * static_cast<A>(*scale);
+  const A mu = static_cast<A>(h.momentum), wd = static_cast<A>(h.weight_decay);
+  const A one_minus_damp = static_cast<A>(1.0 - h.dampening);
+  const A step_lr = static_cast<A>(*lr_p * *scale_p);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const T* g = reinterpret_cast<const T*>(t.g[i]);
   T* b = reinterpret_cast<T*>(t.m[i]);
@@ -78,20 +86,21 @@ __global__ void sgd_kernel(UpdateTables t, const double* consts, const double* s
     gj = gj + pj * wd;
     A u = gj;
     if (f.momentum) {
-      const A bj = f.first ? gj : to_acc(b[j]) * mu + gj * (A(1) - damp);
+      const A bj = f.first ? gj : to_acc(b[j]) * mu + gj * one_minus_damp;
       b[j] = from_acc<T>(bj);
       u = f.nesterov ? gj + bj * mu : bj;
     }
     finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
   }
-  finish_chunk(acc, sums, i);
+  finish_chunk(acc, sums, t, i);
 }
 
 template <typename T>
 __global__ void apply_kernel(UpdateTables t, const double* scale, double weight_decay) {
   using A = typename Acc<T>::type;
   const auto [i, begin, end] = chunk_range(t);
-  const A lr = static_cast<A>(*scale), decay = A(1) - lr * static_cast<A>(weight_decay);
+  const double lr_d = *scale;
+  const A lr = static_cast<A>(lr_d), decay = static_cast<A>(1.0 - lr_d * weight_decay);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const A* u = reinterpret_cast<const A*>(t.u[i]);
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) p[j] = from_acc<T>(to_acc(p[j]) * decay - lr * u[j]);
@@ -108,20 +117,20 @@ __global__ void apply_kernel(UpdateTables t, const double* scale, double weight_
     return cudaGetLastError();                                                \
   })
 
-cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
-                      const double* scale, void* sums, AdamFlags flags, cudaStream_t stream) {
+cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
+                      const double* step, const double* scale, double* sums, AdamFlags flags, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(num_chunks);
   return STABKERNELS_LAUNCH_TYPED(
-      dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, consts, scale, static_cast<A*>(sums), flags));
+      dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, step, scale, sums, flags));
 }
 
-cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* consts,
-                     const double* scale, void* sums, SgdFlags flags, cudaStream_t stream) {
+cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
+                     const double* scale, double* sums, SgdFlags flags, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(num_chunks);
-  return STABKERNELS_LAUNCH_TYPED(
-      dtype, sgd_kernel<T><<<blocks, kThreads, 0, stream>>>(t, consts, scale, static_cast<A*>(sums), flags));
+  return STABKERNELS_LAUNCH_TYPED(dtype,
+                                  sgd_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, scale, sums, flags));
 }
 
 cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
