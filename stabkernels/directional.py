@@ -88,6 +88,7 @@ def _splitmix64_tensor(x: Tensor) -> Tensor:
     return z ^ _srl(z, 31)
 
 
+@torch.compiler.disable  # its inputs are host scalars that change every probe: never baked into a graph
 def device_key_table(seed: int, first_probe: int, num_probes: int, count: int, device) -> Tensor:
     """:func:`key_table` for probes first_probe .. first_probe + num_probes - 1, computed on ``device`` from scalar
     arguments only, so no host-to-device copy (the GPU backends' keys; on a CUDA graph replay the scalars are

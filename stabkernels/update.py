@@ -12,7 +12,7 @@ dtype group on GPU, one parallel region on CPU) and can
 effective lr).
 
 Per-step scalars never make a host round trip: ``step_scale``, ``lr`` and Adam's ``step`` reach the kernels
-as 0-d float64 tensors on the parameters' device (:func:`_scalar_tensor` makes them without a host-to-device
+as 0-d float64 tensors on the parameters' device (:func:`scalar_tensor` makes them without a host-to-device
 copy), and Adam's bias corrections are computed from ``step`` by the kernels themselves, so a step can be
 captured in a CUDA graph (with ``step`` and ``lr`` device tensors advanced in place) and compiled by
 torch.compile without a recompile per step. Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD`` (single-tensor implementations)
@@ -226,7 +226,7 @@ def _run_checked(op, args: tuple, backend: str, check) -> Tensor | None:
         raise
 
 
-def _scalar_tensor(x, name: str, device: torch.device) -> Tensor:
+def scalar_tensor(x, name: str, device: torch.device) -> Tensor:
     """``x`` (a Python number or a one-element tensor) as the 0-d float64 tensor on ``device`` the kernels read,
     made without a host-to-device copy (which on CUDA would be a blocking copy, and break graph capture):
 
@@ -253,7 +253,7 @@ def _scale_tensor(step_scale, device) -> Tensor:
     """The step scale as a 0-d float64 tensor on ``device`` (1 when None), without a host-to-device copy."""
     if step_scale is None:
         return torch.ones((), dtype=torch.float64, device=device)
-    return _scalar_tensor(step_scale, "step_scale", device)
+    return scalar_tensor(step_scale, "step_scale", device)
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -302,7 +302,7 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 
     b = _backend.resolve("adam_step_", backend, device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
-            _scalar_tensor(lr, "lr", device), _scalar_tensor(step, "step", device), float(beta1), float(beta2),
+            scalar_tensor(lr, "lr", device), scalar_tensor(step, "step", device), float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(apply),
             bool(eps_raw))
     return _run_checked(_adam_op, args, b, check)
@@ -337,7 +337,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
                      acc_lists={"updates": updates} if updates else {})
 
     b = _backend.resolve("sgd_step_", backend, device)
-    args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), _scalar_tensor(lr, "lr", device),
+    args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), scalar_tensor(lr, "lr", device),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply))
     return _run_checked(_sgd_op, args, b, check)
 

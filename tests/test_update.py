@@ -345,19 +345,19 @@ def test_per_step_scalars_reach_the_device_without_a_host_copy():
     meta = torch.device("meta")
     for x in (0.5, 3, torch.tensor(0.5), torch.tensor([2.0], dtype=torch.float64)):
         with Ops() as rec:
-            t = update._scalar_tensor(x, "lr", meta)
+            t = update.scalar_tensor(x, "lr", meta)
         assert t.device == meta and t.dtype == torch.float64 and t.shape == ()
         assert all(op in ("aten.full", "aten._local_scalar_dense") for op in rec.ops), rec.ops
     on_dev = torch.ones((), device=meta, dtype=torch.float32)
     with Ops() as rec:
-        t = update._scalar_tensor(on_dev, "lr", meta)
+        t = update.scalar_tensor(on_dev, "lr", meta)
     assert t.dtype == torch.float64 and "aten._to_copy" in rec.ops and "aten.full" not in rec.ops
     t64 = torch.ones((1,), device="cpu", dtype=torch.float64)
-    assert update._scalar_tensor(t64, "lr", torch.device("cpu")).data_ptr() == t64.data_ptr()  # no copy at all
+    assert update.scalar_tensor(t64, "lr", torch.device("cpu")).data_ptr() == t64.data_ptr()  # no copy at all
     with pytest.raises(ValueError, match="lr must be a number or a one-element tensor on cpu"):
-        update._scalar_tensor(torch.ones((), device=meta), "lr", torch.device("cpu"))
+        update.scalar_tensor(torch.ones((), device=meta), "lr", torch.device("cpu"))
     with pytest.raises(ValueError, match="step must hold one number"):
-        update._scalar_tensor(torch.ones(2), "step", torch.device("cpu"))
+        update.scalar_tensor(torch.ones(2), "step", torch.device("cpu"))
     with pytest.raises(ValueError, match="step_scale must be a number"):
         update._scale_tensor("1", torch.device("cpu"))
     assert update._scale_tensor(None, meta).dtype == torch.float64

@@ -195,48 +195,52 @@ class PSS(OptimizerWrapper):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._begin_step()
+        armed, every = self._begin_step()
         g = self._norm(grad_norm)
         if self._ema.device != g.device:  # the model moved after construction
             self._ema = self._ema.to(g.device)
         finite = torch.isfinite(g)
-        report = PSSReport(step=self.steps, grad_norm=g, ema=self._ema.clone(), skipped_nonfinite=~finite)
+        ema_before = self._ema.clone()
         if not self.skip_nonfinite:
             self.optimizer.step()
         elif self._device_skip():
-            saved = getattr(self.optimizer, "found_inf", None)
+            saved = self.optimizer.__dict__.get("found_inf")
             self.optimizer.found_inf = (~finite).to(torch.float32)
             try:
                 self.optimizer.step()
-            finally:
+            finally:  # None is what torch's fused optimizers take for "no flag", so step 1 and 2 look alike
                 self.optimizer.found_inf = saved
         elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
         have_ema = ~torch.isnan(self._ema)
-        if self.trigger is not None and self.steps > self.warmup:
+        if armed:
             fired = finite & have_ema & (g > self.trigger * self._ema)
         else:
             fired = torch.zeros_like(finite)
         # a spike stays out of the average, and so does a non-finite norm
         blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
-        every = self.every is not None and self.steps % self.every == 0
-        self._end_step(report, torch.where(finite & ~fired, blended, self._ema),
+        self._end_step(g, ema_before, finite, torch.where(finite & ~fired, blended, self._ema),
                        torch.stack([fired | (finite & every), fired]))
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
     # wrapper (measured: steps stayed 0, the EMA kept its first value and no smoothing ran under
-    # torch.compile(opt.step)).
+    # torch.compile(opt.step)), and a step counter read inside a graph would make dynamo recompile every step.
     @torch.compiler.disable
-    def _begin_step(self) -> None:
+    def _begin_step(self) -> tuple[bool, bool]:
+        """Counts the step; returns (whether the ratio test is armed, whether an ``every`` smoothing is due)."""
         if not capturing():
             self.flush()
         self.steps += 1
+        armed = self.trigger is not None and self.steps > self.warmup
+        return armed, self.every is not None and self.steps % self.every == 0
 
     @torch.compiler.disable
-    def _end_step(self, report: PSSReport, ema: torch.Tensor, decision: torch.Tensor) -> None:
+    def _end_step(self, g, ema_before, finite, ema: torch.Tensor, decision: torch.Tensor) -> None:
         self._ema.copy_(ema)
-        self.last = report
+        self.last = report = PSSReport(step=self.steps, grad_norm=g, ema=ema_before, skipped_nonfinite=~finite)
+        if capturing():  # a captured step cannot hand its decision to the host: it never smooths (README)
+            return
         self._pending = (DeferredRead(decision), report)  # [smooth?, by the ratio test?]
         if not self.lagged:
             self.flush()
@@ -384,11 +388,22 @@ class PSSAdamW(PSS):
         params = list(params)
         if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs and _fused_adamw_takes(params):
             adamw_kwargs["fused"] = True
+            # step counters on the device, so the step can be captured in a CUDA graph (torch allows it there)
+            if "capturable" not in adamw_kwargs and _on_cuda(params):
+                adamw_kwargs["capturable"] = True
         super().__init__(torch.optim.AdamW(params, lr=lr, **adamw_kwargs), select, **kwargs)
 
 
+def _tensors(params) -> list:
+    return [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+
+
+def _on_cuda(params) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in _tensors(params))
+
+
 def _fused_adamw_takes(params) -> bool:
-    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    tensors = _tensors(params)
     return bool(tensors) and all(isinstance(t, torch.Tensor) and t.device.type in ("cpu", "cuda")
                                  and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                                  for t in tensors)

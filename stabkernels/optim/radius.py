@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .. import distributed, spread, tangent, update
 from .._checks import acc_dtype
 from ._scratch import ScratchBuffers
+from ._state import adam_states, sgd_buffers
 from ._wrapper import ExtraStateMixin, OptimizerWrapper
 
 MODES = ("cap", "set")
@@ -201,6 +202,11 @@ def _autocast_on() -> bool:
     return any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
 
 
+def _zero_lr(lr) -> bool:
+    """A float lr of 0 skips its group; a tensor lr is never read on the host (it would wait for the device)."""
+    return not isinstance(lr, Tensor) and lr == 0
+
+
 def _control_scale(rho: Tensor, tau: Tensor, r: float, mode: str) -> Tensor:
     """eta_eff / eta: min(1, r rho / tau) (cap) or r rho / tau (set); 1 for a zero step; 0 (no move) when
     rho is not finite, e.g. NaN logits."""
@@ -233,13 +239,15 @@ class _RadiusMixin:
     def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor, bool]:
         """(rho, tau, unit_norm, recomputed) for per-group proposals {id: u}, lrs and sum(u^2) per group."""
         sq = torch.stack([s.sum().double() for s in sums])
-        lrs = torch.tensor(group_lrs, dtype=torch.float64, device=sq.device)
+        lrs = torch.stack([update.scalar_tensor(lr, "lr", sq.device) for lr in group_lrs])
         tau = (lrs.square() * sq).sum().sqrt()
         unit_norm = sq.sum().sqrt()
-        recompute = self._rho is None or self.steps % self.every == 0
+        recompute = self._probe_now()
         rho = self._rho
         if recompute:
-            same_lr = len(set(group_lrs)) == 1
+            # one lr for all: the direction is u itself (no scaled copy); tensor lrs are compared by identity
+            same_lr = all(lr is group_lrs[0] or (not isinstance(lr, Tensor) and lr == group_lrs[0])
+                          for lr in group_lrs)
             direction = {}
             for (ids, us), lr in zip(proposals, group_lrs):
                 for i, u in zip(ids, us):
@@ -251,7 +259,11 @@ class _RadiusMixin:
             rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
         return rho, tau, unit_norm, recompute
 
-    def _propose(self, group, params, us) -> Tensor:
+    def _setup_state(self, group, params):
+        """Creates the optimizer state of ``params`` (one group) on first use; returns what ``_propose`` needs."""
+        raise NotImplementedError
+
+    def _propose(self, group, params, us, state) -> Tensor:
         """Advances the optimizer state of ``params`` (one group) as its step would, writes the unit proposal
         (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor."""
         raise NotImplementedError
@@ -265,36 +277,47 @@ class _RadiusMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        live = []
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            if params and g["lr"] != 0:
-                live.append((g, params, [self._scratch.like(p, acc_dtype(p.dtype)) for p in params]))
-        self._count_step()
+        live = self._prepare()
         if not live:
             return loss
-        sums = [self._propose(g, ps, us) for g, ps, us in live]
+        sums = [self._propose(g, ps, us, state) for g, ps, us, state in live]
         rho, tau, unit_norm, recomputed = self._measure(
-            inputs, [([id(p) for p in ps], us) for _, ps, us in live], [g["lr"] for g, _, _ in live], sums)
+            inputs, [([id(p) for p in ps], us) for _, ps, us, _ in live], [g["lr"] for g, *_ in live], sums)
         scale = _control_scale(rho, tau, self.r, self.mode)
         lrs = []
-        for g, ps, us in live:
-            lr_eff = (scale * g["lr"]).to(ps[0].device)
+        for g, ps, us, _ in live:
+            lr_eff = scale * update.scalar_tensor(g["lr"], "lr", scale.device)
             update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
             lrs.append(lr_eff)
-        self._record(RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed), rho)
+        self._record(rho, unit_norm, tau, scale, lrs, recomputed)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
-    # optimizer object (measured: steps and last stayed at their initial values under torch.compile(opt.step)).
+    # optimizer object (measured: steps and last stayed at their initial values under torch.compile(opt.step)),
+    # and state created or counters read inside a graph change its guards, so the next step would recompile.
     @torch.compiler.disable
-    def _count_step(self) -> None:
+    def _prepare(self) -> list:
+        """Counts the step; returns (group, params with gradients, scratch proposals, set-up state) for every
+        group that steps (a float lr of 0 skips its group; a tensor lr is never read)."""
         self.steps += 1
+        live = []
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if params and not _zero_lr(g["lr"]):
+                live.append((g, params, [self._scratch.like(p, acc_dtype(p.dtype)) for p in params],
+                             self._setup_state(g, params)))
+        return live
 
     @torch.compiler.disable
-    def _record(self, report: RadiusReport, rho: Tensor) -> None:
+    def _probe_now(self) -> bool:
+        """Whether this step measures the radius (else the last rho is reused): decided on the host, outside
+        torch.compile's graphs, so the counter it reads does not become a guard that recompiles every step."""
+        return self._rho is None or self.steps % self.every == 0
+
+    @torch.compiler.disable
+    def _record(self, rho, unit_norm, tau, scale, lrs, recomputed) -> None:
         self._rho = rho
-        self.last = report
+        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
 
     def _radius_state(self) -> dict:
         return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu()}
@@ -304,28 +327,28 @@ class _RadiusMixin:
         self._rho = None if state["rho"] is None else state["rho"].to(device)
 
 
-def _adam_proposal(state, group, params, us, host_step: Callable[[Tensor], int], decoupled: bool,
-                   backend: str) -> Tensor:
-    """Adam/AdamW's step for one group in torch's state layout (a float32 step counter, on the device if the
-    group is fused or capturable; exp_avg, exp_avg_sq, max_exp_avg_sq): the moments advance in ``state``, the
-    unit proposal goes to ``us``; returns sum(u^2) per tensor."""
-    for p in params:
-        s = state[p]
-        if not s:
-            on_device = group.get("fused") or group.get("capturable")
-            s["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else None)
-            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        s["step"] += 1
-    states = [state[p] for p in params]
+def _adam_proposal(states, group, params, us, decoupled: bool, backend: str) -> Tensor:
+    """Adam/AdamW's step for one group in torch's state layout (:func:`adam_states`): the moments advance in
+    ``states``, the unit proposal goes to ``us``; returns sum(u^2) per tensor. The step counters live on the
+    parameters' device (as torch's with capturable=True) and the kernels compute the bias corrections from them,
+    so a step reads nothing back and a captured graph steps on."""
+    torch._foreach_add_([s["step"] for s in states], 1)
     return update.adam_step_(
         params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-        step=host_step(states[0]["step"]), lr=1.0, betas=group["betas"], eps=group["eps"],
+        step=states[0]["step"], lr=1.0, betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=group["amsgrad"],
         maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
         else None, updates=us, apply=False, backend=backend)
+
+
+def _sgd_proposal(buffers, group, params, us, backend: str) -> Tensor:
+    """SGD's step for one group in torch's state layout (:func:`sgd_buffers`): the momentum buffers advance, the
+    unit proposal goes to ``us``; returns sum(u^2) per tensor."""
+    bufs, first = buffers
+    return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=group["momentum"],
+                            dampening=group["dampening"], weight_decay=group["weight_decay"],
+                            nesterov=group["nesterov"], maximize=group["maximize"], first=first, updates=us,
+                            apply=False, backend=backend)
 
 
 class RadiusController(_RadiusMixin, OptimizerWrapper):
@@ -389,11 +412,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             raise TypeError(f"RadiusController supports torch.optim.SGD, Adam and AdamW, got "
                             f"{type(optimizer).__name__}")
         for g in optimizer.param_groups:
-            if g.get("differentiable") or isinstance(g["lr"], Tensor):
-                raise ValueError("RadiusController needs float learning rates and differentiable=False")
+            if g.get("differentiable"):
+                raise ValueError("RadiusController needs differentiable=False")
         self.backend = backend
         self._scratch = ScratchBuffers()
-        self._device_steps: dict[int, int] = {}
         self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
                           capture_inputs=capture_inputs, probe_mode=probe_mode, process_group=process_group,
                           backend=backend)
@@ -402,43 +424,21 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         self.probe.remove_hook()
 
     # -- the wrapped optimizer's own step, fused: the moments advance in its state, u goes to scratch
-    def _propose(self, group, params, us) -> Tensor:
-        state = self.optimizer.state
+    def _setup_state(self, group, params):
         if self.kind == "adam":
-            return _adam_proposal(state, group, params, us, self._host_step, self._decoupled(group), self.backend)
-        bufs, first = None, False
-        if group["momentum"] != 0:
-            have = [state[p].get("momentum_buffer") is not None for p in params]
-            if any(have) and not all(have):
-                raise RuntimeError("RadiusController: some SGD momentum buffers exist and others do not")
-            first = not any(have)
-            for p in params:
-                if first:
-                    state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            bufs = [state[p]["momentum_buffer"] for p in params]
-        return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=group["momentum"],
-                                dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                nesterov=group["nesterov"], maximize=group["maximize"], first=first,
-                                updates=us, apply=False, backend=self.backend)
+            return adam_states(self.optimizer.state, params, group["amsgrad"])
+        return sgd_buffers(self.optimizer.state, params, group["momentum"])
+
+    def _propose(self, group, params, us, state) -> Tensor:
+        if self.kind == "adam":
+            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend)
+        return _sgd_proposal(state, group, params, us, self.backend)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"] if self.kind == "adam" and self._decoupled(group) else 0.0
 
     def _decoupled(self, group) -> bool:
         return isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-
-    def _host_step(self, step: Tensor) -> int:
-        """The step number for the bias corrections. torch keeps it in a CPU tensor (read directly); a fused or
-        capturable optimizer keeps it on the device, mirrored here on the host after one read."""
-        if step.device.type == "cpu":
-            return int(step)
-        key = id(step)
-        if key not in self._device_steps:
-            self._device_steps.clear()
-            self._device_steps[key] = int(step)  # once, after construction or load_state_dict
-        else:
-            self._device_steps[key] += 1
-        return self._device_steps[key]
 
     @torch.no_grad()
     def step(self, inputs=None, closure: Callable | None = None):
@@ -451,7 +451,6 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
         return self._radius_state()
 
     def _load_wrapper_state(self, state: dict) -> None:
-        self._device_steps.clear()
         self._load_radius_state(state, self.params()[0].device)
 
 
@@ -501,8 +500,11 @@ class RadiusAdamW(_FusedRadiusOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
 
-    def _propose(self, group, params, us):
-        return _adam_proposal(self.state, group, params, us, int, True, self.backend)
+    def _setup_state(self, group, params):
+        return adam_states(self.state, params, group["amsgrad"])
+
+    def _propose(self, group, params, us, state):
+        return _adam_proposal(state, group, params, us, True, self.backend)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"]
@@ -524,18 +526,8 @@ class RadiusSGD(_FusedRadiusOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
 
-    def _propose(self, group, params, us):
-        momentum = group["momentum"]
-        first = False
-        bufs = None
-        if momentum != 0:
-            states = [self.state[p] for p in params]
-            first = any("momentum_buffer" not in s for s in states)
-            for p, s in zip(params, states):
-                if "momentum_buffer" not in s:
-                    s["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [s["momentum_buffer"] for s in states]
-        return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=momentum,
-                                dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                nesterov=group["nesterov"], maximize=group["maximize"], first=first,
-                                updates=us, apply=False, backend=self.backend)
+    def _setup_state(self, group, params):
+        return sgd_buffers(self.state, params, group["momentum"])
+
+    def _propose(self, group, params, us, state):
+        return _sgd_proposal(state, group, params, us, self.backend)

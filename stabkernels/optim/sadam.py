@@ -14,6 +14,7 @@ from .. import directional, distributed, update
 from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
+from ._state import adam_states
 from ._wrapper import ExtraStateMixin
 
 EPS_MODES = ("torch", "authors")
@@ -275,7 +276,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         if not groups:
             return train_loss if closure is not None else loss
         device = groups[0][1][0].device
-        report = SAdamReport(loss=torch.tensor(float("nan")), rho=[], alpha=[], D=[], dropped=[])
+        report = SAdamReport(loss=torch.full((), math.nan, device=device), rho=[], alpha=[], D=[], dropped=[])
         alphas = [torch.ones((), dtype=torch.float64, device=device) for _ in groups]
         if probing:
             in_eval = self.model is not None and self.probe_mode == "eval"
@@ -309,9 +310,9 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
                     b.copy_(saved)
             if self.warn_nonfinite and report.dropped:
                 self._keep_dropped(torch.stack(report.dropped).sum())
-        for (g, params), alpha in zip(groups, alphas):
+        for (g, params), alpha, states in zip(groups, alphas, self._adam_states(groups)):
             report.alpha.append(alpha)
-            self._adamw(g, params, alpha)
+            self._adamw(g, params, alpha, states)
         self._record(report)
         if closure is not None:
             return train_loss
@@ -343,23 +344,16 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             warnings.warn(f"SAdam: step {step} dropped probes whose loss was not finite (see opt.last.dropped)",
                           RuntimeWarning, stacklevel=3)
 
-    def _adamw(self, group, params, alpha: Tensor) -> None:
-        states = [self.state[p] for p in params]
-        for p, s in zip(params, states):
-            if not s:
-                s["step"] = torch.zeros((), dtype=torch.float32)
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            s["step"] += 1
-        step = int(states[0]["step"])
-        beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        if self.eps_mode == "authors":  # eps on the uncorrected sqrt(v): the same as eps / sqrt(bc2) here
-            eps = eps / math.sqrt(1 - beta2 ** step)
+    @torch.compiler.disable  # state created inside a graph would change its guards: the next step would recompile
+    def _adam_states(self, groups) -> list:
+        return [adam_states(self.state, params, amsgrad=False) for _, params in groups]
+
+    def _adamw(self, group, params, alpha: Tensor, states) -> None:
+        torch._foreach_add_([s["step"] for s in states], 1)
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], step=step, lr=group["lr"], betas=(beta1, beta2),
-                          eps=eps, weight_decay=group["weight_decay"], decoupled=True, step_scale=alpha,
-                          backend=self.backend)
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],
+                          betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True,
+                          step_scale=alpha, eps_raw=self.eps_mode == "authors", backend=self.backend)
 
     # ----------------------------------------------------------------------------------------------
     extra_state_key = "sadam"

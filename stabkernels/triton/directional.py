@@ -105,10 +105,11 @@ def _sq_sums_kernel(keys, gidx, numels, blk_tensor, blk_ctr, partials, BLOCK: tl
 
 
 @triton.jit
-def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_tab, sigma,
+def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_base, out_tab, sigma,
                   SRC: tl.constexpr, OUT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    # out = d (HAS_SRC False) or theta + sigma * d (HAS_SRC), d = n * s in the math dtype ACC.
+                  FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    # out = d (HAS_SRC False) or theta + sigma * d (HAS_SRC), d = n * s in the math dtype ACC. FLAT: the outputs
+    # are views of one buffer, out_tab holds their offsets in it (new outputs every call need no new table).
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b)
     n = tl.load(numels + t)
@@ -116,7 +117,10 @@ def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_
     ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
     s = tl.load(scales + gi).to(ACC)
     sg = tl.load(sigma).to(ACC)
-    out = tl.load(out_tab + t).to(tl.pointer_type(OUT))
+    if FLAT:
+        out = out_base + tl.load(out_tab + t)
+    else:
+        out = tl.load(out_tab + t).to(tl.pointer_type(OUT))
     src = tl.load(src_tab + t).to(tl.pointer_type(SRC))
     n0, n1, n2, n3 = _normals(tl.load(keys + gi), ctr)
     e = 4 * ctr
@@ -243,25 +247,38 @@ def _stream_sq_sums(tensors, keys, device):
 
 
 def _write(tensors, keys, outs, srcs, sigma, device):
+    """out = d or src + sigma d for every tensor; ``outs`` None: new outputs (the directions, in the math dtype),
+    returned as views of one buffer per dtype, whose offsets are cached by the sizes."""
     sums = _stream_sq_sums(tensors, keys, device)
     inv = (1.0 / (sums.sqrt() + 1e-12)).to(torch.float32)  # the stream's scale, rounded to float32
     sig = plan.constants((sigma,), device)
+    new = [None] * len(tensors)
     # one launch per output dtype; the math dtype (and the rounding of the scale) follows it
-    for g in _stream_layout(tensors, dtypes=[o.dtype for o in outs]):
-        src_tab = plan.addresses(srcs if srcs is not None else outs, g)
+    out_dtypes = [acc_dtype(t.dtype) for t in tensors] if outs is None else [o.dtype for o in outs]
+    for g in _stream_layout(tensors, dtypes=out_dtypes):
+        if outs is None:
+            sizes = [tensors[i].numel() for i in g.members]
+            offs = plan.cached(("flat_offsets", device) + tuple(sizes),
+                               lambda: plan.upload([sum(sizes[:j]) for j in range(len(sizes))], device))
+            base = torch.empty(sum(sizes), dtype=g.dtype, device=device)
+            for i, view in zip(g.members, base.split(sizes)):
+                new[i] = view.view(tensors[i].shape)
+            out_tab = offs
+        else:
+            base, out_tab = inv, plan.addresses(outs, g)  # base unused
+        src_tab = plan.addresses(srcs, g) if srcs is not None else out_tab
         _write_kernel[(g.num_chunks,)](keys, g.index, g.numels, g.chunk_tensor, g.chunk_start,
-                                       inv.to(acc_dtype(g.dtype)), src_tab, plan.addresses(outs, g), sig,
+                                       inv.to(acc_dtype(g.dtype)), src_tab, base, out_tab, sig,
                                        SRC=TL_STORAGE[srcs[g.members[0]].dtype if srcs is not None else g.dtype],
                                        OUT=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), HAS_SRC=srcs is not None,
-                                       BLOCK=BLOCK, **STREAM)
+                                       FLAT=outs is None, BLOCK=BLOCK, **STREAM)
+    return new
 
 
 def random_directions(tensors, keys):
     device = tensors[0].device
-    outs = [torch.empty(t.shape, dtype=acc_dtype(t.dtype), device=device) for t in tensors]
     with plan.device_guard(device):
-        _write(tensors, keys, outs, None, 0.0, device)
-    return outs
+        return _write(tensors, keys, None, None, 0.0, device)
 
 
 def perturb(params, keys, sigma, out):

@@ -1,18 +1,19 @@
-"""Triton kernels of the fused optimizer updates (see stabkernels/update.py). One launch per storage dtype
-walks every parameter in chunks through pointer tables. Scalar hyper-parameters travel in a float64 tensor
-(Triton passes Python floats as fp32, too coarse for fp64 parameters) and the step scale / lr is read from a
-device tensor, so no host synchronisation is needed."""
-import math
-
+"""Triton kernels of the fused optimizer updates (see stabkernels/update.py). One launch per storage dtype walks
+every parameter in chunks through the cached launch plan (stabkernels/_launch_plan.py). Nothing is copied from
+the host in a step: lr, the step counter and the step scale are read from 0-d device tensors, Adam's bias
+corrections are computed from the step counter in the kernel (so a replayed CUDA graph steps on), and the
+rarely changing hyper-parameters come from a cached float64 device tensor (Triton passes a Python float as
+float32, too coarse for float64 parameters). Per-tensor sum(u^2) is reduced in a fixed order."""
 import torch
 import triton
 import triton.language as tl
 
+from .. import _launch_plan as plan
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, chunk_range, group_by_dtype, int_table, pointer_table, tl_acc
+from ._common import TL_STORAGE, chunk_range, div_ieee, segment_sums, sqrt_ieee, tl_acc
 
 CHUNK = 4096
-
+BLOCK = 1024
 
 
 @triton.jit
@@ -21,19 +22,37 @@ def _ptr(table, i, DT: tl.constexpr):
 
 
 @triton.jit
-def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, consts, scale_ptr,
-                 sums, DTYPE: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _bias_correction(beta, step):
+    """1 - beta^step in float64, step a float64 count >= 1 (beta 0 gives 1)."""
+    return 1 - tl.exp(step * tl.log(tl.maximum(beta, 1e-300)))
+
+
+@triton.jit
+def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr,
+                 step_ptr, scale_ptr, partials, DTYPE: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr,
+                 EPS_RAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
-    lr = tl.load(consts + 0).to(ACC)
-    beta1 = tl.load(consts + 1).to(ACC)
-    beta2 = tl.load(consts + 2).to(ACC)
-    eps = tl.load(consts + 3).to(ACC)
-    wd = tl.load(consts + 4).to(ACC)
-    bc1 = tl.load(consts + 5).to(ACC)
-    bc2_sqrt = tl.load(consts + 6).to(ACC)
-    step_lr = lr * tl.load(scale_ptr).to(ACC)
+    # the constants in float64, each rounded once to the math type (as the CPU kernel does)
+    beta1 = tl.load(consts + 0)
+    beta2 = tl.load(consts + 1)
+    eps = tl.load(consts + 2)
+    wd = tl.load(consts + 3)
+    lr = tl.load(lr_ptr).to(tl.float64)
+    step = tl.load(step_ptr).to(tl.float64)
+    bc1 = _bias_correction(beta1, step)
+    bc2_sqrt = tl.sqrt(_bias_correction(beta2, step))
+    if EPS_RAW:  # eps on the uncorrected sqrt(v)
+        eps = eps / bc2_sqrt
+    one_minus_beta1 = (1 - beta1).to(ACC)
+    one_minus_beta2 = (1 - beta2).to(ACC)
+    b2 = beta2.to(ACC)
+    e = eps.to(ACC)
+    w = wd.to(ACC)
+    c1 = bc1.to(ACC)
+    c2 = bc2_sqrt.to(ACC)
+    step_lr = (lr * tl.load(scale_ptr).to(tl.float64)).to(ACC)
+    decay = (1 - lr * wd).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
     g_ptr = _ptr(g_tab, i, DTYPE)
     m_ptr = _ptr(m_tab, i, DTYPE)
@@ -49,17 +68,17 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
         if MAXIMIZE:
             g = -g
         if APPLY and DECOUPLED:
-            p = p * (1 - lr * wd)
+            p = p * decay
         if not DECOUPLED:
-            g = g + p * wd
-        m = m + (g - m) * (1 - beta1)
-        v = v * beta2 + g * (1 - beta2) * g
+            g = g + p * w
+        m = m + (g - m) * one_minus_beta1
+        v = v * b2 + g * one_minus_beta2 * g
         vh = v
         if AMSGRAD:
             vm_ptr = _ptr(vm_tab, i, DTYPE)
             vh = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0).to(ACC), v)
             tl.store(vm_ptr + idx, vh.to(DTYPE), mask=mask)
-        u = (m / bc1) / (tl.sqrt(vh) / bc2_sqrt + eps)
+        u = div_ieee(div_ieee(m, c1, ACC), div_ieee(sqrt_ieee(vh, ACC), c2, ACC) + e, ACC)
         tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
         tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
         if WRITE_U:
@@ -67,20 +86,19 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
         if APPLY:
             tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
         acc += tl.where(mask, u * u, 0.0)
-    tl.atomic_add(sums + i, tl.sum(acc, axis=0))
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, consts, scale_ptr, sums,
+def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr, scale_ptr, partials,
                 DTYPE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
-    lr = tl.load(consts + 0).to(ACC)
-    mu = tl.load(consts + 1).to(ACC)
-    damp = tl.load(consts + 2).to(ACC)
-    wd = tl.load(consts + 3).to(ACC)
-    step_lr = lr * tl.load(scale_ptr).to(ACC)
+    mu = tl.load(consts + 0).to(ACC)
+    one_minus_damp = (1 - tl.load(consts + 1)).to(ACC)
+    wd = tl.load(consts + 2).to(ACC)
+    step_lr = (tl.load(lr_ptr).to(tl.float64) * tl.load(scale_ptr).to(tl.float64)).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
     g_ptr = _ptr(g_tab, i, DTYPE)
     acc = tl.zeros([BLOCK], ACC)
@@ -98,7 +116,7 @@ def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, c
             if FIRST:
                 b = g
             else:
-                b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(ACC) * mu + g * (1 - damp)
+                b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(ACC) * mu + g * one_minus_damp
             tl.store(b_ptr + idx, b.to(DTYPE), mask=mask)
             if NESTEROV:
                 u = g + b * mu
@@ -109,15 +127,16 @@ def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, c
         if APPLY:
             tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
         acc += tl.where(mask, u * u, 0.0)
-    tl.atomic_add(sums + i, tl.sum(acc, axis=0))
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, wd, DTYPE: tl.constexpr,
+def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, consts, DTYPE: tl.constexpr,
                   ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
-    lr = tl.load(lr_ptr).to(ACC)
-    decay = 1 - lr * tl.load(wd).to(ACC)
+    lr64 = tl.load(lr_ptr).to(tl.float64)
+    lr = lr64.to(ACC)
+    decay = (1 - lr64 * tl.load(consts)).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
     u_ptr = _ptr(u_tab, i, ACC)
     for off in range(0, CHUNK, BLOCK):
@@ -128,66 +147,59 @@ def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, wd, D
         tl.store(p_ptr + idx, (p * decay - lr * u).to(DTYPE), mask=mask)
 
 
-def _chunk_tables(ts, device):
-    chunks = [(j, s) for j, t in enumerate(ts) for s in range(0, max(t.numel(), 1), CHUNK)]
-    return (len(chunks), int_table((t.numel() for t in ts), device), int_table((c[0] for c in chunks), device),
-            int_table((c[1] for c in chunks), device))
-
-
-def _launch_grouped(params, launch):
-    """Calls launch(dtype, idx, nchunks, numels, chunk_tensor, chunk_start, sums) per dtype group and gathers
-    the per-tensor sums."""
+def _grouped(params, launch):
+    """Runs ``launch(group, tables, partials)`` per dtype group (``tables(list)``: the list's address table for
+    the group) and returns the per-tensor sums of the programs' partials, in the order of ``params``."""
     device = params[0].device
-    out = torch.zeros(len(params), dtype=grouped_acc_dtype(params), device=device)
-    for dtype, idx in group_by_dtype(params).items():
-        sums = torch.zeros(len(idx), dtype=acc_dtype(dtype), device=device)
-        launch(dtype, idx, *_chunk_tables([params[i] for i in idx], device), sums)
-        out[idx] = sums.to(out.dtype)
-    return out
+    out_dtype = grouped_acc_dtype(params)
+    groups = plan.layout(params, CHUNK)
+    with plan.device_guard(device):
+        sums = []
+        for g in groups:
+            partials = torch.empty(g.num_chunks, dtype=acc_dtype(g.dtype), device=device)
+            launch(g, lambda ts: plan.addresses(ts, g) if ts else g.numels, partials)
+            sums.append(segment_sums(partials, g).to(out_dtype))
+        if len(groups) == 1:
+            return sums[0]
+        out = torch.empty(len(params), dtype=out_dtype, device=device)
+        for g, s in zip(groups, sums):
+            out.index_copy_(0, g.index, s)
+        return out
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, beta1, beta2,
-               eps, weight_decay, step, decoupled, amsgrad, maximize, apply):
-    device = params[0].device
-    consts = torch.tensor([lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)],
-                          dtype=torch.float64, device=device)
-    scale = step_scale.to(device=device, dtype=torch.float64).reshape(1)
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step, beta1, beta2,
+               eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw):
+    consts = plan.constants((beta1, beta2, eps, weight_decay), params[0].device)
 
-    def launch(dtype, idx, nchunks, numels, chunk_tensor, chunk_start, sums):
-        sel = lambda ts: pointer_table([ts[i] for i in idx], device) if ts else numels  # noqa: E731
-        _adam_kernel[(nchunks,)](sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), sel(max_exp_avg_sqs),
-                                 sel(updates), numels, chunk_tensor, chunk_start, consts, scale, sums,
-                                 DTYPE=TL_STORAGE[dtype], ACC=tl_acc(dtype), DECOUPLED=decoupled, AMSGRAD=amsgrad,
-                                 MAXIMIZE=maximize, APPLY=apply, WRITE_U=bool(updates), CHUNK=CHUNK, BLOCK=1024)
+    def launch(g, tab, partials):
+        _adam_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(exp_avgs), tab(exp_avg_sqs), tab(max_exp_avg_sqs),
+                                      tab(updates), g.numels, g.chunk_tensor, g.chunk_start, consts, lr, step,
+                                      step_scale, partials, DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype),
+                                      DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply,
+                                      WRITE_U=bool(updates), EPS_RAW=eps_raw, CHUNK=CHUNK, BLOCK=BLOCK)
 
-    return _launch_grouped(params, launch)
+    return _grouped(params, launch)
 
 
 def sgd_step_(params, grads, momentum_buffers, updates, step_scale, lr, momentum, dampening, weight_decay,
               nesterov, maximize, first, apply):
-    device = params[0].device
-    consts = torch.tensor([lr, momentum, dampening, weight_decay], dtype=torch.float64, device=device)
-    scale = step_scale.to(device=device, dtype=torch.float64).reshape(1)
+    consts = plan.constants((momentum, dampening, weight_decay), params[0].device)
 
-    def launch(dtype, idx, nchunks, numels, chunk_tensor, chunk_start, sums):
-        sel = lambda ts: pointer_table([ts[i] for i in idx], device) if ts else numels  # noqa: E731
-        _sgd_kernel[(nchunks,)](sel(params), sel(grads), sel(momentum_buffers), sel(updates), numels, chunk_tensor,
-                                chunk_start, consts, scale, sums, DTYPE=TL_STORAGE[dtype], ACC=tl_acc(dtype),
-                                MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize, FIRST=first,
-                                APPLY=apply, WRITE_U=bool(updates), CHUNK=CHUNK, BLOCK=1024)
+    def launch(g, tab, partials):
+        _sgd_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(momentum_buffers), tab(updates), g.numels,
+                                     g.chunk_tensor, g.chunk_start, consts, lr, step_scale, partials,
+                                     DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), MOMENTUM=momentum != 0,
+                                     NESTEROV=nesterov, MAXIMIZE=maximize, FIRST=first, APPLY=apply,
+                                     WRITE_U=bool(updates), CHUNK=CHUNK, BLOCK=BLOCK)
 
-    return _launch_grouped(params, launch)
+    return _grouped(params, launch)
 
 
 def apply_update_(params, updates, lr, weight_decay):
     device = params[0].device
-    lr_t = lr.to(device=device, dtype=torch.float64).reshape(1)
-    wd = torch.tensor([weight_decay], dtype=torch.float64, device=device)
-
-    def launch(dtype, idx, nchunks, numels, chunk_tensor, chunk_start, sums):
-        _apply_kernel[(nchunks,)](pointer_table([params[i] for i in idx], device),
-                                  pointer_table([updates[i] for i in idx], device), numels, chunk_tensor,
-                                  chunk_start, lr_t, wd, DTYPE=TL_STORAGE[dtype], ACC=tl_acc(dtype),
-                                  CHUNK=CHUNK, BLOCK=1024)
-
-    _launch_grouped(params, launch)
+    consts = plan.constants((weight_decay,), device)
+    with plan.device_guard(device):
+        for g in plan.layout(params, CHUNK):
+            _apply_kernel[(g.num_chunks,)](plan.addresses(params, g), plan.addresses(updates, g), g.numels,
+                                           g.chunk_tensor, g.chunk_start, lr, consts, DTYPE=TL_STORAGE[g.dtype],
+                                           ACC=tl_acc(g.dtype), CHUNK=CHUNK, BLOCK=BLOCK)
