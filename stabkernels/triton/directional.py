@@ -216,9 +216,26 @@ def _ortho_write_kernel(w_tab, g_tab, numels, chunk_tensor, chunk_start, coef, s
     cc = tl.load(coef + t)
     s = tl.load(scale + t)
     r = (g - cc * w) * s
-    if DTYPE != tl.float64:
-        r = r.to(tl.float32)  # the interpreter converts fp64 -> bf16 only through fp32
-    tl.store(gp + idx, r.to(DTYPE), mask=m)
+    if DTYPE == tl.float64:
+        tl.store(gp + idx, r, mask=m)
+    elif DTYPE == tl.float32:
+        tl.store(gp + idx, r.to(tl.float32), mask=m)
+    else:
+        tl.store(gp + idx, _to_float32_odd(r).to(DTYPE), mask=m)
+
+
+@triton.jit
+def _to_float32_odd(r):
+    """float64 -> float32 rounded to odd (truncated toward zero, last bit set when inexact): rounding that to a
+    16-bit float to nearest gives the one correctly rounded float64 -> 16-bit result (as the CUDA kernel's single
+    conversion), where two round-to-nearest steps could round twice (and the interpreter converts float64 to
+    16 bits only through float32)."""
+    f = r.to(tl.float32)
+    back = f.to(tl.float64)
+    bits = f.to(tl.int32, bitcast=True)
+    bits = tl.where((back != r) & (tl.abs(back) > tl.abs(r)), bits - 1, bits)  # one ulp toward zero
+    bits = tl.where(back != r, bits | 1, bits)
+    return bits.to(tl.float32, bitcast=True)
 
 
 def _stream_layout(tensors, dtypes=None):
