@@ -1,5 +1,7 @@
-// Directional family on CUDA: the Philox stream and float32 Box-Muller of csrc/philox.h (the CPU backends'
-// bits up to nvcc's fused multiply-adds), one thread per Philox counter (four elements).
+// Directional family on CUDA: the Philox stream and float32 Box-Muller of csrc/philox.h, one thread per
+// Philox counter (four elements). Every rounding of the stream and of the written directions is an explicit
+// round-to-nearest operation (rn_* of philox.h, __dmul_rn/__dadd_rn here), so nvcc cannot contract them into
+// FMAs: the CPU backends' bits exactly (checked on the PTX: no fma.rn.f32 in these kernels).
 #include "../philox.h"
 #include "common.cuh"
 
@@ -9,6 +11,12 @@ namespace {
 constexpr int kThreads = static_cast<int>(kStreamCounters);
 
 __device__ __forceinline__ void normals4(uint64_t key, uint64_t ctr, float n[4]) { stream_normals4(key, ctr, n); }
+
+// The math-type operations of the write kernel, rounded separately as the CPU kernels round them.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // This block's tensor (group-local) and its thread's Philox counter.
 struct StreamBlock {
@@ -49,8 +57,8 @@ __global__ void write_kernel(StreamTables t, const double* scales, const int64_t
   for (int j = 0; j < 4; ++j) {
     const int64_t e = 4 * ctr + j;
     if (e >= numel) break;
-    A d = static_cast<A>(n[j]) * s;
-    if (th) d = to_acc(th[e]) + sg * d;
+    A d = mul_rn(static_cast<A>(n[j]), s);
+    if (th) d = add_rn(static_cast<A>(to_acc(th[e])), mul_rn(sg, d));
     o[e] = from_acc<T>(d);
   }
 }
