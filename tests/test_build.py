@@ -74,6 +74,32 @@ def test_cuda_stream_kernels_have_no_fma(tmp_path, monkeypatch):
     assert seen == set(STREAM_KERNELS)
 
 
+def _ptx_entries(name, tmp_path, monkeypatch):
+    """{kernel entry name: PTX body} of csrc/cuda/<name> compiled with torch's flags."""
+    path = os.path.join(REPO, "csrc", "cuda", name)
+    out = tmp_path / (name + ".ptx")
+    r = subprocess.run(["nvcc", "-ptx", *torch_nvcc_flags(monkeypatch), "-I", os.path.dirname(path), path, "-o",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return {body.split("(")[0]: body for body in re.split(r"\.entry\s+", out.read_text())[1:]}
+
+
+# The one reduction that keeps float atomics, and why: spectral.cu (pass_kernel's comment) — a fixed-order
+# pass for y = W^T x costs a scratch of 1/32 of the weights or a second DRAM read of W.
+NONDETERMINISTIC_KERNELS = ("pass_kernel",)
+
+
+@needs_toolkit
+@pytest.mark.parametrize("name", ["update.cu", "spectral.cu", "directional.cu", "reduce.cu"])
+def test_cuda_reductions_have_no_float_atomics(name, tmp_path, monkeypatch):
+    """Sums that feed a step decision (sum of u^2, sq_norms, the stream's norms and directional dots,
+    OrthoGrad's dots) are per-block partials plus a fixed-order pass (reduce.cu): the same bits every run."""
+    for entry, body in _ptx_entries(name, tmp_path, monkeypatch).items():
+        if any(k in entry for k in NONDETERMINISTIC_KERNELS):
+            continue
+        assert not re.search(r"\b(atom|red)(\.global)?\.add\.f(32|64)", body), f"{name}: {entry}"
+
+
 @needs_toolkit
 def test_torch_flags_forbid_implicit_half_conversions(tmp_path, monkeypatch):
     # The check above is only worth something if the flags are torch's: a plain `nvcc -c` accepted the

@@ -11,6 +11,11 @@ constexpr int kRows = static_cast<int>(kPowerIterationRows);
 // One block = kRows rows of one matrix. Warps compute the rows' dot products with v (lanes stride along
 // the row, coalesced); then every thread sweeps columns, summing W[r, j] x[r] over the block's rows (the
 // rows come back from L2, not DRAM) and adds the partial sums to y with atomics.
+// NOT deterministic: y's float atomics add the row blocks' partials in the order the blocks finish, so sigma
+// and the vectors can differ in the last bits from run to run. A fixed-order pass would need either a
+// (rows / kRows, cols) scratch of partial y's (1/32 of the weights: 840 MB for a 7B fp32 model, and +6%
+// (fp32) to +12% (bf16) of the pass's bytes) or a second DRAM read of W by column tiles (about +100%):
+// neither is "a few percent", so this one stays atomic (sq_norms and the sum of u^2 do not).
 template <typename T>
 __global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf, typename Acc<T>::type* y_buf) {
   using A = typename Acc<T>::type;
@@ -68,9 +73,11 @@ __global__ void finish_kernel(PowerIterationTables t, const A* x_buf, const A* y
   if (threadIdx.x == 0) sigma[t.index[i]] = static_cast<double>(ny / nx);  // the acc-type quotient
 }
 
+// One partial per chunk (summed per tensor in a fixed order by segmented_sums: deterministic; the second
+// pass moves 8 bytes per 65536-element chunk, against at least 2 bytes per element read here: 0.006%).
 template <typename T>
 __global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
-                                const int64_t* index, int64_t num_tensors, int64_t chunk, double* out) {
+                                int64_t num_tensors, int64_t chunk, double* partials) {
   using A = typename Acc<T>::type;
   const int64_t i = owner(chunk_first, num_tensors, blockIdx.x);
   const int64_t begin = (blockIdx.x - chunk_first[i]) * chunk;
@@ -82,7 +89,7 @@ __global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, cons
     s += a * a;
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) atomicAdd(out + index[i], static_cast<double>(s));
+  if (threadIdx.x == 0) partials[blockIdx.x] = static_cast<double>(s);
 }
 
 }  // namespace
@@ -114,15 +121,18 @@ cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, con
 }
 
 cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
-                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* out,
-                     cudaStream_t stream) {
-  if (num_chunks == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    sq_norms_kernel<T><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-        ptrs, numels, chunk_first, index, num_tensors, chunk, out);
-    return cudaGetLastError();
-  });
+                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* partials,
+                     double* out, cudaStream_t stream) {
+  if (num_chunks > 0) {
+    const cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      sq_norms_kernel<T><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+          ptrs, numels, chunk_first, num_tensors, chunk, partials);
+      return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return segmented_sums(partials, num_chunks, 1, chunk_first, index, num_tensors, out, 0, stream);
 }
 
 }  // namespace stabkernels::cuda
