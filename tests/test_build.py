@@ -84,16 +84,16 @@ def _ptx_entries(name, tmp_path, monkeypatch):
     return {body.split("(")[0]: body for body in re.split(r"\.entry\s+", out.read_text())[1:]}
 
 
-# The one reduction that keeps float atomics, and why: spectral.cu (pass_kernel's comment) — a fixed-order
-# pass for y = W^T x costs a scratch of 1/32 of the weights or a second DRAM read of W.
-NONDETERMINISTIC_KERNELS = ("pass_kernel",)
+# Kernels allowed to keep float atomics (each must say why in its comment): none today.
+NONDETERMINISTIC_KERNELS = ()
 
 
 @needs_toolkit
 @pytest.mark.parametrize("name", ["update.cu", "spectral.cu", "directional.cu", "reduce.cu"])
 def test_cuda_reductions_have_no_float_atomics(name, tmp_path, monkeypatch):
     """Sums that feed a step decision (sum of u^2, sq_norms, the stream's norms and directional dots,
-    OrthoGrad's dots) are per-block partials plus a fixed-order pass (reduce.cu): the same bits every run."""
+    OrthoGrad's dots, power iteration's y = W^T x) are per-block partials plus a fixed-order pass: the same
+    bits every run."""
     for entry, body in _ptx_entries(name, tmp_path, monkeypatch).items():
         if any(k in entry for k in NONDETERMINISTIC_KERNELS):
             continue

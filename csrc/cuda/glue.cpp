@@ -113,27 +113,42 @@ at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::Tens
   }
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Per dtype group: columns w, u, v, rows, cols, s0, s1, x_off, y_off, blk_first, index; info per group:
-  // dtype, matrices, row blocks, x length, y length.
-  constexpr size_t kCols = 11, kInfo = 5;
+  // Per dtype group: columns w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, blk_first, index; info per
+  // group: dtype, matrices, row blocks, x length, y length, partial y length, rows per block.
+  constexpr size_t kCols = 12, kInfo = 7;
   PlanKey key("power_iteration", device);
   key.add_list(mats, false).add_list(us, true).add_list(vs, true);
   const auto plan = launch_plan(key, [&] {
     PlanTables p;
     for (const auto& [dtype, idx] : by_dtype(mats)) {
-      Column w, u, v, rows, cols, s0, s1, x_off, y_off, blocks, index;
-      int64_t xs = 0, ys = 0;
+      // Rows per block: the fewest (most blocks) whose partial y's fit 16M entries or 1/256 of the group's
+      // elements, whichever is more; kPowerIterationBlockRows at most.
+      int64_t elements = 0;
+      for (int64_t i : idx) elements += mats[i].numel();
+      int64_t block_rows = kPowerIterationRows;
+      const auto partial_len = [&](int64_t r) {
+        int64_t total = 0;
+        for (int64_t i : idx) total += ceil_div(mats[i].size(0), r) * mats[i].size(1);
+        return total;
+      };
+      while (block_rows < kPowerIterationBlockRows &&
+             partial_len(block_rows) > std::max<int64_t>(int64_t{1} << 24, elements / kPowerIterationBlockRows))
+        block_rows *= 2;
+      Column w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, blocks, index;
+      int64_t xs = 0, ys = 0, yps = 0;
       for (int64_t i : idx) {
         const auto& W = mats[i];
+        const int64_t nb = ceil_div(W.size(0), block_rows);
         w.push_back(addr(W)), u.push_back(addr(us[i])), v.push_back(addr(vs[i]));
         rows.push_back(W.size(0)), cols.push_back(W.size(1)), s0.push_back(W.stride(0)), s1.push_back(W.stride(1));
-        x_off.push_back(xs), y_off.push_back(ys), index.push_back(i);
-        xs += W.size(0), ys += W.size(1);
-        blocks.push_back(ceil_div(W.size(0), kPowerIterationRows));
+        x_off.push_back(xs), y_off.push_back(ys), yp_off.push_back(yps), index.push_back(i), blocks.push_back(nb);
+        xs += W.size(0), ys += W.size(1), yps += nb * W.size(1);
       }
       Column first = prefix_sums(blocks);
-      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back(), xs, ys});
-      append(p, {w, u, v, rows, cols, s0, s1, x_off, y_off, first, index});
+      p.info.insert(p.info.end(),
+                    {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back(), xs, ys, yps,
+                     block_rows});
+      append(p, {w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, first, index});
     }
     return p;
   });
@@ -145,14 +160,14 @@ at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::Tens
     const auto acc = acc_of(dtype);
     const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
     at::Tensor active = at::ones({n}, mats[0].options().dtype(at::kInt));
-    PowerIterationTables t{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), n,
-                           active.mutable_data_ptr<int32_t>()};
+    PowerIterationTables t{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), n,
+                           info[g * kInfo + 6], active.mutable_data_ptr<int32_t>()};
     at::Tensor x_buf = at::empty({info[g * kInfo + 3]}, mats[0].options().dtype(acc));
     at::Tensor y_buf = at::empty({info[g * kInfo + 4]}, mats[0].options().dtype(acc));
+    at::Tensor y_part = at::empty({info[g * kInfo + 5]}, mats[0].options().dtype(acc));
     for (int64_t it = 0; it < iters; ++it) {
-      y_buf.zero_();
-      check(power_iteration_pass(dtype_of(dtype), t, blocks, x_buf.mutable_data_ptr(), y_buf.mutable_data_ptr(),
-                                 stream),
+      check(power_iteration_pass(dtype_of(dtype), t, blocks, x_buf.mutable_data_ptr(), y_part.mutable_data_ptr(),
+                                 y_buf.mutable_data_ptr(), stream),
             "power_iteration_");
       check(power_iteration_finish(acc_dtype(dtype), t, x_buf.const_data_ptr(), y_buf.const_data_ptr(),
                                    sigma.mutable_data_ptr<double>(), eps, stream),

@@ -43,18 +43,25 @@ struct PowerIterationTables {
   const int64_t* s1;     // column stride
   const int64_t* x_off;  // offset of the matrix's x (m entries) in x_buf
   const int64_t* y_off;  // offset of the matrix's y (n entries) in y_buf
-  const int64_t* blk_first;  // num_mats + 1: the matrix's first row block (prefix sums of ceil(m / kRows))
+  const int64_t* yp_off;     // offset of the matrix's partial y's (one row of n per row block) in y_part
+  const int64_t* blk_first;  // num_mats + 1: the matrix's first row block (prefix sums of ceil(m / block_rows))
   const int64_t* index;      // position of the matrix in the op's list (sigma is written there)
   int64_t num_mats;
+  int64_t block_rows;        // rows per block: a multiple of kPowerIterationRows (kPowerIterationBlockRows at most)
   int32_t* active;           // 0 once a matrix turned out zero or non-finite (per call, group-local)
 };
 
-// Rows per block of the power-iteration pass (the host builds blk_first with this step).
+// Rows per tile within a block of the power-iteration pass, and the most rows per block (the host picks
+// block_rows per launch: the fewest rows, for parallelism, whose partial y's stay within a scratch budget;
+// it builds blk_first and yp_off with that step).
 constexpr int64_t kPowerIterationRows = 32;
+constexpr int64_t kPowerIterationBlockRows = 256;
 
-// One pass over every matrix: x = W v into x_buf; y += W^T x into y_buf (zeroed by the caller).
+// One pass over every matrix: x = W v into x_buf; y = W^T x into y_buf, deterministically: each row block
+// writes its partial y (n entries) into y_part (acc type, sum over matrices of row blocks * n entries), and
+// a fixed-order second kernel sums them per column.
 cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
-                                 void* y_buf, cudaStream_t stream);
+                                 void* y_part, void* y_buf, cudaStream_t stream);
 // Per matrix: sigma = |y| / |x|, u = x / |x|, v = y / |y| (zero: sigma 0; non-finite: NaN; both deactivate).
 // `acc` is kFloat32 or kFloat64 (the buffers' and vectors' type); sigma (float64, one per tensor of the op's
 // list) gets the acc-type value at index[i].

@@ -8,42 +8,67 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = static_cast<int>(kPowerIterationRows);
 
-// One block = kRows rows of one matrix. Warps compute the rows' dot products with v (lanes stride along
-// the row, coalesced); then every thread sweeps columns, summing W[r, j] x[r] over the block's rows (the
-// rows come back from L2, not DRAM) and adds the partial sums to y with atomics.
-// NOT deterministic: y's float atomics add the row blocks' partials in the order the blocks finish, so sigma
-// and the vectors can differ in the last bits from run to run. A fixed-order pass would need either a
-// (rows / kRows, cols) scratch of partial y's (1/32 of the weights: 840 MB for a 7B fp32 model, and +6%
-// (fp32) to +12% (bf16) of the pass's bytes) or a second DRAM read of W by column tiles (about +100%):
-// neither is "a few percent", so this one stays atomic (sq_norms and the sum of u^2 do not).
+// One block = t.block_rows rows of one matrix, in tiles of kRows rows. Per tile, warps compute
+// the rows' dot products with v (lanes stride along the row, coalesced); then every thread sweeps its
+// columns, adding W[r, j] x[r] over the tile's rows (the rows come back from L2, not DRAM) to the block's
+// partial y row, which only that thread touches (same columns in every tile). A second kernel
+// (reduce_y_kernel) sums the row blocks' partial y's per column in a fixed order: deterministic, where
+// float atomics on y added the blocks' partials in whatever order they finished.
+// Cost: the partial rows are n acc-type entries per block_rows rows of W, written once and read once: with
+// 256 rows (large models: glue.cpp picks fewer rows per block, for parallelism, only while the scratch
+// stays small) 8 bytes per 256 elements (fp32 acc) against the 2-4 bytes per element the pass reads from
+// DRAM (plus its L2 re-read): 0.8% (fp32 W) to 1.6% (bf16 W) more bytes; scratch 1/256 of the weights'
+// elements (about 100 MB for a 7B model at fp32 acc, transient).
 template <typename T>
-__global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf, typename Acc<T>::type* y_buf) {
+__global__ void pass_kernel(PowerIterationTables t, typename Acc<T>::type* x_buf, typename Acc<T>::type* y_part) {
   using A = typename Acc<T>::type;
   __shared__ A xs[kRows];
   const int64_t i = owner(t.blk_first, t.num_mats, blockIdx.x);
-  if (t.active[i] == 0) return;
-  const int64_t r0 = (blockIdx.x - t.blk_first[i]) * kRows, m = t.rows[i], n = t.cols[i], s0 = t.s0[i], s1 = t.s1[i];
+  if (t.active[i] == 0) return;  // uniform across the block
+  const int64_t b = blockIdx.x - t.blk_first[i];
+  const int64_t m = t.rows[i], n = t.cols[i], s0 = t.s0[i], s1 = t.s1[i];
+  const int64_t r_begin = b * t.block_rows;
+  const int64_t r_end = r_begin + t.block_rows < m ? r_begin + t.block_rows : m;
   const T* w = reinterpret_cast<const T*>(t.w[i]);
   const A* v = reinterpret_cast<const A*>(t.v[i]);
+  A* yp = y_part + t.yp_off[i] + b * n;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < kRows; r += kThreads / 32) {
-    const int64_t row = r0 + r;
-    A d = 0;
-    if (row < m)
-      for (int64_t j = lane; j < n; j += 32) d += to_acc(w[row * s0 + j * s1]) * v[j];
-    for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-    if (lane == 0) {
-      xs[r] = row < m ? d : A(0);
-      if (row < m) x_buf[t.x_off[i] + row] = d;
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kRows) {
+    for (int r = warp; r < kRows; r += kThreads / 32) {
+      const int64_t row = r0 + r;
+      A d = 0;
+      if (row < r_end)
+        for (int64_t j = lane; j < n; j += 32) d += to_acc(w[row * s0 + j * s1]) * v[j];
+      for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+      if (lane == 0) {
+        xs[r] = row < r_end ? d : A(0);
+        if (row < r_end) x_buf[t.x_off[i] + row] = d;
+      }
     }
+    __syncthreads();
+    const int rows_here = static_cast<int>(r_end - r0 < kRows ? r_end - r0 : kRows);
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      A acc = r0 == r_begin ? A(0) : yp[j];
+      for (int r = 0; r < rows_here; ++r) acc += to_acc(w[(r0 + r) * s0 + j * s1]) * xs[r];
+      yp[j] = acc;
+    }
+    __syncthreads();  // xs is rewritten by the next tile
   }
-  __syncthreads();
-  const int rows_here = static_cast<int>(m - r0 < kRows ? m - r0 : kRows);
+}
+
+// y[j] = the sum of matrix i's row blocks' partial y's at column j, in row-block order (one block per
+// matrix, threads striding over columns: coalesced reads of each partial row).
+template <typename A>
+__global__ void reduce_y_kernel(PowerIterationTables t, const A* y_part, A* y_buf) {
+  const int64_t i = blockIdx.x;
+  if (t.active[i] == 0) return;
+  const int64_t n = t.cols[i], blocks = t.blk_first[i + 1] - t.blk_first[i];
+  const A* yp = y_part + t.yp_off[i];
   A* y = y_buf + t.y_off[i];
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    A acc = 0;
-    for (int r = 0; r < rows_here; ++r) acc += to_acc(w[(r0 + r) * s0 + j * s1]) * xs[r];
-    atomicAdd(y + j, acc);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    A s = 0;
+    for (int64_t b = 0; b < blocks; ++b) s += yp[b * n + j];
+    y[j] = s;
   }
 }
 
@@ -95,13 +120,19 @@ __global__ void sq_norms_kernel(const int64_t* ptrs, const int64_t* numels, cons
 }  // namespace
 
 cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
-                                 void* y_buf, cudaStream_t stream) {
-  if (num_blocks == 0) return cudaSuccess;
+                                 void* y_part, void* y_buf, cudaStream_t stream) {
+  if (t.num_mats == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     using A = typename Acc<T>::type;
-    pass_kernel<T><<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(t, static_cast<A*>(x_buf),
-                                                                                static_cast<A*>(y_buf));
+    if (num_blocks > 0) {
+      pass_kernel<T><<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(t, static_cast<A*>(x_buf),
+                                                                                  static_cast<A*>(y_part));
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    reduce_y_kernel<A><<<static_cast<unsigned>(t.num_mats), kThreads, 0, stream>>>(
+        t, static_cast<const A*>(y_part), static_cast<A*>(y_buf));
     return cudaGetLastError();
   });
 }
