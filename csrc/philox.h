@@ -42,6 +42,24 @@ STABKERNELS_HD void philox4x32_10(uint32_t k0, uint32_t k1, uint64_t ctr, uint32
 }
 
 
+// One IEEE round-to-nearest float32 operation each. On CUDA the intrinsics forbid nvcc's contraction of a
+// multiply and an add into an FMA (nvcc contracts by default, -fmad=true), which would round once where the
+// stream rounds twice and change the bits of some normals; on CPU the plain operators suffice (every CPU
+// source is compiled with -ffp-contract=off, setup.py).
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float rn_sqrt(float a) { return __fsqrt_rn(a); }
+#else
+STABKERNELS_HD float rn_add(float a, float b) { return a + b; }
+STABKERNELS_HD float rn_sub(float a, float b) { return a - b; }
+STABKERNELS_HD float rn_mul(float a, float b) { return a * b; }
+STABKERNELS_HD float rn_div(float a, float b) { return a / b; }
+STABKERNELS_HD float rn_sqrt(float a) { return std::sqrt(a); }
+#endif
+
 // The constants of box_muller, float32 values written exactly (hex).
 constexpr float kLn2 = 0x1.62e43p-1f;       // ln 2
 constexpr float kSqrt2 = 0x1.6a09e6p+0f;    // sqrt 2
@@ -61,7 +79,7 @@ constexpr float kTwoPowMinus24 = 0x1p-24f;
 //     cos x ~ 1 + y (C2 + y (C4 + y (C6 + y (C8 + y C10)))); (A, B) = (cos x, sin x), swapped when
 //     (o ^ o >> 1) & 1, A negated for o in 2..5, B negated for o >= 4: (A, B) = (cos, sin) of the angle
 //     2 pi (o + f) / 8 with f the unreflected fraction;
-//   (a, b) = (r A, r B). Every operation above, in that order, rounded to float32.
+//   (a, b) = (r A, r B). Every operation above, in that order, rounded to float32 (rn_* above: no FMA).
 // Accuracy: the normals are within about 1e-7 (relative) of exact Box-Muller on the same uniforms.
 STABKERNELS_HD void box_muller(uint32_t wa, uint32_t wb, float& a, float& b) {
   const float x = static_cast<float>(2 * (wa >> 9) + 1);
@@ -71,24 +89,26 @@ STABKERNELS_HD void box_muller(uint32_t wa, uint32_t wb, float& a, float& b) {
   bits = (bits & 0x7FFFFFu) | 0x3F800000u;
   float m;
   memcpy(&m, &bits, sizeof m);
-  if (m >= kSqrt2) m = m * 0.5f, e += 1;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float z = s * s;
-  const float ln_u = static_cast<float>(e - 24) * kLn2 + s * (2.0f + z * (kL3 + z * (kL5 + z * (kL7 + z * kL9))));
-  const float r = sqrtf(-2.0f * ln_u);
+  if (m >= kSqrt2) m = rn_mul(m, 0.5f), e += 1;
+  const float s = rn_div(rn_sub(m, 1.0f), rn_add(m, 1.0f));
+  const float z = rn_mul(s, s);
+  const float poly = rn_add(2.0f, rn_mul(z, rn_add(kL3, rn_mul(z, rn_add(kL5, rn_mul(z, rn_add(kL7, rn_mul(z, kL9))))))));
+  const float ln_u = rn_add(rn_mul(static_cast<float>(e - 24), kLn2), rn_mul(s, poly));
+  const float r = rn_sqrt(rn_mul(-2.0f, ln_u));
   const uint32_t o = wb >> 29;
   uint32_t k = (wb >> 6) & 0x7FFFFFu;
   if (o & 1u) k = 0x7FFFFFu - k;
-  const float t = static_cast<float>(2 * k + 1) * kTwoPowMinus24 * kPiOver4;
-  const float y = t * t;
-  const float sn = t * (1.0f + y * (kS3 + y * (kS5 + y * (kS7 + y * kS9))));
-  const float cs = 1.0f + y * (kC2 + y * (kC4 + y * (kC6 + y * (kC8 + y * kC10))));
+  const float t = rn_mul(rn_mul(static_cast<float>(2 * k + 1), kTwoPowMinus24), kPiOver4);
+  const float y = rn_mul(t, t);
+  const float sn = rn_mul(t, rn_add(1.0f, rn_mul(y, rn_add(kS3, rn_mul(y, rn_add(kS5, rn_mul(y, rn_add(kS7, rn_mul(y, kS9)))))))));
+  const float cs =
+      rn_add(1.0f, rn_mul(y, rn_add(kC2, rn_mul(y, rn_add(kC4, rn_mul(y, rn_add(kC6, rn_mul(y, rn_add(kC8, rn_mul(y, kC10))))))))));
   const bool swap = ((o ^ (o >> 1)) & 1u) != 0;
   float A = swap ? sn : cs, B = swap ? cs : sn;
   if (((o + 2) & 4u) != 0) A = -A;
   if ((o & 4u) != 0) B = -B;
-  a = r * A;
-  b = r * B;
+  a = rn_mul(r, A);
+  b = rn_mul(r, B);
 }
 
 // The four normals of Philox counter `ctr` of stream key `key`: elements 4 ctr .. 4 ctr + 3.

@@ -47,6 +47,59 @@ def test_cuda_kernel_compiles_with_torch_flags(path, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
 
 
+STREAM_KERNELS = ("sq_sums_kernel", "write_kernel", "dots_kernel")
+
+
+@needs_toolkit
+def test_cuda_stream_kernels_have_no_fma(tmp_path, monkeypatch):
+    """The direction stream is promised bit-identical on every backend: nvcc contracts a * b + c into one FMA
+    (one rounding) by default, so the CUDA stream kernels make every rounding explicit (rn_* in philox.h).
+    Checked on the PTX of directional.cu compiled with torch's flags: no fma.rn.f32, no approximate
+    division or square root, in the kernels that generate the stream."""
+    path = os.path.join(REPO, "csrc", "cuda", "directional.cu")
+    out = tmp_path / "d.ptx"
+    r = subprocess.run(["nvcc", "-ptx", *torch_nvcc_flags(monkeypatch), "-I", os.path.dirname(path), path, "-o",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ptx = out.read_text()
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    seen = set()
+    for body in entries:
+        name = next((k for k in STREAM_KERNELS if k in body.split("(")[0]), None)
+        if name is None:
+            continue
+        seen.add(name)
+        assert "fma.rn.f32" not in body, f"{name}: {body.count('fma.rn.f32')} fma.rn.f32"
+        assert not re.search(r"(div|sqrt)\.(approx|full)", body), name
+    assert seen == set(STREAM_KERNELS)
+
+
+def _ptx_entries(name, tmp_path, monkeypatch):
+    """{kernel entry name: PTX body} of csrc/cuda/<name> compiled with torch's flags."""
+    path = os.path.join(REPO, "csrc", "cuda", name)
+    out = tmp_path / (name + ".ptx")
+    r = subprocess.run(["nvcc", "-ptx", *torch_nvcc_flags(monkeypatch), "-I", os.path.dirname(path), path, "-o",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return {body.split("(")[0]: body for body in re.split(r"\.entry\s+", out.read_text())[1:]}
+
+
+# Kernels allowed to keep float atomics (each must say why in its comment): none today.
+NONDETERMINISTIC_KERNELS = ()
+
+
+@needs_toolkit
+@pytest.mark.parametrize("name", ["update.cu", "spectral.cu", "directional.cu", "reduce.cu"])
+def test_cuda_reductions_have_no_float_atomics(name, tmp_path, monkeypatch):
+    """Sums that feed a step decision (sum of u^2, sq_norms, the stream's norms and directional dots,
+    OrthoGrad's dots, power iteration's y = W^T x) are per-block partials plus a fixed-order pass: the same
+    bits every run."""
+    for entry, body in _ptx_entries(name, tmp_path, monkeypatch).items():
+        if any(k in entry for k in NONDETERMINISTIC_KERNELS):
+            continue
+        assert not re.search(r"\b(atom|red)(\.global)?\.add\.f(32|64)", body), f"{name}: {entry}"
+
+
 @needs_toolkit
 def test_torch_flags_forbid_implicit_half_conversions(tmp_path, monkeypatch):
     # The check above is only worth something if the flags are torch's: a plain `nvcc -c` accepted the

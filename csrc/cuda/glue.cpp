@@ -113,27 +113,42 @@ at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::Tens
   }
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Per dtype group: columns w, u, v, rows, cols, s0, s1, x_off, y_off, blk_first, index; info per group:
-  // dtype, matrices, row blocks, x length, y length.
-  constexpr size_t kCols = 11, kInfo = 5;
+  // Per dtype group: columns w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, blk_first, index; info per
+  // group: dtype, matrices, row blocks, x length, y length, partial y length, rows per block.
+  constexpr size_t kCols = 12, kInfo = 7;
   PlanKey key("power_iteration", device);
   key.add_list(mats, false).add_list(us, true).add_list(vs, true);
   const auto plan = launch_plan(key, [&] {
     PlanTables p;
     for (const auto& [dtype, idx] : by_dtype(mats)) {
-      Column w, u, v, rows, cols, s0, s1, x_off, y_off, blocks, index;
-      int64_t xs = 0, ys = 0;
+      // Rows per block: the fewest (most blocks) whose partial y's fit 16M entries or 1/256 of the group's
+      // elements, whichever is more; kPowerIterationBlockRows at most.
+      int64_t elements = 0;
+      for (int64_t i : idx) elements += mats[i].numel();
+      int64_t block_rows = kPowerIterationRows;
+      const auto partial_len = [&](int64_t r) {
+        int64_t total = 0;
+        for (int64_t i : idx) total += ceil_div(mats[i].size(0), r) * mats[i].size(1);
+        return total;
+      };
+      while (block_rows < kPowerIterationBlockRows &&
+             partial_len(block_rows) > std::max<int64_t>(int64_t{1} << 24, elements / kPowerIterationBlockRows))
+        block_rows *= 2;
+      Column w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, blocks, index;
+      int64_t xs = 0, ys = 0, yps = 0;
       for (int64_t i : idx) {
         const auto& W = mats[i];
+        const int64_t nb = ceil_div(W.size(0), block_rows);
         w.push_back(addr(W)), u.push_back(addr(us[i])), v.push_back(addr(vs[i]));
         rows.push_back(W.size(0)), cols.push_back(W.size(1)), s0.push_back(W.stride(0)), s1.push_back(W.stride(1));
-        x_off.push_back(xs), y_off.push_back(ys), index.push_back(i);
-        xs += W.size(0), ys += W.size(1);
-        blocks.push_back(ceil_div(W.size(0), kPowerIterationRows));
+        x_off.push_back(xs), y_off.push_back(ys), yp_off.push_back(yps), index.push_back(i), blocks.push_back(nb);
+        xs += W.size(0), ys += W.size(1), yps += nb * W.size(1);
       }
       Column first = prefix_sums(blocks);
-      p.info.insert(p.info.end(), {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back(), xs, ys});
-      append(p, {w, u, v, rows, cols, s0, s1, x_off, y_off, first, index});
+      p.info.insert(p.info.end(),
+                    {static_cast<int64_t>(dtype), static_cast<int64_t>(idx.size()), first.back(), xs, ys, yps,
+                     block_rows});
+      append(p, {w, u, v, rows, cols, s0, s1, x_off, y_off, yp_off, first, index});
     }
     return p;
   });
@@ -145,14 +160,14 @@ at::Tensor power_iteration_cuda(at::TensorList mats, at::TensorList us, at::Tens
     const auto acc = acc_of(dtype);
     const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
     at::Tensor active = at::ones({n}, mats[0].options().dtype(at::kInt));
-    PowerIterationTables t{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), n,
-                           active.mutable_data_ptr<int32_t>()};
+    PowerIterationTables t{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), n,
+                           info[g * kInfo + 6], active.mutable_data_ptr<int32_t>()};
     at::Tensor x_buf = at::empty({info[g * kInfo + 3]}, mats[0].options().dtype(acc));
     at::Tensor y_buf = at::empty({info[g * kInfo + 4]}, mats[0].options().dtype(acc));
+    at::Tensor y_part = at::empty({info[g * kInfo + 5]}, mats[0].options().dtype(acc));
     for (int64_t it = 0; it < iters; ++it) {
-      y_buf.zero_();
-      check(power_iteration_pass(dtype_of(dtype), t, blocks, x_buf.mutable_data_ptr(), y_buf.mutable_data_ptr(),
-                                 stream),
+      check(power_iteration_pass(dtype_of(dtype), t, blocks, x_buf.mutable_data_ptr(), y_part.mutable_data_ptr(),
+                                 y_buf.mutable_data_ptr(), stream),
             "power_iteration_");
       check(power_iteration_finish(acc_dtype(dtype), t, x_buf.const_data_ptr(), y_buf.const_data_ptr(),
                                    sigma.mutable_data_ptr<double>(), eps, stream),
@@ -192,12 +207,14 @@ at::Tensor sq_norms_cuda(at::TensorList tensors) {
     }
     return p;
   });
-  at::Tensor out = at::zeros({T}, tensors[0].options().dtype(at::kDouble));
+  at::Tensor out = at::empty({T}, tensors[0].options().dtype(at::kDouble));  // every entry written
   const auto& info = plan->info();
   for (size_t g = 0; g * kInfo < info.size(); ++g) {
     const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    at::Tensor partials = at::empty({info[g * kInfo + 2]}, out.options());
     check(sq_norms(dtype_of(static_cast<at::ScalarType>(info[g * kInfo])), c(0), c(1), c(2), c(3),
-                   info[g * kInfo + 1], info[g * kInfo + 2], kChunk, out.mutable_data_ptr<double>(), stream),
+                   info[g * kInfo + 1], info[g * kInfo + 2], kChunk, partials.mutable_data_ptr<double>(),
+                   out.mutable_data_ptr<double>(), stream),
           "sq_norms");
   }
   return converted(out, grouped_acc(tensors));
@@ -268,15 +285,17 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "adam_step_", "step_scale");
   const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "adam_step_", "lr");
   const at::Tensor step_d = device_scalar(step, device, at::kDouble, "adam_step_", "step");
-  at::Tensor sums = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
+  at::Tensor sums = at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
   const at::TensorList vm = amsgrad ? max_exp_avg_sqs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, exp_avgs, exp_avg_sqs, vm, updates});
-  for (const auto& g : plan.groups)
+  for (const auto& g : plan.groups) {
+    at::Tensor partials = at::empty({g.chunks}, sums.options());
     check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
                     lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
-                    sums.mutable_data_ptr<double>(),
+                    partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(),
                     AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty(), eps_raw}, stream),
           "adam_step_");
+  }
   return converted(sums, grouped_acc(params));
 }
 
@@ -292,14 +311,17 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "sgd_step_", "step_scale");
   const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "sgd_step_", "lr");
-  at::Tensor sums = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
+  at::Tensor sums = at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
   const at::TensorList b = momentum != 0 ? bufs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, b, {}, {}, updates});
-  for (const auto& g : plan.groups)
+  for (const auto& g : plan.groups) {
+    at::Tensor partials = at::empty({g.chunks}, sums.options());
     check(sgd_step(dtype_of(g.dtype), g.t, g.chunks, SgdHyper{momentum, dampening, weight_decay},
-                   lr_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(), sums.mutable_data_ptr<double>(),
+                   lr_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(), partials.mutable_data_ptr<double>(),
+                   sums.mutable_data_ptr<double>(),
                    SgdFlags{momentum != 0, nesterov, maximize, first, apply, !updates.empty()}, stream),
           "sgd_step_");
+  }
   return converted(sums, grouped_acc(params));
 }
 
@@ -403,13 +425,15 @@ at::Tensor device_keys(const at::Tensor& keys, const at::Device& device, int64_t
   return keys.contiguous();
 }
 
-// Number of stream blocks (kStreamCounters Philox counters of four elements each) of a tensor.
+// Number of stream blocks of a tensor: kStreamCounters Philox counters of four elements each (the write
+// kernel), or kStreamSumCounters (the reductions).
 int64_t stream_blocks(int64_t numel) { return ceil_div(numel, 4 * kStreamCounters); }
+int64_t stream_sum_blocks(int64_t numel) { return ceil_div(numel, 4 * kStreamSumCounters); }
 
 // out[i] = d_i (srcs empty) or srcs[i] + sigma d_i, d_i the unit-norm direction of stream keys[index i]:
 // one sum-of-squares launch over every tensor, then one write launch per output dtype. Plan: columns numel,
-// index, blk_first over every tensor; then per output dtype group numel, index, blk_first, src, out. Info:
-// total blocks, then per group dtype, tensors, blocks.
+// index, blk_first (reduction blocks) over every tensor; then per output dtype group numel, index,
+// blk_first (write blocks), src, out. Info: total reduction blocks, then per group dtype, tensors, blocks.
 void stream_write_all(at::TensorList ts, const at::Tensor& keys_in, at::TensorList outs, at::TensorList srcs,
                       double sigma, const at::Device& device, cudaStream_t stream, const char* op) {
   const int64_t T = static_cast<int64_t>(ts.size());
@@ -427,7 +451,7 @@ void stream_write_all(at::TensorList ts, const at::Tensor& keys_in, at::TensorLi
     PlanTables p;
     Column numel, index, blocks;
     for (int64_t i = 0; i < T; ++i)
-      numel.push_back(ts[i].numel()), index.push_back(i), blocks.push_back(stream_blocks(ts[i].numel()));
+      numel.push_back(ts[i].numel()), index.push_back(i), blocks.push_back(stream_sum_blocks(ts[i].numel()));
     Column first = prefix_sums(blocks);
     p.info.push_back(first.back());
     append(p, {numel, index, first});
@@ -446,9 +470,10 @@ void stream_write_all(at::TensorList ts, const at::Tensor& keys_in, at::TensorLi
   const auto& info = plan->info();
   const int64_t* kp = keys.const_data_ptr<int64_t>();  // row 0: one key per tensor
   // The stream's unit-norm scales per tensor, rounded to float32 (then widened to float64 for the math).
-  at::Tensor sums = at::zeros({T}, at::TensorOptions().device(device).dtype(at::kDouble));
+  at::Tensor sums = at::empty({T}, at::TensorOptions().device(device).dtype(at::kDouble));
+  at::Tensor partials = at::empty({info[0]}, sums.options());
   check(stream_sq_sums(StreamTables{kp, plan->column(0), plan->column(1), plan->column(2), T}, info[0],
-                       sums.mutable_data_ptr<double>(), stream),
+                       partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), stream),
         "stream_sq_sums");
   const at::Tensor scales = converted(converted(1.0 / (sums.sqrt() + 1e-12), at::kFloat), at::kDouble);
   for (size_t g = 0; 1 + g * kInfo < info.size(); ++g) {
@@ -500,7 +525,7 @@ at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in
     for (const auto& [dtype, idx] : by_dtype(flat)) {
       Column numel, index, blocks, g;
       for (int64_t i : idx) {
-        numel.push_back(flat[i].numel()), index.push_back(i), blocks.push_back(stream_blocks(flat[i].numel()));
+        numel.push_back(flat[i].numel()), index.push_back(i), blocks.push_back(stream_sum_blocks(flat[i].numel()));
         g.push_back(addr(flat[i]));
       }
       Column first = prefix_sums(blocks);
@@ -509,14 +534,16 @@ at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in
     }
     return p;
   });
-  at::Tensor gn = at::zeros({K, T}, grads[0].options().dtype(at::kDouble)), nn = at::zeros_like(gn);
+  // every entry of gn and nn is written (each group its tensors' columns)
+  at::Tensor gn = at::empty({K, T}, grads[0].options().dtype(at::kDouble)), nn = at::empty_like(gn);
   const auto& info = plan->info();
   for (size_t g = 0; g * kInfo < info.size(); ++g) {
     const auto c = [&](size_t k) { return plan->column(g * kCols + k); };
+    at::Tensor partials = at::empty({2 * K * info[g * kInfo + 2]}, gn.options());
     check(directional_dots(dtype_of(static_cast<at::ScalarType>(info[g * kInfo])),
                            StreamTables{keys.const_data_ptr<int64_t>(), c(0), c(1), c(2), info[g * kInfo + 1]},
-                           info[g * kInfo + 2], K, T, c(3), gn.mutable_data_ptr<double>(),
-                           nn.mutable_data_ptr<double>(), stream),
+                           info[g * kInfo + 2], K, T, c(3), partials.mutable_data_ptr<double>(),
+                           gn.mutable_data_ptr<double>(), nn.mutable_data_ptr<double>(), stream),
           "directional_dots");
   }
   const at::Tensor scales = converted(converted(1.0 / (nn.sqrt() + 1e-12), at::kFloat), at::kDouble);
@@ -528,17 +555,23 @@ void orthograd_cuda(at::TensorList params, at::TensorList grads) {
   const c10::cuda::CUDAGuard guard(params[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const UpdatePlan plan = update_plan({params, grads, {}, {}, {}, {}});
+  const int64_t T = static_cast<int64_t>(params.size());
+  // (w.g, w.w, g.g) per tensor, rows of a (3, T) tensor: every entry written (each group its columns)
+  at::Tensor sums = at::empty({3, T}, params[0].options().dtype(at::kDouble));
   for (const auto& g : plan.groups) {
-    at::Tensor sums = at::zeros({g.t.num_tensors, 3}, params[0].options().dtype(at::kDouble));
-    check(orthograd_sums(dtype_of(g.dtype), g.t, g.chunks, sums.mutable_data_ptr<double>(), stream), "orthograd_");
-    const at::Tensor wg = sums.select(1, 0), ww = sums.select(1, 1), gg = sums.select(1, 2);
-    const at::Tensor coef = (wg / (ww + 1e-30)).contiguous();
-    const at::Tensor perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0);
-    const at::Tensor scale = (gg.sqrt() / (perp2.sqrt() + 1e-30)).contiguous();
+    at::Tensor partials = at::empty({3 * g.chunks}, sums.options());
+    check(orthograd_sums(dtype_of(g.dtype), g.t, g.chunks, T, partials.mutable_data_ptr<double>(),
+                         sums.mutable_data_ptr<double>(), stream),
+          "orthograd_");
+  }
+  const at::Tensor wg = sums.select(0, 0), ww = sums.select(0, 1), gg = sums.select(0, 2);
+  const at::Tensor coef = (wg / (ww + 1e-30)).contiguous();
+  const at::Tensor perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0);
+  const at::Tensor scale = (gg.sqrt() / (perp2.sqrt() + 1e-30)).contiguous();
+  for (const auto& g : plan.groups)
     check(orthograd_write(dtype_of(g.dtype), g.t, g.chunks, coef.const_data_ptr<double>(),
                           scale.const_data_ptr<double>(), stream),
           "orthograd_");
-  }
 }
 
 at::Tensor row_spread_cuda(const at::Tensor& x) {

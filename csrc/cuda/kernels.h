@@ -18,6 +18,14 @@ cudaError_t row_spread(const void* x, DType dtype, int64_t rows, int64_t cols, i
 cudaError_t row_minmax_fold(DType acc, const void* tile, int64_t rows, int64_t cols, int64_t ld, const void* bias,
                             void* hi, void* lo, cudaStream_t stream);
 
+// Deterministic reductions: the grouped kernels write one float64 partial per block (row k of a (K, num_blocks)
+// scratch; no float atomics, whose order changes the rounding from run to run), then this fixed-order pass
+// writes out[k * out_stride + index[i]] = the sum of row k's partials b in [first[i], first[i + 1]) for
+// tensors i < num_tensors (first: prefix sums of the tensors' block counts, as the launch's own column).
+cudaError_t segmented_sums(const double* partials, int64_t num_blocks, int64_t K, const int64_t* first,
+                           const int64_t* index, int64_t num_tensors, double* out, int64_t out_stride,
+                           cudaStream_t stream);
+
 // Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor of the
 // group (plus one for the *_first columns). Pointers travel as int64 addresses so that one int64 tensor built
 // on the host holds every table; glue.cpp gets them from a cached launch plan (launch_plan.h), built once per
@@ -35,18 +43,25 @@ struct PowerIterationTables {
   const int64_t* s1;     // column stride
   const int64_t* x_off;  // offset of the matrix's x (m entries) in x_buf
   const int64_t* y_off;  // offset of the matrix's y (n entries) in y_buf
-  const int64_t* blk_first;  // num_mats + 1: the matrix's first row block (prefix sums of ceil(m / kRows))
+  const int64_t* yp_off;     // offset of the matrix's partial y's (one row of n per row block) in y_part
+  const int64_t* blk_first;  // num_mats + 1: the matrix's first row block (prefix sums of ceil(m / block_rows))
   const int64_t* index;      // position of the matrix in the op's list (sigma is written there)
   int64_t num_mats;
+  int64_t block_rows;        // rows per block: a multiple of kPowerIterationRows (kPowerIterationBlockRows at most)
   int32_t* active;           // 0 once a matrix turned out zero or non-finite (per call, group-local)
 };
 
-// Rows per block of the power-iteration pass (the host builds blk_first with this step).
+// Rows per tile within a block of the power-iteration pass, and the most rows per block (the host picks
+// block_rows per launch: the fewest rows, for parallelism, whose partial y's stay within a scratch budget;
+// it builds blk_first and yp_off with that step).
 constexpr int64_t kPowerIterationRows = 32;
+constexpr int64_t kPowerIterationBlockRows = 256;
 
-// One pass over every matrix: x = W v into x_buf; y += W^T x into y_buf (zeroed by the caller).
+// One pass over every matrix: x = W v into x_buf; y = W^T x into y_buf, deterministically: each row block
+// writes its partial y (n entries) into y_part (acc type, sum over matrices of row blocks * n entries), and
+// a fixed-order second kernel sums them per column.
 cudaError_t power_iteration_pass(DType dtype, const PowerIterationTables& t, int64_t num_blocks, void* x_buf,
-                                 void* y_buf, cudaStream_t stream);
+                                 void* y_part, void* y_buf, cudaStream_t stream);
 // Per matrix: sigma = |y| / |x|, u = x / |x|, v = y / |y| (zero: sigma 0; non-finite: NaN; both deactivate).
 // `acc` is kFloat32 or kFloat64 (the buffers' and vectors' type); sigma (float64, one per tensor of the op's
 // list) gets the acc-type value at index[i].
@@ -54,11 +69,11 @@ cudaError_t power_iteration_finish(DType acc, const PowerIterationTables& t, con
                                    double* sigma, double eps, cudaStream_t stream);
 
 // Sum of squares per tensor (contiguous), in chunks of `chunk` elements (chunk_first: prefix sums of the
-// tensors' chunk counts, num_tensors + 1 entries); out (float64, one per tensor of the op's list, zeroed)
-// gets atomic adds at index[i].
+// tensors' chunk counts, num_tensors + 1 entries); out (float64, one per tensor of the op's list) gets the
+// sum at index[i] from a fixed-order pass over one partial per chunk (partials: num_chunks of scratch).
 cudaError_t sq_norms(DType dtype, const int64_t* ptrs, const int64_t* numels, const int64_t* chunk_first,
-                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* out,
-                     cudaStream_t stream);
+                     const int64_t* index, int64_t num_tensors, int64_t num_chunks, int64_t chunk, double* partials,
+                     double* out, cudaStream_t stream);
 
 // Fused optimizer updates: tables of per-tensor addresses (0 where a list is absent) and element chunks.
 struct UpdateTables {
@@ -93,11 +108,13 @@ struct SgdHyper {
 // makes no host round trip and can be captured in a CUDA graph:
 //   lr, scale (the step scale) and, for Adam, step (the step number after this step, >= 1): the kernel
 //   computes bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) in double (eps_raw: eps / sqrt(bc2)).
-// sums (float64, one per tensor of the op's list, zeroed): sum of u^2 per tensor, at index[i].
+// sums (float64, one per tensor of the op's list): sum of u^2 per tensor, written at index[i] by a
+// fixed-order second pass over one partial per chunk (partials: num_chunks float64 of scratch).
 cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
-                      const double* step, const double* scale, double* sums, AdamFlags flags, cudaStream_t stream);
+                      const double* step, const double* scale, double* partials, double* sums, AdamFlags flags,
+                      cudaStream_t stream);
 cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
-                     const double* scale, double* sums, SgdFlags flags, cudaStream_t stream);
+                     const double* scale, double* partials, double* sums, SgdFlags flags, cudaStream_t stream);
 // p <- p * (1 - lr * weight_decay) - lr * u, lr = *scale.
 cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
                          double weight_decay, cudaStream_t stream);
@@ -122,6 +139,12 @@ cudaError_t stablemax_cross_entropy(DType dtype, const LossArgs& a, void* loss, 
 // (K, T) with T the length of the op's whole list (K = 1 for a (T,) key vector); tensor i of a launch uses
 // keys[k * T + index[i]].
 constexpr int64_t kStreamCounters = 256;
+// The reductions over the stream (stream_sq_sums, directional_dots) take kStreamSumCounters counters per
+// block (16 per thread): one partial per 16384 elements (per direction) keeps their scratch small. Their
+// blk_first columns count blocks of this size.
+constexpr int64_t kStreamSumCounters = kStreamCounters * 16;
+// directional_dots keeps this many directions' sums per thread in registers (K > this: g is re-read).
+constexpr int64_t kDotsTile = 8;
 struct StreamTables {
   const int64_t* keys;
   const int64_t* numel;
@@ -129,17 +152,22 @@ struct StreamTables {
   const int64_t* blk_first;
   int64_t num_tensors;
 };
-// sums[index[t]] += sum of n^2 over tensor t's stream (float64, zeroed by the caller).
-cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* sums, cudaStream_t stream);
+// sums[index[t]] = sum of n^2 over tensor t's stream (float64; blocks of kStreamSumCounters; partials:
+// num_blocks of scratch; deterministic).
+cudaError_t stream_sq_sums(const StreamTables& t, int64_t num_blocks, double* partials, double* sums,
+                           cudaStream_t stream);
 // out[t] = n * scale (src null) or src[t] + sigma * (n * scale), scale = scales[index[t]] (float64 holding a
 // float32 value), math in `acc`, stored as `dtype`.
 cudaError_t stream_write(DType dtype, DType acc, const StreamTables& t, int64_t num_blocks, const double* scales,
                          const int64_t* src, const int64_t* out, double sigma, cudaStream_t stream);
-// gn[k, index[t]] += g_t . n_{t,k}; nn[k, index[t]] += n_{t,k} . n_{t,k} (float64, (K, T) row-major).
+// gn[k, index[t]] = g_t . n_{t,k}; nn[k, index[t]] = n_{t,k} . n_{t,k} (float64, (K, T) row-major; blocks
+// of kStreamSumCounters; partials: 2 * K * num_blocks of scratch; deterministic).
 cudaError_t directional_dots(DType dtype, const StreamTables& t, int64_t num_blocks, int64_t K, int64_t T,
-                             const int64_t* grads, double* gn, double* nn, cudaStream_t stream);
-// OrthoGrad: sums[3t..3t+2] += (w.g, w.w, g.g) (t group-local); then g <- (g - coef[t] w) * scale[t].
-cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunks, double* sums, cudaStream_t stream);
+                             const int64_t* grads, double* partials, double* gn, double* nn, cudaStream_t stream);
+// OrthoGrad: sums[c * T + index[t]] = (w.g, w.w, g.g)[c] ((3, T), deterministic; partials: 3 * num_chunks
+// of scratch); then g <- (g - coef[index[t]] w) * scale[index[t]].
+cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunks, int64_t T, double* partials,
+                           double* sums, cudaStream_t stream);
 cudaError_t orthograd_write(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* coef,
                             const double* scale, cudaStream_t stream);
 

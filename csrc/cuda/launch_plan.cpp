@@ -71,7 +71,17 @@ PlanKey& PlanKey::add_list(at::TensorList ts, bool flat) {
   return *this;
 }
 
-LaunchPlan::LaunchPlan(PlanTables tables, const at::Device& device) : info_(std::move(tables.info)) {
+namespace {
+
+bool capturing(const c10::cuda::CUDAStream& stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream.stream(), &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
+
+LaunchPlan::LaunchPlan(PlanTables tables, const at::Device& device, const c10::cuda::CUDAStream& stream)
+    : info_(std::move(tables.info)), stream_(stream) {
   int64_t total = 0;
   for (const auto& c : tables.columns) total += static_cast<int64_t>(c.size());
   host_ = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -86,24 +96,47 @@ LaunchPlan::LaunchPlan(PlanTables tables, const at::Device& device) : info_(std:
   device_ = at::empty({host_.numel()}, at::TensorOptions().dtype(at::kLong).device(device));
   device_.copy_(host_, /*non_blocking=*/true);
   for (int64_t off : offsets) starts_.push_back(device_.const_data_ptr<int64_t>() + off);
+  if (!capturing(stream_) && cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming) == cudaSuccess &&
+      cudaEventRecord(ready_, stream_.stream()) != cudaSuccess) {
+    cudaEventDestroy(ready_);
+    ready_ = nullptr;
+  }
+}
+
+LaunchPlan::~LaunchPlan() {
+  if (ready_ != nullptr) cudaEventDestroy(ready_);
+}
+
+void LaunchPlan::use_on(const c10::cuda::CUDAStream& stream) const {
+  if (stream == stream_ || capturing(stream)) return;
+  if (ready_ != nullptr) cudaStreamWaitEvent(stream.stream(), ready_, 0);
+  device_.record_stream(stream);
 }
 
 std::shared_ptr<const LaunchPlan> launch_plan(const PlanKey& key, const std::function<PlanTables()>& build) {
   Cache& c = cache();
+  const at::Device device(static_cast<at::DeviceType>(key.words()[1]), static_cast<at::DeviceIndex>(key.words()[2]));
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   {
-    std::lock_guard<std::mutex> lock(c.mutex);
-    for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
-      if (it->key == key) {
-        c.entries.splice(c.entries.begin(), c.entries, it);
-        ++c.hits;
-        return c.entries.front().plan;
+    std::shared_ptr<const LaunchPlan> hit;
+    {
+      std::lock_guard<std::mutex> lock(c.mutex);
+      for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
+        if (it->key == key) {
+          c.entries.splice(c.entries.begin(), c.entries, it);
+          ++c.hits;
+          hit = c.entries.front().plan;
+          break;
+        }
       }
+    }
+    if (hit) {
+      hit->use_on(stream);
+      return hit;
     }
   }
   // Built outside the lock (host work proportional to the number of tensors, plus the upload).
-  const int64_t type = key.words()[1], index = key.words()[2];
-  auto plan = std::make_shared<const LaunchPlan>(
-      build(), at::Device(static_cast<at::DeviceType>(type), static_cast<at::DeviceIndex>(index)));
+  auto plan = std::make_shared<const LaunchPlan>(build(), device, stream);
   std::lock_guard<std::mutex> lock(c.mutex);
   ++c.misses;
   c.entries.push_front(Entry{key, plan});

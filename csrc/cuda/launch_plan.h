@@ -13,6 +13,7 @@
 #pragma once
 #ifdef STABKERNELS_WITH_CUDA
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <functional>
@@ -50,7 +51,17 @@ struct PlanTables {
 
 class LaunchPlan {
  public:
-  LaunchPlan(PlanTables tables, const at::Device& device);
+  // Uploads `tables` on `stream` (the current stream of the plan's device).
+  LaunchPlan(PlanTables tables, const at::Device& device, const c10::cuda::CUDAStream& stream);
+  ~LaunchPlan();
+  LaunchPlan(const LaunchPlan&) = delete;
+  LaunchPlan& operator=(const LaunchPlan&) = delete;
+  // Makes the plan safe to read from `stream` when it is not the stream that uploaded it: `stream` waits
+  // (on the device, no host wait) for the upload, and the caching allocator is told that `stream` uses the
+  // table, so that its memory is not reused before that stream's launches ran. Skipped while `stream` is
+  // capturing a CUDA graph (a plan used in a graph should be built before the capture, by a warm-up step
+  // on the capturing stream, as torch.cuda.graphs recommends).
+  void use_on(const c10::cuda::CUDAStream& stream) const;
   // device address of column c (valid while the plan is alive: hold the shared_ptr across the launches)
   const int64_t* column(size_t c) const { return starts_[c]; }
   size_t num_columns() const { return starts_.size(); }
@@ -59,12 +70,15 @@ class LaunchPlan {
  private:
   at::Tensor host_;    // pinned; kept so that a copy captured in a CUDA graph still reads valid memory
   at::Tensor device_;  // int64, every column
+  c10::cuda::CUDAStream stream_;      // the stream that uploaded the table
+  cudaEvent_t ready_ = nullptr;       // recorded on stream_ after the upload (null if built while capturing)
   std::vector<const int64_t*> starts_;
   std::vector<int64_t> info_;
 };
 
 // The cached plan of `key`, or the plan `build()` describes (uploaded and cached: a small LRU of
-// kPlanCacheSize entries, shared by every op and device; thread-safe).
+// kPlanCacheSize entries, shared by every op and device; thread-safe), ready to be read by launches on the
+// current stream of the key's device.
 std::shared_ptr<const LaunchPlan> launch_plan(const PlanKey& key, const std::function<PlanTables()>& build);
 
 constexpr size_t kPlanCacheSize = 16;
