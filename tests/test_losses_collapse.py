@@ -142,3 +142,24 @@ def test_the_public_functions_do_not_collapse(backend, device):
     sk.stablemax_cross_entropy(x, y.to(device), backend=backend).backward()
     want, want_grad = stablemax_reference(z, y)
     assert normwise_err(x.grad.cpu(), want_grad / len(y)) < RTOL
+
+
+def test_grokking_proxy_in_the_authors_setting_runs_short(tmp_path):
+    """bench/proxies/grokking.py --authors (the long run is a script option), 20 steps: both runs, every column."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "proxies", "grokking.py")
+    spec = importlib.util.spec_from_file_location("proxy_grokking_authors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "authors.md"
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--authors", "--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 1") or line.startswith("| 2")]
+    assert [r[0] for r in rows] == ["| 10", "| 20"]
+    for r in rows:
+        assert len(r) == 10 and float(r[4]) < RTOL and float(r[5]) < RTOL  # ours against float64
