@@ -11,8 +11,13 @@ from .helpers import backend_params
 CE_BACKENDS = backend_params("cross_entropy_z_loss")
 SM_BACKENDS = backend_params("stablemax_cross_entropy")
 SHAPES = [(37, 113), (9, 2053)]  # 2053: several Triton blocks; targets in the SIMD body and in the scalar tail
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 RTOL = 1e-4
+
+
+def rtol(dtype):
+    """float64 logits: float64 math, which no such row collapses; held to float64 accuracy instead."""
+    return 1e-12 if dtype == torch.float64 else RTOL
 
 
 def targets(n, v, g):
@@ -78,8 +83,8 @@ def normwise_err(got, want):
 
 
 def check_grad(grad, want, dtype):
-    if dtype == torch.float32:
-        assert normwise_err(grad, want) < RTOL
+    if dtype in (torch.float32, torch.float64):
+        assert normwise_err(grad, want) < rtol(dtype)
     else:  # stored in 16 bits: the float64 gradient rounded to dtype, up to one unit in its last place
         ulp = torch.finfo(dtype).eps
         tiny = torch.finfo(dtype).smallest_normal * ulp  # the smallest subnormal
@@ -100,17 +105,17 @@ def test_softmax_cross_entropy_does_not_collapse(backend, device, dtype, shape, 
     z = z.to(dtype)
     assert collapsed(z, y, lambda x: torch.softmax(x, 1)).float().mean() > 0.5  # the regime: most rows collapse
     grad = torch.empty_like(z, device=device)
-    ce, zl = torch.ops.stabkernels.cross_entropy_z_loss(z.to(device), y.to(device), grad, torch.ones((), device=device),
-                                                        c, -100, backend)
+    one = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    ce, zl = torch.ops.stabkernels.cross_entropy_z_loss(z.to(device), y.to(device), grad, one, c, -100, backend)
     want_ce, want_zl, want_grad = softmax_reference(z, y, c)
-    assert rel_err(ce.cpu(), want_ce) < RTOL
+    assert rel_err(ce.cpu(), want_ce) < rtol(dtype)
     if c:
-        assert rel_err(zl.cpu(), want_zl) < RTOL
+        assert rel_err(zl.cpu(), want_zl) < rtol(dtype)
     check_grad(grad.cpu(), want_grad, dtype)
 
 
 @pytest.mark.parametrize("backend,device", SM_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # float16 cannot hold 1e5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)  # float16 cannot hold 1e5
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_stablemax_cross_entropy_does_not_collapse(backend, device, dtype, shape):
     z, y = stablemax_data(*shape)
@@ -118,10 +123,10 @@ def test_stablemax_cross_entropy_does_not_collapse(backend, device, dtype, shape
     p = lambda x: stablemax_s(x) / stablemax_s(x).sum(1, keepdim=True)  # noqa: E731
     assert collapsed(z, y, p).float().mean() > 0.5
     grad = torch.empty_like(z, device=device)
-    loss = torch.ops.stabkernels.stablemax_cross_entropy(z.to(device), y.to(device), grad,
-                                                         torch.ones((), device=device), -100, backend)
+    one = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    loss = torch.ops.stabkernels.stablemax_cross_entropy(z.to(device), y.to(device), grad, one, -100, backend)
     want, want_grad = stablemax_reference(z, y)
-    assert rel_err(loss.cpu(), want) < RTOL
+    assert rel_err(loss.cpu(), want) < rtol(dtype)
     check_grad(grad.cpu(), want_grad, dtype)
 
 
