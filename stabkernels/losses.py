@@ -45,20 +45,38 @@ def _valid_targets(target: Tensor, classes: int, ignore_index: int) -> tuple[Ten
     return valid, y
 
 
+def _split_target(t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(t_y, sum over j != y of t_j) per row: the target's term and the rest, summed apart from it."""
+    rest = t.scatter(1, y[:, None], 0).sum(1)
+    return t.gather(1, y[:, None])[:, 0], rest
+
+
 @_backend.register("cross_entropy_z_loss", "torch")
 def cross_entropy_z_loss_reference(logits, target, grad, grad_scale, z_coef, ignore_index):
     """Reference: per-row softmax cross-entropy lse - z_y and z-loss c lse^2 (0 on ignored rows); the
-    gradient scale * (softmax (1 + 2 c lse) - onehot) into ``grad`` unless it is empty."""
+    gradient scale * (softmax (1 + 2 c lse) - onehot) into ``grad`` unless it is empty.
+
+    Without softmax collapse: with m = max z, s_y = exp(z_y - m) and S_rest = sum_{j != y} exp(z_j - m) summed
+    apart from s_y, log S = log(s_y + S_rest) is log1p(S_rest) where the target holds the maximum (s_y = 1),
+    so ce = (m - z_y) + log S keeps the S_rest of a dominant target (below float32's epsilon against 1) instead
+    of rounding to 0 (elsewhere ce >= log 2); and the target's gradient p_y (1 + 2 c lse) - 1 is written
+    (2 c lse s_y - S_rest) / S, which does not cancel to 0 when p_y rounds to 1."""
     A = acc_dtype(logits.dtype)
     z = logits.to(A)
     valid, y = _valid_targets(target, z.shape[1], ignore_index)
-    lse = torch.logsumexp(z, dim=1)
+    m = z.amax(1)
+    e = torch.exp(z - m[:, None])
+    s_y, rest = _split_target(e, y)
+    zy = z.gather(1, y[:, None])[:, 0]
+    S = s_y + rest
+    log_S = torch.where(zy == m, torch.log1p(rest), torch.log(S))
+    lse = m + log_S
     zero = torch.zeros_like(lse)
-    ce = torch.where(valid, lse - z.gather(1, y[:, None])[:, 0], zero)
+    ce = torch.where(valid, (m - zy) + log_S, zero)
     zl = torch.where(valid, z_coef * lse * lse, zero)
     if grad.numel():
-        g = torch.softmax(z, dim=1) * (1 + 2 * z_coef * lse)[:, None]
-        g[torch.arange(len(y), device=z.device), y] -= 1
+        g = e * ((1 + 2 * z_coef * lse) / S)[:, None]
+        g.scatter_(1, y[:, None], ((2 * z_coef * lse * s_y - rest) / S)[:, None])
         grad.copy_(torch.where(valid[:, None], g * grad_scale.to(A), torch.zeros_like(g)))
     return ce, zl
 
@@ -83,17 +101,24 @@ def stablemax_ds(x: Tensor) -> Tensor:
 def stablemax_cross_entropy_reference(logits, target, grad, grad_scale, ignore_index):
     """Reference: loss = log S - log s(z_y), S = sum_j s(z_j); the gradient
     scale * (s'(z_j) / S - [j = y] s'(z_y) / s(z_y)) into ``grad`` unless it is empty (the tests check it
-    against autograd of the plain formula)."""
+    against autograd of the plain formula).
+
+    Without softmax collapse: with s_y = s(z_y) and S_rest = sum_{j != y} s(z_j) summed apart from it, the loss is
+    log1p(S_rest / s_y) (log S_rest - log s_y where that ratio overflows) and the target's gradient
+    -(s'(z_y) / s_y) (S_rest / S): neither cancels to 0 when p_y rounds to 1."""
     A = acc_dtype(logits.dtype)
     z = logits.to(A)
     valid, y = _valid_targets(target, z.shape[1], ignore_index)
     s = stablemax_s(z)
-    S = s.sum(1)
-    zy = z.gather(1, y[:, None])[:, 0]
-    rows = torch.where(valid, torch.log(S) - torch.log(stablemax_s(zy)), torch.zeros_like(S))
+    s_y, rest = _split_target(s, y)
+    S = s_y + rest
+    r = rest / s_y
+    rows = torch.where(r.isinf(), torch.log(rest) - torch.log(s_y), torch.log1p(r))
+    rows = torch.where(valid, rows, torch.zeros_like(S))
     if grad.numel():
+        zy = z.gather(1, y[:, None])[:, 0]
         g = stablemax_ds(z) / S[:, None]
-        g[torch.arange(len(y), device=z.device), y] -= stablemax_ds(zy) / stablemax_s(zy)
+        g.scatter_(1, y[:, None], (-(stablemax_ds(zy) / s_y) * (rest / S))[:, None])
         grad.copy_(torch.where(valid[:, None], g * grad_scale.to(A), torch.zeros_like(g)))
     return rows
 

@@ -29,17 +29,29 @@ acc_t<T> row_max(const T* z, int64_t V) {
   return out;
 }
 
-// Sum of exp(x - m) over a row.
-template <typename T>
-acc_t<T> row_sum_exp(const T* z, int64_t V, acc_t<T> m) {
+// Sum over a row of f(x) for every column but the target's, y: S_rest, summed apart from the target's own term
+// (adding it in and subtracting it afterwards would cancel exactly where the target dominates). The vector
+// holding column y is summed with that lane zeroed; the rest of the row as usual. fv / fs: f on a vector /
+// a scalar of acc_t<T>.
+template <typename T, typename FV, typename FS>
+acc_t<T> row_sum_except(const T* z, int64_t V, int64_t y, FV fv, FS fs) {
   using A = acc_t<T>;
   using VA = Vectorized<A>;
   constexpr int64_t L = VA::size();
-  VA s(A(0)), vm(m);
+  const int64_t vend = V - V % L, yv = y - y % L;  // vectors cover [0, vend); column y lies in [yv, yv + L)
+  VA s(A(0));
   int64_t j = 0;
-  for (; j + L <= V; j += L) s = s + vexp(load_acc(z + j) - vm);
+  for (; j < std::min(yv, vend); j += L) s = s + fv(load_acc(z + j));
+  if (yv < vend) {
+    A lanes[L];
+    fv(load_acc(z + j)).store(lanes);
+    lanes[y - yv] = A(0);
+    s = s + VA::loadu(lanes);
+    for (j += L; j < vend; j += L) s = s + fv(load_acc(z + j));
+  }
   A out = lane_sum(s);
-  for (; j < V; ++j) out += std::exp(static_cast<A>(z[j]) - m);
+  for (; j < V; ++j)
+    if (j != y) out += fs(static_cast<A>(z[j]));
   return out;
 }
 
@@ -79,6 +91,9 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
 }
 
 // Per row (math in fp32, fp64 for fp64): lse = log sum exp(z); ce = lse - z_y; zl = c lse^2; grad = scale (softmax (1 + 2 c lse) - onehot).
+// Without softmax collapse (stabkernels/losses.py, cross_entropy_z_loss_reference): with m = max z,
+// s_y = exp(z_y - m) and S_rest the other columns' sum, log S = log1p(S_rest) where z_y = m, ce = (m - z_y) + log S,
+// and the target's gradient scale (2 c lse s_y - S_rest) / S.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                             at::Tensor grad, const at::Tensor& grad_scale,
                                                             double z_coef, int64_t ignore_index) {
@@ -99,18 +114,24 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
         if (skip_ignored_row("cross_entropy_z_loss", y[i], ignore_index, V, g)) continue;
         const A m = row_max(z, V);
-        const A lse = m + std::log(row_sum_exp(z, V, m));
+        const VA vm(m);
+        const A rest = row_sum_except(z, V, y[i], [&](const VA& x) { return vexp(x - vm); },
+                                      [&](A x) { return std::exp(x - m); });
         const A zy = static_cast<A>(z[y[i]]);
-        ce.mutable_data_ptr<A>()[i] = lse - zy;
+        const A sy = zy == m ? A(1) : std::exp(zy - m);
+        const A S = sy + rest;
+        const A log_S = zy == m ? std::log1p(rest) : std::log(S);
+        const A lse = m + log_S;
+        ce.mutable_data_ptr<A>()[i] = (m - zy) + log_S;
         zl.mutable_data_ptr<A>()[i] = c * lse * lse;
         if (!g) continue;
-        const A a = scale * (A(1) + A(2) * c * lse);
-        const VA va(a), vlse(lse);
+        const A a = scale * (A(1) + A(2) * c * lse) / S;
+        const VA va(a);
         constexpr int64_t L = VA::size();
         int64_t j = 0;
-        for (; j + L <= V; j += L) store_row(g, j, vexp(load_acc(z + j) - vlse) * va);
-        for (; j < V; ++j) g[j] = static_cast<T>(std::exp(static_cast<A>(z[j]) - lse) * a);
-        g[y[i]] = static_cast<T>(std::exp(zy - lse) * a - scale);
+        for (; j + L <= V; j += L) store_row(g, j, vexp(load_acc(z + j) - vm) * va);
+        for (; j < V; ++j) g[j] = static_cast<T>(std::exp(static_cast<A>(z[j]) - m) * a);
+        g[y[i]] = static_cast<T>(scale * (A(2) * c * lse * sy - rest) / S);
       }
     });
   });
@@ -119,6 +140,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
 
 // StableMax (SPEC 4): s(x) = x + 1 for x >= 0, 1 / (1 - x) below; p = s(z) / S, S = sum s(z);
 // loss = log S - log s(z_y); d loss / d z_j = s'(z_j) / S - [j = y] s'(z_y) / s(z_y), s'(x) = 1 or 1 / (1 - x)^2.
+// Without softmax collapse (stabkernels/losses.py, stablemax_cross_entropy_reference): with s_y = s(z_y) and S_rest
+// the other columns' sum, loss = log1p(S_rest / s_y) and the target's gradient -scale (s'(z_y) / s_y) (S_rest / S).
 template <typename A>
 Vectorized<A> stable_s(const Vectorized<A>& x) {
   const Vectorized<A> one(A(1));
@@ -153,20 +176,17 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
         const T* z = logits.const_data_ptr<T>() + i * logits.stride(0);
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
         if (skip_ignored_row("stablemax_cross_entropy", y[i], ignore_index, V, g)) continue;
-        VA vs(A(0));
-        int64_t j = 0;
-        for (; j + L <= V; j += L) vs = vs + stable_s(load_acc(z + j));
-        A S = lane_sum(vs);
-        for (; j < V; ++j) S += stable_s(static_cast<A>(z[j]));
-        const A zy = static_cast<A>(z[y[i]]);
-        loss.mutable_data_ptr<A>()[i] = std::log(S) - std::log(stable_s(zy));
+        const A rest = row_sum_except(z, V, y[i], [](const VA& x) { return stable_s(x); },
+                                      [](A x) { return stable_s(x); });
+        const A zy = static_cast<A>(z[y[i]]), sy = stable_s(zy), S = sy + rest, r = rest / sy;
+        loss.mutable_data_ptr<A>()[i] = std::isinf(r) ? std::log(rest) - std::log(sy) : std::log1p(r);
         if (!g) continue;
         const A inv = scale / S;
         const VA vinv(inv);
-        j = 0;
+        int64_t j = 0;
         for (; j + L <= V; j += L) store_row(g, j, stable_ds(load_acc(z + j)) * vinv);
         for (; j < V; ++j) g[j] = static_cast<T>(stable_ds(static_cast<A>(z[j])) * inv);
-        g[y[i]] = static_cast<T>(stable_ds(zy) * inv - scale * stable_ds(zy) / stable_s(zy));
+        g[y[i]] = static_cast<T>(-scale * (stable_ds(zy) / sy) * (rest / S));
       }
     });
   });

@@ -1,4 +1,6 @@
-// Fused losses on CUDA: one block per row, three sweeps (max, sum, gradient; the later ones hit L2).
+// Fused losses on CUDA: one block per row, three sweeps (max, sum, gradient; the later ones hit L2). The sums leave
+// the target's column out (S_rest), so that neither the loss nor the target's gradient cancels when the target
+// dominates (the formulas: stabkernels/losses.py, the torch references).
 #include "common.cuh"
 
 namespace stabkernels::cuda {
@@ -35,16 +37,20 @@ __global__ void ce_z_kernel(LossArgs a, double z_coef, typename Acc<T>::type* ce
   for (int64_t j = threadIdx.x; j < V; j += kThreads) m = nan_max(m, to_acc(z[j]));
   m = block_max(m);
   A s = 0;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) s += fexp(to_acc(z[j]) - m);
-  const A lse = m + log(block_sum(s));
+  for (int64_t j = threadIdx.x; j < V; j += kThreads)
+    if (j != y) s += fexp(to_acc(z[j]) - m);
+  const A rest = block_sum(s);
   const A zy = to_acc(z[y]), c = static_cast<A>(z_coef);
-  if (threadIdx.x == 0) ce[row] = lse - zy, zl[row] = c * lse * lse;
+  const A sy = zy == m ? A(1) : fexp(zy - m), S = sy + rest;
+  const A log_S = zy == m ? log1p(rest) : log(S);  // the target holds the maximum: S = 1 + S_rest
+  const A lse = m + log_S;
+  if (threadIdx.x == 0) ce[row] = (m - zy) + log_S, zl[row] = c * lse * lse;
   if (!g) return;
   __syncthreads();  // every thread has read z[y] before the row may be overwritten (g may alias z)
   const A scale = *static_cast<const A*>(a.grad_scale);
-  const A coef = scale * (A(1) + A(2) * c * lse);
+  const A coef = scale * (A(1) + A(2) * c * lse) / S, gy = scale * (A(2) * c * lse * sy - rest) / S;
   for (int64_t j = threadIdx.x; j < V; j += kThreads)
-    g[j] = from_acc<T>(fexp(to_acc(z[j]) - lse) * coef - (j == y ? scale : A(0)));
+    g[j] = from_acc<T>(j == y ? gy : fexp(to_acc(z[j]) - m) * coef);
 }
 
 template <typename A> __device__ __forceinline__ A stable_s(A x) { return x >= A(0) ? x + A(1) : A(1) / (A(1) - x); }
@@ -62,16 +68,17 @@ __global__ void stablemax_kernel(LossArgs a, typename Acc<T>::type* loss) {
   T* g = a.grad ? static_cast<T*>(a.grad) + row * a.stride_grad : nullptr;
   if (ignored_row(y, a.ignore_index, row, V, g, loss, static_cast<A*>(nullptr))) return;
   A s = 0;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) s += stable_s(to_acc(z[j]));
-  const A S = block_sum(s);
-  const A zy = to_acc(z[y]), sy = stable_s(zy);
-  if (threadIdx.x == 0) loss[row] = log(S) - log(sy);
+  for (int64_t j = threadIdx.x; j < V; j += kThreads)
+    if (j != y) s += stable_s(to_acc(z[j]));
+  const A rest = block_sum(s);
+  const A zy = to_acc(z[y]), sy = stable_s(zy), S = sy + rest, r = rest / sy;
+  if (threadIdx.x == 0) loss[row] = isinf(r) ? log(rest) - log(sy) : log1p(r);
   if (!g) return;
   __syncthreads();  // z[y] read by all before g (possibly z itself) is written
   const A scale = *static_cast<const A*>(a.grad_scale);
-  const A inv = scale / S, corr = scale * stable_ds(zy) / sy;
+  const A inv = scale / S, gy = -scale * (stable_ds(zy) / sy) * (rest / S);
   for (int64_t j = threadIdx.x; j < V; j += kThreads)
-    g[j] = from_acc<T>(stable_ds(to_acc(z[j])) * inv - (j == y ? corr : A(0)));
+    g[j] = from_acc<T>(j == y ? gy : stable_ds(to_acc(z[j])) * inv);
 }
 
 }  // namespace
