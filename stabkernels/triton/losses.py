@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _launch_plan as plan
 from .._checks import acc_dtype
 from ._common import tl_acc
 
@@ -132,10 +133,11 @@ def cross_entropy_z_loss(logits, target, grad, grad_scale, z_coef, ignore_index)
     zl = torch.zeros_like(ce)
     with_grad = grad.numel() > 0
     if N:
-        _ce_z_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1), ce, zl, V,
-                           logits.stride(0), grad.stride(0) if with_grad else 0,
-                           torch.tensor([z_coef], dtype=acc, device=logits.device), ignore_index,
-                           ACC=tl_acc(logits.dtype), WITH_GRAD=with_grad, BLOCK=_block(V))
+        with plan.device_guard(logits.device):  # z_coef from a cached device tensor: Triton passes floats as fp32
+            _ce_z_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1), ce, zl,
+                               V, logits.stride(0), grad.stride(0) if with_grad else 0,
+                               plan.constants((z_coef,), logits.device, acc), ignore_index, ACC=tl_acc(logits.dtype),
+                               WITH_GRAD=with_grad, BLOCK=_block(V))
     return ce, zl
 
 
@@ -145,7 +147,8 @@ def stablemax_cross_entropy(logits, target, grad, grad_scale, ignore_index):
     loss = torch.zeros(N, dtype=acc, device=logits.device)
     with_grad = grad.numel() > 0
     if N:
-        _stablemax_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1), loss, V,
-                                logits.stride(0), grad.stride(0) if with_grad else 0, ignore_index,
-                                ACC=tl_acc(logits.dtype), WITH_GRAD=with_grad, BLOCK=_block(V))
+        with plan.device_guard(logits.device):
+            _stablemax_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1),
+                                    loss, V, logits.stride(0), grad.stride(0) if with_grad else 0, ignore_index,
+                                    ACC=tl_acc(logits.dtype), WITH_GRAD=with_grad, BLOCK=_block(V))
     return loss

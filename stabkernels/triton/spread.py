@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .._checks import acc_dtype
+from .. import _launch_plan as plan
 from ._common import tl_acc
 
 
@@ -42,8 +43,9 @@ def row_spread(x: torch.Tensor, block_n: int = 16, block_c: int = 128) -> torch.
         return out
     block_c = min(block_c, triton.next_power_of_2(C))
     grid = (triton.cdiv(N, block_n),)
-    _row_spread_kernel[grid](x, out, N, C, x.stride(0), x.stride(1),
-                             ACC=tl_acc(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c)
+    with plan.device_guard(x.device):
+        _row_spread_kernel[grid](x, out, N, C, x.stride(0), x.stride(1),
+                                 ACC=tl_acc(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c)
     return out
 
 
@@ -95,11 +97,12 @@ def tangent_spread_linear(h, h_dot, weight, weight_dot, bias_dot, block_m=32, bl
     if N == 0:
         return out
     grid = (triton.cdiv(N, block_m),)
-    _tangent_spread_kernel[grid](
-        h, h_dot, weight, weight_dot if weight_dot is not None else weight,
-        bias_dot if bias_dot is not None else weight, out, N, V, D,
-        h.stride(0), h_dot.stride(0), weight.stride(0),
-        weight_dot.stride(0) if weight_dot is not None else 0,
-        HAS_WD=weight_dot is not None, HAS_BD=bias_dot is not None, ACC=tl_acc(h.dtype),
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
+    with plan.device_guard(h.device):
+        _tangent_spread_kernel[grid](
+            h, h_dot, weight, weight_dot if weight_dot is not None else weight,
+            bias_dot if bias_dot is not None else weight, out, N, V, D,
+            h.stride(0), h_dot.stride(0), weight.stride(0),
+            weight_dot.stride(0) if weight_dot is not None else 0,
+            HAS_WD=weight_dot is not None, HAS_BD=bias_dot is not None, ACC=tl_acc(h.dtype),
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
     return out
