@@ -92,7 +92,8 @@ STABKERNELS_HD void box_muller(uint32_t wa, uint32_t wb, float& a, float& b) {
   if (m >= kSqrt2) m = rn_mul(m, 0.5f), e += 1;
   const float s = rn_div(rn_sub(m, 1.0f), rn_add(m, 1.0f));
   const float z = rn_mul(s, s);
-  const float poly = rn_add(2.0f, rn_mul(z, rn_add(kL3, rn_mul(z, rn_add(kL5, rn_mul(z, rn_add(kL7, rn_mul(z, kL9))))))));
+  const float poly =
+      rn_add(2.0f, rn_mul(z, rn_add(kL3, rn_mul(z, rn_add(kL5, rn_mul(z, rn_add(kL7, rn_mul(z, kL9))))))));
   const float ln_u = rn_add(rn_mul(static_cast<float>(e - 24), kLn2), rn_mul(s, poly));
   const float r = rn_sqrt(rn_mul(-2.0f, ln_u));
   const uint32_t o = wb >> 29;
@@ -100,9 +101,10 @@ STABKERNELS_HD void box_muller(uint32_t wa, uint32_t wb, float& a, float& b) {
   if (o & 1u) k = 0x7FFFFFu - k;
   const float t = rn_mul(rn_mul(static_cast<float>(2 * k + 1), kTwoPowMinus24), kPiOver4);
   const float y = rn_mul(t, t);
-  const float sn = rn_mul(t, rn_add(1.0f, rn_mul(y, rn_add(kS3, rn_mul(y, rn_add(kS5, rn_mul(y, rn_add(kS7, rn_mul(y, kS9)))))))));
-  const float cs =
-      rn_add(1.0f, rn_mul(y, rn_add(kC2, rn_mul(y, rn_add(kC4, rn_mul(y, rn_add(kC6, rn_mul(y, rn_add(kC8, rn_mul(y, kC10))))))))));
+  const float sn =
+      rn_mul(t, rn_add(1.0f, rn_mul(y, rn_add(kS3, rn_mul(y, rn_add(kS5, rn_mul(y, rn_add(kS7, rn_mul(y, kS9)))))))));
+  const float cs_tail = rn_add(kC6, rn_mul(y, rn_add(kC8, rn_mul(y, kC10))));  // the innermost terms first
+  const float cs = rn_add(1.0f, rn_mul(y, rn_add(kC2, rn_mul(y, rn_add(kC4, rn_mul(y, cs_tail))))));
   const bool swap = ((o ^ (o >> 1)) & 1u) != 0;
   float A = swap ? sn : cs, B = swap ? cs : sn;
   if (((o + 2) & 4u) != 0) A = -A;

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include "cpu/dispatch.h"
+#ifdef STABKERNELS_WITH_CUDA
+#include "cuda/launch_plan.h"
+#endif
 
 namespace {
 
@@ -15,8 +18,22 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return Py_BuildValue("(ss)", isa_name(active_isa()), isa_name(best_supported_isa()));
 }
 
+// _C.cuda_plan_cache_stats() -> (hits, misses, entries) of the CUDA launch-plan cache (csrc/cuda/launch_plan.h),
+// or None in a build without CUDA kernels: a test sees a steady-state step hit and a changed list miss.
+PyObject* cuda_plan_cache_stats(PyObject*, PyObject*) {
+#ifdef STABKERNELS_WITH_CUDA
+  const auto s = stabkernels::cuda::plan_cache_stats();
+  return Py_BuildValue("(LLL)", static_cast<long long>(s.hits), static_cast<long long>(s.misses),
+                       static_cast<long long>(s.entries));
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "(ISA level of the CPU kernels in use, best level this CPU supports)"},
+    {"cuda_plan_cache_stats", cuda_plan_cache_stats, METH_NOARGS,
+     "(hits, misses, entries) of the CUDA launch-plan cache, or None without CUDA kernels"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -15,8 +15,8 @@ Per-step scalars never make a host round trip: ``step_scale``, ``lr`` and Adam's
 as 0-d float64 tensors on the parameters' device (:func:`scalar_tensor` makes them without a host-to-device
 copy), and Adam's bias corrections are computed from ``step`` by the kernels themselves, so a step can be
 captured in a CUDA graph (with ``step`` and ``lr`` device tensors advanced in place) and compiled by
-torch.compile without a recompile per step. Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD`` (single-tensor implementations)
-operation by operation, so the results agree with torch to fp32 rounding.
+torch.compile without a recompile per step. Arithmetic follows ``torch.optim.Adam``/``AdamW``/``SGD``
+(single-tensor implementations) operation by operation, so the results agree with torch to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -338,7 +338,8 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
 
     b = _backend.resolve("sgd_step_", backend, device)
     args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), scalar_tensor(lr, "lr", device),
-            float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first), bool(apply))
+            float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first),
+            bool(apply))
     return _run_checked(_sgd_op, args, b, check)
 
 

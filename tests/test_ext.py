@@ -38,6 +38,17 @@ def test_cuda_build_is_loaded_with_cuda_kernels():
     assert hasattr(torch.ops.stabkernels_C, "adam_step_")
 
 
+@pytest.mark.skipif(not _ext.loaded, reason="no compiled extension")
+def test_cuda_plan_cache_stats_exist_exactly_in_cuda_builds():
+    from stabkernels import _C
+    stats = _C.cuda_plan_cache_stats()
+    if _ext.has_cuda_kernels():
+        hits, misses, entries = stats
+        assert min(hits, misses, entries) >= 0 and entries <= 16
+    else:
+        assert stats is None
+
+
 def test_refusal_reasons():
     ok = {"torch": torch.__version__, "cpu_isa_levels": ["DEFAULT", "AVX2", "AVX512"]}
     assert _ext._refusal(ok) is None

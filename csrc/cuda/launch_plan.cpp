@@ -81,7 +81,7 @@ bool capturing(const c10::cuda::CUDAStream& stream) {
 }  // namespace
 
 LaunchPlan::LaunchPlan(PlanTables tables, const at::Device& device, const c10::cuda::CUDAStream& stream)
-    : info_(std::move(tables.info)), stream_(stream) {
+    : stream_(stream), info_(std::move(tables.info)) {
   int64_t total = 0;
   for (const auto& c : tables.columns) total += static_cast<int64_t>(c.size());
   host_ = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
