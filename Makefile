@@ -17,7 +17,16 @@ CUDA_VENV  := .venv-cuda
 CUDA_TREE  := .cuda-tree
 CUDA_ARCH  ?= 9.0
 
-.PHONY: test test-cuda-build demo bench bench-pytest info gpu-check clean
+# The GPU checks that need no GPU (tools/gpu_static_check.py): every Triton launch the Triton-backend tests make,
+# AOT-compiled for sm_80/90/100 under the newest (the venv's) and the oldest supported triton (installed beside it),
+# and every csrc/cuda kernel through ptxas -v with torch's nvcc flags (the CUDA venv's torch when there is one);
+# fails on compile errors, spills outside an allow-list, shared memory over budget, fma in the bit-exact stream
+# kernels, TF32/MMA in IEEE kernels. Results in build/gpu-static/ (not tracked).
+TRITON_OLDEST     := 3.6.0
+TRITON_OLDEST_DIR := build/triton-$(TRITON_OLDEST)
+GPU_STATIC_OUT    := build/gpu-static
+
+.PHONY: test test-cuda-build gpu-static-check demo bench bench-pytest info gpu-check clean
 
 test: $(EXT)
 	STABKERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q --durations=15 tests
@@ -34,6 +43,14 @@ test-cuda-build:
 	grep -q "CUDA kernels: yes" $(CUDA_TREE)/info.txt
 	cd $(CUDA_TREE) && STABKERNELS_REQUIRE_EXT=1 STABKERNELS_REQUIRE_CUDA_BUILD=1 \
 		../$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not slow" tests
+
+gpu-static-check: $(EXT) $(TRITON_OLDEST_DIR)/.installed
+	$(BIN)/python tools/gpu_static_check.py check --out $(GPU_STATIC_OUT) --triton-path $(TRITON_OLDEST_DIR) \
+		--cuda-python $(CUDA_VENV)/bin/python $(ARGS)
+
+$(TRITON_OLDEST_DIR)/.installed: | $(BIN)/python
+	$(BIN)/python -m pip install -q --no-deps --target $(TRITON_OLDEST_DIR) "triton==$(TRITON_OLDEST)"
+	touch $@
 
 # On a machine with an NVIDIA GPU and torch, triton and a CUDA toolkit preinstalled (no network, no venv):
 # builds in place, runs every CUDA/Triton test, the GPU benchmark and the sync/graph checks (bench/gpu_check.sh).
