@@ -223,7 +223,9 @@ class _Capture:
 
 
 def _defined_jit_functions():
-    """{module:qualname: (function, source)} of every @triton.jit function in the package's triton modules."""
+    """{module:qualname: source} of every @triton.jit function (also under autotune / heuristics) in the
+    package's triton modules."""
+    import inspect
     import pkgutil
 
     from triton.runtime.interpreter import InterpretedFunction
@@ -232,10 +234,12 @@ def _defined_jit_functions():
     out = {}
     for info in pkgutil.iter_modules(pkg.__path__, TRITON_PACKAGE + "."):
         mod = importlib.import_module(info.name)
-        for obj in vars(mod).values():
+        for obj in list(vars(mod).values()):
+            for _ in range(8):
+                if isinstance(obj, InterpretedFunction) or obj is None:
+                    break
+                obj = getattr(obj, "fn", None)
             if isinstance(obj, InterpretedFunction) and obj.fn.__module__ == mod.__name__:
-                import inspect
-
                 out[f"{obj.fn.__module__}:{obj.fn.__qualname__}"] = inspect.getsource(obj.fn)
     return out
 
