@@ -130,7 +130,7 @@ part info bash -c "set -o pipefail; '$PY' -m stabkernels info | tee '$OUT/$NAME-
 # without TRITON_INTERPRET) and tests/test_gpu.py, less tests/test_build.py (the no-GPU build checks CI runs;
 # its glue compile alone takes minutes). The selection compiles about 135 Triton specialisations with 65
 # distinct launchers (triton 3.6 builds each launcher with gcc): about 40 s of kernel compile plus about a
-# second per launcher on one core, counted on CPU with `python tools/gpu_static_check.py capture --list`. So
+# second per launcher on one core, counted on CPU with `python tools/gpu_static_check.py capture --out build/launches.json --list`. So
 # the test files are dealt, biggest first, to TEST_SHARDS pytest processes that share the GPU and run side by
 # side; each writes its own log and JUnit file, merged into <gpu>-junit.xml at the end.
 part tests run_tests
