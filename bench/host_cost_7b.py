@@ -107,6 +107,25 @@ def cases(mods, params, new: bool):
             "power_iteration_": lambda: S.power_iteration_(mats, us, vs, 1, 1e-12)}
 
 
+class _CountOps(__import__("torch").utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a call dispatches (small elementwise ops and allocations on the 0-d/per-tensor
+    scalars: on meta tensors each costs tens to hundreds of microseconds of Python here, on CUDA a few)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_ops(fn) -> int:
+    with _CountOps() as mode:
+        fn()
+    return mode.n
+
+
 def timed(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -133,10 +152,11 @@ def main(argv=None):
             t = time.perf_counter()
             fn()
             build = (time.perf_counter() - t) * 1e3
-            rows.append((name, "cached plan", build, timed(fn, args.reps)))
+            rows.append((name, "cached plan", build, timed(fn, args.reps), torch_ops(fn)))
         if args.before:
             for name, fn in cases(old_triton_package(args.before), params, new=False).items():
-                rows.append((name, f"per-call tables ({args.before})", None, timed(fn, max(2, args.reps // 2))))
+                rows.append((name, f"per-call tables ({args.before})", None, timed(fn, max(2, args.reps // 2)),
+                             None))
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
@@ -145,9 +165,10 @@ def main(argv=None):
     lines = [f"Host time of one fused step's Triton wrapper at LLaMA-7B shapes ({len(params)} tensors, "
              f"{sum(p.numel() for p in params) / 1e9:.2f}B elements), launches stubbed; {cpu}, torch "
              f"{torch.__version__}, one thread, median of {args.reps}.", "",
-             "| op | host code | first call (ms) | per step (ms) |", "|---|---|---|---|"]
-    for name, kind, build, step in rows:
-        lines.append(f"| {name} | {kind} | {'' if build is None else f'{build:.1f}'} | {step:.2f} |")
+             "| op | host code | first call (ms) | per step (ms) | torch ops per step |", "|---|---|---|---|---|"]
+    for name, kind, build, step, ops in rows:
+        lines.append(f"| {name} | {kind} | {'' if build is None else f'{build:.1f}'} | {step:.2f} | "
+                     f"{'' if ops is None else ops} |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -204,12 +204,7 @@ class PSS(OptimizerWrapper):
         if not self.skip_nonfinite:
             self.optimizer.step()
         elif self._device_skip():
-            saved = self.optimizer.__dict__.get("found_inf")
-            self.optimizer.found_inf = (~finite).to(torch.float32)
-            try:
-                self.optimizer.step()
-            finally:  # None is what torch's fused optimizers take for "no flag", so step 1 and 2 look alike
-                self.optimizer.found_inf = saved
+            self._step_unless((~finite).to(torch.float32))
         elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
         have_ema = ~torch.isnan(self._ema)
@@ -226,6 +221,17 @@ class PSS(OptimizerWrapper):
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
     # wrapper (measured: steps stayed 0, the EMA kept its first value and no smoothing ran under
     # torch.compile(opt.step)), and a step counter read inside a graph would make dynamo recompile every step.
+    @torch.compiler.disable  # an attribute set on the wrapped optimizer inside a graph: refused by torch 2.11's dynamo
+    def _step_unless(self, found_inf: torch.Tensor) -> None:
+        """The wrapped fused optimizer's step, skipped on the device where ``found_inf`` is 1 (as under
+        GradScaler); its own ``found_inf`` attribute, if any, is put back."""
+        saved = self.optimizer.__dict__.get("found_inf")
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = saved
+
     @torch.compiler.disable
     def _begin_step(self) -> tuple[bool, bool]:
         """Counts the step; returns (whether the ratio test is armed, whether an ``every`` smoothing is due)."""

@@ -268,8 +268,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         probing = self._probing()
         if probing:
             probe_fn = probe_closure if probe_closure is not None else self._captured_probe()
-            if not self._seed_agreed:  # every rank draws rank 0's directions (once; a host integer)
-                self.seed, self._seed_agreed = distributed.broadcast_int(self.seed, self.process_group), True
+            self._agree_seed()
         self._begin_step()
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         groups = [(g, ps) for g, ps in groups if ps]
@@ -320,6 +319,12 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
 
     # Host bookkeeping outside torch.compile's graphs: a counter or object that changes every step would make
     # dynamo recompile the step each time (measured), and it dropped such attribute updates in other optimizers.
+    @torch.compiler.disable
+    def _agree_seed(self) -> None:
+        """Every rank draws rank 0's directions (once; a host integer)."""
+        if not self._seed_agreed:
+            self.seed, self._seed_agreed = distributed.broadcast_int(self.seed, self.process_group), True
+
     @torch.compiler.disable
     def _begin_step(self) -> None:
         self._warn_dropped()
