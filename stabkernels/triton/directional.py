@@ -105,7 +105,7 @@ def _sq_sums_kernel(keys, gidx, numels, blk_tensor, blk_ctr, partials, BLOCK: tl
 
 
 @triton.jit
-def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_base, out_tab, sigma,
+def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, sq_sums, src_tab, out_base, out_tab, sigma,
                   SRC: tl.constexpr, OUT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
                   FLAT: tl.constexpr, BLOCK: tl.constexpr):
     # out = d (HAS_SRC False) or theta + sigma * d (HAS_SRC), d = n * s in the math dtype ACC. FLAT: the outputs
@@ -115,7 +115,7 @@ def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_
     n = tl.load(numels + t)
     gi = tl.load(gidx + t)
     ctr = tl.load(blk_ctr + b) + tl.arange(0, BLOCK).to(tl.int64)
-    s = tl.load(scales + gi).to(ACC)
+    s = _unit_scale(tl.load(sq_sums + gi)).to(ACC)
     sg = tl.load(sigma).to(ACC)
     if FLAT:
         out = out_base + tl.load(out_tab + t)
@@ -128,6 +128,27 @@ def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, scales, src_tab, out_
     _write_one(out, src, e + 1, n, n1, s, sg, ACC, HAS_SRC)
     _write_one(out, src, e + 2, n, n2, s, sg, ACC, HAS_SRC)
     _write_one(out, src, e + 3, n, n3, s, sg, ACC, HAS_SRC)
+
+
+@triton.jit
+def _unit_scale(sq_sum):
+    """The stream's unit-norm scale of a tensor from its float64 sum of squares: 1 / (sqrt(S) + 1e-12) in
+    float64, rounded to float32 (the reference's operations; float64 division and sqrt are IEEE in Triton)."""
+    return (1.0 / (tl.sqrt(sq_sum) + tl.full((), 1e-12, tl.float64))).to(tl.float32)
+
+
+@triton.jit
+def _dots_finish_kernel(sums, out, K, T, BLOCK: tl.constexpr):
+    # out[k] = sum_t g_t . n_{t,k} * s_{t,k}, the tensors in order (sums: (T, 2K), dots then sums of squares)
+    k = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float64)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        m = t < T
+        gn = tl.load(sums + t * 2 * K + k, mask=m, other=0.0)
+        nn = tl.load(sums + t * 2 * K + K + k, mask=m, other=0.0)
+        acc += tl.where(m, gn * _unit_scale(nn).to(tl.float64), 0.0)
+    tl.store(out + k, tl.sum(acc, axis=0).to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -266,8 +287,7 @@ def _stream_sq_sums(tensors, keys, device):
 def _write(tensors, keys, outs, srcs, sigma, device):
     """out = d or src + sigma d for every tensor; ``outs`` None: new outputs (the directions, in the math dtype),
     returned as views of one buffer per dtype, whose offsets are cached by the sizes."""
-    sums = _stream_sq_sums(tensors, keys, device)
-    inv = (1.0 / (sums.sqrt() + 1e-12)).to(torch.float32)  # the stream's scale, rounded to float32
+    sums = _stream_sq_sums(tensors, keys, device)  # the kernel turns them into the stream's scales
     sig = plan.constants((sigma,), device)
     new = [None] * len(tensors)
     # one launch per output dtype; the math dtype (and the rounding of the scale) follows it
@@ -282,10 +302,10 @@ def _write(tensors, keys, outs, srcs, sigma, device):
                 new[i] = view.view(tensors[i].shape)
             out_tab = offs
         else:
-            base, out_tab = inv, plan.addresses(outs, g)  # base unused
+            base, out_tab = sums, plan.addresses(outs, g)  # base unused
         src_tab = plan.addresses(srcs, g) if srcs is not None else out_tab
         _write_kernel[(g.num_chunks,)](keys, g.index, g.numels, g.chunk_tensor, g.chunk_start,
-                                       inv.to(acc_dtype(g.dtype)), src_tab, base, out_tab, sig,
+                                       sums, src_tab, base, out_tab, sig,
                                        SRC=TL_STORAGE[srcs[g.members[0]].dtype if srcs is not None else g.dtype],
                                        OUT=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), HAS_SRC=srcs is not None,
                                        FLAT=outs is None, BLOCK=BLOCK, **STREAM)
@@ -317,9 +337,9 @@ def directional_dots(grads, keys):
                                           g.chunk_start, partials, DTYPE=TL_STORAGE[g.dtype], BLOCK=BLOCK, **STREAM)
             parts.append(segment_sums(partials, g))
         sums = _scatter(groups, parts, (T, 2 * K), device)
-        gn, nn = sums[:, :K], sums[:, K:]
-        scale = (1.0 / (nn.sqrt() + 1e-12)).to(torch.float32).to(torch.float64)  # the stream's rounded scale
-        return (gn * scale).sum(dim=0).to(grouped_acc_dtype(grads))
+        out = torch.empty(K, dtype=grouped_acc_dtype(grads), device=device)
+        _dots_finish_kernel[(K,)](sums, out, K, T, BLOCK=128)
+        return out
 
 
 def orthograd_(params, grads, chunk=1024):
