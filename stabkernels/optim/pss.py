@@ -207,15 +207,7 @@ class PSS(OptimizerWrapper):
             self._step_unless((~finite).to(torch.float32))
         elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
-        have_ema = ~torch.isnan(self._ema)
-        if armed:
-            fired = finite & have_ema & (g > self.trigger * self._ema)
-        else:
-            fired = torch.zeros_like(finite)
-        # a spike stays out of the average, and so does a non-finite norm
-        blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
-        self._end_step(g, ema_before, finite, torch.where(finite & ~fired, blended, self._ema),
-                       torch.stack([fired | (finite & every), fired]))
+        self._end_step(g, ema_before, finite, armed, every)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -241,9 +233,17 @@ class PSS(OptimizerWrapper):
         armed = self.trigger is not None and self.steps > self.warmup
         return armed, self.every is not None and self.steps % self.every == 0
 
-    @torch.compiler.disable
-    def _end_step(self, g, ema_before, finite, ema: torch.Tensor, decision: torch.Tensor) -> None:
-        self._ema.copy_(ema)
+    @torch.compiler.disable  # host flags (armed, every) decide tensor ops here, not guards of a graph
+    def _end_step(self, g, ema_before, finite, armed: bool, every: bool) -> None:
+        have_ema = ~torch.isnan(self._ema)
+        if armed:
+            fired = finite & have_ema & (g > self.trigger * self._ema)
+        else:
+            fired = torch.zeros_like(finite)
+        # a spike stays out of the average, and so does a non-finite norm
+        blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
+        self._ema.copy_(torch.where(finite & ~fired, blended, self._ema))
+        decision = torch.stack([fired | (finite & every), fired])
         self.last = report = PSSReport(step=self.steps, grad_norm=g, ema=ema_before, skipped_nonfinite=~finite)
         if capturing():  # a captured step cannot hand its decision to the host: it never smooths (README)
             return
