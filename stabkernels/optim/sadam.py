@@ -278,37 +278,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         report = SAdamReport(loss=torch.full((), math.nan, device=device), rho=[], alpha=[], D=[], dropped=[])
         alphas = [torch.ones((), dtype=torch.float64, device=device) for _ in groups]
         if probing:
-            in_eval = self.model is not None and self.probe_mode == "eval"
-            if in_eval and any(m.training for m in self.model.modules()):
-                loss = None  # a training-mode loss; the probes compare against the loss in eval mode
-            buffers = [b.clone() for b in self.model.buffers()] if self.model is not None else []
-            self._in_probe = True
-            try:
-                with eval_mode(self.model, in_eval):
-                    loss0 = probe_fn() if loss is None else loss
-                    loss0 = torch.as_tensor(loss0).detach().to(device=device, dtype=torch.float64).reshape(())
-                    loss0 = distributed.mean(loss0, self.process_group)  # the global batch's loss
-                    report.loss = loss0
-                    # groups with the same probe settings are probed together: one rho for the bundle
-                    bundles: dict[tuple, list[int]] = {}
-                    for i, (g, _) in enumerate(groups):
-                        if g["probes"] > 0 and g["damping"] != 0:
-                            bundles.setdefault((int(g["probes"]), float(g["sigma"])), []).append(i)
-                    for (k, sigma), members in bundles.items():
-                        params = [p for i in members for p in groups[i][1]]
-                        D = self._probe(params, k, sigma, probe_fn, loss0)
-                        rho = lgi(D)
-                        for i in members:
-                            alphas[i] = damping_factor(rho, groups[i][0]["damping"])
-                            report.D.append(D)
-                            report.rho.append(rho)
-                            report.dropped.append((~torch.isfinite(D)).sum())
-            finally:
-                self._in_probe = False
-                for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
-                    b.copy_(saved)
-            if self.warn_nonfinite and report.dropped:
-                self._keep_dropped(torch.stack(report.dropped).sum())
+            self._run_probes(groups, alphas, report, loss, probe_fn, device)
         for (g, params), alpha, states in zip(groups, alphas, self._adam_states(groups)):
             report.alpha.append(alpha)
             self._adamw(g, params, alpha, states)
@@ -316,6 +286,42 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         if closure is not None:
             return train_loss
         return report.loss if probing else loss
+
+    @torch.compiler.disable  # the probes run the model k times with host-side bookkeeping (graph breaks anyway)
+    def _run_probes(self, groups, alphas, report, loss, probe_fn, device) -> None:
+        """Probes every bundle of groups that damps; writes each group's alpha into ``alphas`` and the probe
+        figures into ``report``."""
+        in_eval = self.model is not None and self.probe_mode == "eval"
+        if in_eval and any(m.training for m in self.model.modules()):
+            loss = None  # a training-mode loss; the probes compare against the loss in eval mode
+        buffers = [b.clone() for b in self.model.buffers()] if self.model is not None else []
+        self._in_probe = True
+        try:
+            with eval_mode(self.model, in_eval):
+                loss0 = probe_fn() if loss is None else loss
+                loss0 = torch.as_tensor(loss0).detach().to(device=device, dtype=torch.float64).reshape(())
+                loss0 = distributed.mean(loss0, self.process_group)  # the global batch's loss
+                report.loss = loss0
+                # groups with the same probe settings are probed together: one rho for the bundle
+                bundles: dict[tuple, list[int]] = {}
+                for i, (g, _) in enumerate(groups):
+                    if g["probes"] > 0 and g["damping"] != 0:
+                        bundles.setdefault((int(g["probes"]), float(g["sigma"])), []).append(i)
+                for (k, sigma), members in bundles.items():
+                    params = [p for i in members for p in groups[i][1]]
+                    D = self._probe(params, k, sigma, probe_fn, loss0)
+                    rho = lgi(D)
+                    for i in members:
+                        alphas[i] = damping_factor(rho, groups[i][0]["damping"])
+                        report.D.append(D)
+                        report.rho.append(rho)
+                        report.dropped.append((~torch.isfinite(D)).sum())
+        finally:
+            self._in_probe = False
+            for b, saved in zip(self.model.buffers() if self.model is not None else [], buffers):
+                b.copy_(saved)
+        if self.warn_nonfinite and report.dropped:
+            self._keep_dropped(torch.stack(report.dropped).sum())
 
     # Host bookkeeping outside torch.compile's graphs: a counter or object that changes every step would make
     # dynamo recompile the step each time (measured), and it dropped such attribute updates in other optimizers.
