@@ -195,7 +195,7 @@ class PSS(OptimizerWrapper):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        armed, every = self._begin_step()
+        self._begin_step()
         g = self._norm(grad_norm)
         if self._ema.device != g.device:  # the model moved after construction
             self._ema = self._ema.to(g.device)
@@ -207,7 +207,7 @@ class PSS(OptimizerWrapper):
             self._step_unless((~finite).to(torch.float32))
         elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
-        self._end_step(g, ema_before, finite, armed, every)
+        self._end_step(g, ema_before, finite)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -225,16 +225,16 @@ class PSS(OptimizerWrapper):
             self.optimizer.found_inf = saved
 
     @torch.compiler.disable
-    def _begin_step(self) -> tuple[bool, bool]:
-        """Counts the step; returns (whether the ratio test is armed, whether an ``every`` smoothing is due)."""
+    def _begin_step(self) -> None:
+        """Applies a pending smoothing and counts the step."""
         if not capturing():
             self.flush()
         self.steps += 1
-        armed = self.trigger is not None and self.steps > self.warmup
-        return armed, self.every is not None and self.steps % self.every == 0
 
-    @torch.compiler.disable  # host flags (armed, every) decide tensor ops here, not guards of a graph
-    def _end_step(self, g, ema_before, finite, armed: bool, every: bool) -> None:
+    @torch.compiler.disable  # host flags (armed, every) decide tensor ops here, never guards of a graph
+    def _end_step(self, g, ema_before, finite) -> None:
+        armed = self.trigger is not None and self.steps > self.warmup
+        every = self.every is not None and self.steps % self.every == 0
         have_ema = ~torch.isnan(self._ema)
         if armed:
             fired = finite & have_ema & (g > self.trigger * self._ema)
