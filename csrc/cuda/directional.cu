@@ -46,7 +46,7 @@ __global__ void sq_sums_kernel(StreamTables t, double* partials) {
     float n[4];
     normals4(key, static_cast<uint64_t>(ctr), n);
     for (int j = 0; j < 4; ++j)
-      if (4 * ctr + j < numel) s += static_cast<double>(n[j]) * n[j];
+      if (4 * ctr + j < numel) s = add_rn(s, mul_rn(static_cast<double>(n[j]), static_cast<double>(n[j])));
   }
   s = block_sum(s);
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
@@ -103,7 +103,9 @@ __global__ void dots_kernel(StreamTables t, int64_t k0, int64_t K, int64_t T_, c
       float n[4];
       normals4(keys[kk], static_cast<uint64_t>(ctr), n);
       for (int j = 0; j < 4; ++j)
-        if (4 * ctr + j < numel) sgn[kk] += gv[j] * n[j], snn[kk] += static_cast<double>(n[j]) * n[j];
+        if (4 * ctr + j < numel)  // no contraction: the sums' rounding as the other backends' (mul, then add)
+          sgn[kk] = add_rn(sgn[kk], mul_rn(gv[j], static_cast<double>(n[j]))),
+          snn[kk] = add_rn(snn[kk], mul_rn(static_cast<double>(n[j]), static_cast<double>(n[j])));
     }
   }
   const int64_t nb = gridDim.x;

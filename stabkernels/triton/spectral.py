@@ -156,7 +156,10 @@ def _pi_tables(W, g, block_m):
                 x_size=sum(ms), y_size=sum(ns), yp_size=sum(b * n for b, n in zip(blocks, ns)))
 
 
-def power_iteration_(mats, us, vs, iters, eps, block_m: int = 64, block_n: int = 64, block: int = 256):
+def power_iteration_(mats, us, vs, iters, eps, block_m: int = 64, block_n: int | None = None, block: int = 256):
+    """block_m rows per program (the partial y's add n numbers per block_m rows: 2/64 of an fp32 matrix's bytes, 3%
+    of its read); block_n columns per tile: 64, or 32 for float64, whose 64 x 64 tile spilled 360-400 bytes on
+    sm_90/sm_100 (gpu-static-check)."""
     device = mats[0].device
     out_dtype = grouped_acc_dtype(mats)
     groups = plan.layout(mats, block_m, sizes=[w.shape[0] for w in mats])  # programs: row blocks
@@ -165,6 +168,7 @@ def power_iteration_(mats, us, vs, iters, eps, block_m: int = 64, block_n: int =
         for g in groups:
             W = [mats[i] for i in g.members]
             acc = acc_dtype(g.dtype)
+            bn = block_n or (32 if acc == torch.float64 else 64)
             key = ("power_iteration", device, block_m) + tuple((tuple(w.shape), tuple(w.stride())) for w in W)
             t = plan.cached(key, lambda: _pi_tables(W, g, block_m))
             w_ptrs, u_ptrs, v_ptrs = plan.addresses(mats, g), plan.addresses(us, g), plan.addresses(vs, g)
@@ -177,7 +181,7 @@ def power_iteration_(mats, us, vs, iters, eps, block_m: int = 64, block_n: int =
                 _pi_pass_kernel[(g.num_chunks,)](w_ptrs, v_ptrs, g.numels, t["ns"], t["s0s"], t["s1s"], t["x_offs"],
                                                  t["yp_offs"], active, g.chunk_tensor, g.chunk_start, x_buf, yp_buf,
                                                  DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), BLOCK_M=block_m,
-                                                 BLOCK_N=block_n)
+                                                 BLOCK_N=bn)
                 _pi_finish_kernel[(g.size,)](u_ptrs, v_ptrs, g.numels, t["ns"], t["x_offs"], t["y_offs"],
                                              t["yp_offs"], active, x_buf, y_buf, yp_buf, sig, eps, ACC=tl_acc(g.dtype),
                                              BLOCK=block, BLOCK_M=block_m)
