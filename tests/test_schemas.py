@@ -87,7 +87,7 @@ def test_registered_schemas_agree():
     for op in sorted(registered & python_ops()):
         py = signature(python_schema(op), drop_backend=True)
         cpp = signature(getattr(torch.ops.stabkernels_C, op).default._schema, drop_backend=False)
-        assert py == cpp, f"{op}: Python {python_schema(op)} vs C++ {getattr(torch.ops.stabkernels_C, op).default._schema}"
+        assert py == cpp, f"{op}: Python {python_schema(op)} vs C++ {cpp}"
 
 
 def test_a_changed_schema_is_caught():
