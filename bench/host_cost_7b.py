@@ -88,7 +88,7 @@ def cases(mods, params, new: bool):
         sgd = lambda: U.sgd_step_(params, grads, m, [], f64(1.0), f64(1e-3), 0.9, 0.0, 0.0, False, False, False,  # noqa: E731
                                   True)
 
-        seed_hash = directional._signed(directional.splitmix64(1))
+        seed_hash = directional.signed64(directional.splitmix64(1))
 
         def sadam_probe():  # the keys as directional.device_key_table makes them on a GPU (the Triton kernel)
             D.perturb(params, D.key_table(seed_hash, 0, 1, T, "meta")[0], 0.01, out)

@@ -1,5 +1,5 @@
-"""Multi-tensor launch plans (ARCHITECTURE "Where launch plans live"): the metadata one kernel launch needs to
-walk many tensors, built once per tensor list and kept on the tensors' device.
+"""Multi-tensor launch plans (docs/architecture.md, "Where launch plans live"): the metadata one kernel launch
+needs to walk many tensors, built once per tensor list and kept on the tensors' device.
 
 A grouped launch needs, per dtype group, the tensors' addresses (one int64 table per tensor list), their sizes,
 and which chunk of which tensor each program handles. Built per call, these tables cost host time that grows

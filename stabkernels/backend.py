@@ -45,10 +45,11 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def register_kernels(op: str, triton_module: str) -> None:
+def register_kernels(op: str, triton_module: str, *, cuda: bool = True) -> None:
     """Registers the compiled implementations of ``op``: ``torch.ops.stabkernels_C.<op>`` for ``cpp`` and ``cuda``
-    (one C++ schema, a CPU and a CUDA kernel) and ``stabkernels.triton.<triton_module>.<op>`` for ``triton``
-    (imported at first use, so that importing stabkernels never imports triton)."""
+    (one C++ schema, a CPU and a CUDA kernel; ``cuda=False`` for an op with no CUDA kernel) and
+    ``stabkernels.triton.<triton_module>.<op>`` for ``triton`` (imported at first use, so that importing
+    stabkernels never imports triton)."""
 
     def compiled(*args):
         return getattr(torch.ops.stabkernels_C, op)(*args)
@@ -57,7 +58,8 @@ def register_kernels(op: str, triton_module: str) -> None:
         return getattr(importlib.import_module(f"stabkernels.triton.{triton_module}"), op)(*args)
 
     register(op, "cpp")(compiled)
-    register(op, "cuda")(compiled)
+    if cuda:
+        register(op, "cuda")(compiled)
     register(op, "triton")(triton_kernel)
 
 

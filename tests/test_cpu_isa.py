@@ -15,7 +15,7 @@ import torch
 
 from stabkernels import _ext
 
-from .test_ext import REPO, _run
+from .test_ext import REPO, run_python
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 needs_ext = pytest.mark.skipif(not _ext.loaded, reason="needs the compiled extension")
@@ -42,7 +42,7 @@ def test_every_level_is_compiled_and_the_best_supported_one_is_used():
 @needs_ext
 @pytest.mark.parametrize("level", LEVELS)
 def test_forcing_a_level_is_reported_by_info(level):
-    r = _run("import stabkernels; stabkernels.info()", {_ext.ISA_ENV: level.lower()})
+    r = run_python("import stabkernels; stabkernels.info()", {_ext.ISA_ENV: level.lower()})
     assert r.returncode == 0, r.stderr
     used = level if level in _lower_levels() else _ext.cpu_isa_best
     assert f"CPU ISA level in use: {used}" in r.stdout
@@ -53,7 +53,7 @@ def test_forcing_a_level_is_reported_by_info(level):
 
 
 def test_a_value_that_names_no_level_is_an_error():
-    r = _run("import stabkernels", {_ext.ISA_ENV: "AVX3"})
+    r = run_python("import stabkernels", {_ext.ISA_ENV: "AVX3"})
     assert r.returncode != 0 and "STABKERNELS_CPU_ISA='AVX3' names no CPU ISA level" in r.stderr
 
 
@@ -155,7 +155,7 @@ print("ok")
 def test_the_direction_stream_is_bit_identical_at_every_level(level):
     if level not in _lower_levels():
         pytest.skip(f"this CPU lacks {level}")
-    r = _run(STREAM_CHECK.format(level=level), {_ext.ISA_ENV: level})
+    r = run_python(STREAM_CHECK.format(level=level), {_ext.ISA_ENV: level})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 

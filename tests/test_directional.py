@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stabkernels as sk
-from stabkernels import directional as D
+from stabkernels import _stream, directional as D
 
 from .helpers import FLOAT_DTYPES, backend_params
 
@@ -64,7 +64,7 @@ def test_stream_normals_are_box_muller_to_float32_accuracy():
 def test_reference_sqrt_is_correctly_rounded():
     numpy = pytest.importorskip("numpy")
     x = torch.rand(100_000, dtype=torch.float64).mul(40).float() + 1e-30
-    assert torch.equal(D._sqrt_rn(x), torch.from_numpy(numpy.sqrt(x.numpy())))  # numpy's is IEEE
+    assert torch.equal(_stream.sqrt_rn(x), torch.from_numpy(numpy.sqrt(x.numpy())))  # numpy's is IEEE
 
 
 @pytest.mark.parametrize("backend,device", DIR_BACKENDS)
@@ -235,8 +235,8 @@ def test_shard_normals_are_the_slice_of_the_stream_bit_for_bit(backend, device):
     cases = [(0, 5), (3, 1), (9, 4100), (2, 2), (5000, 0), (1, 3)]
     keys = [D.stream_key(7, 1, i) for i in range(len(cases))]
     out = [torch.full((n,), float("nan"), device=device) for _, n in cases]
-    table = torch.tensor([D._signed(k) for k in keys], dtype=torch.int64)
-    sums = D._shard_normals_op(out, table, [off for off, _ in cases], backend)
+    table = torch.tensor([D.signed64(k) for k in keys], dtype=torch.int64)
+    sums = torch.ops.stabkernels.shard_normals(out, table, [off for off, _ in cases], backend)
     for (off, n), k, o, s in zip(cases, keys, out, sums.cpu()):
         want = D.stream_normals(k, off + n)[off:]
         assert torch.equal(o.cpu(), want), (off, n)
@@ -248,6 +248,6 @@ def test_shard_normals_errors():
 
     keys = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="float32"):
-        D._shard_normals_op([torch.empty(3, dtype=torch.float64), torch.empty(2)], keys, [0, 0], "cpp")
+        torch.ops.stabkernels.shard_normals([torch.empty(3, dtype=torch.float64), torch.empty(2)], keys, [0, 0], "cpp")
     with pytest.raises(RuntimeError, match="one key and one offset"):
-        D._shard_normals_op([torch.empty(3), torch.empty(2)], keys, [0], "cpp")
+        torch.ops.stabkernels.shard_normals([torch.empty(3), torch.empty(2)], keys, [0], "cpp")

@@ -16,7 +16,7 @@ from stabkernels import _ext
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code: str, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
+def run_python(code: str, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STABKERNELS_")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -63,7 +63,7 @@ def test_extension_built_for_other_torch_is_refused_with_one_warning(tmp_path):
     shutil.copytree(os.path.join(REPO, "stabkernels"), pkg, ignore=shutil.ignore_patterns("__pycache__"))
     record = pkg / _ext.BUILD_INFO_NAME
     record.write_text(json.dumps({**json.loads(record.read_text()), "torch": "0.0.1"}))
-    r = _run("""
+    r = run_python("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -81,7 +81,7 @@ def test_extension_built_for_other_torch_is_refused_with_one_warning(tmp_path):
 
 
 def test_works_without_extension_and_without_triton():
-    r = _run("""
+    r = run_python("""
         import sys
         sys.modules["triton"] = None  # makes `import triton` fail, as if not installed
         import torch, stabkernels as sk
@@ -102,7 +102,7 @@ def test_works_without_extension_and_without_triton():
 
 
 def test_info_command_prints_versions_and_backend_table():
-    r = _run("import runpy, sys; sys.argv = ['stabkernels', 'info']; runpy.run_module('stabkernels', run_name='__main__')")
+    r = run_python("import runpy, sys; sys.argv = ['stabkernels', 'info']; runpy.run_module('stabkernels', run_name='__main__')")
     assert r.returncode == 0, r.stderr
     for needle in ("torch " + torch.__version__, "triton", "_C:", "row_spread", "cpp"):
         assert needle in r.stdout, r.stdout

@@ -6,6 +6,7 @@ import torch
 
 from stabkernels import _launch_plan as plan
 from stabkernels import update
+from stabkernels.backend import why_unavailable
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def _adam_step(params, grads, ms, vs, step, backend):
                              backend=backend)
 
 
-@pytest.mark.skipif(update._backend.why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
+@pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
 def test_triton_steps_follow_reallocated_and_reshaped_tensors():
     """Step, then move every tensor to new storage (as model.to() or a reallocated gradient would) and change
     one shape: the Triton step keeps matching the reference, and only the changed tables are rebuilt."""

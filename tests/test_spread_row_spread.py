@@ -148,7 +148,7 @@ def test_explicit_backend_on_wrong_device_says_why():
 @pytest.mark.parametrize("backend,device", backend_params("row_spread", devices=("cpu",)))
 def test_opcheck(backend, device):
     if backend == "triton":
-        pytest.skip("opcheck of Triton kernels does not run under the interpreter (BUILD_NOTES)")
+        pytest.skip("opcheck of Triton kernels does not run under the interpreter (docs/gpu-without-a-gpu.md)")
     for x in (torch.randn(7, 100), torch.randn(33, 8).t(), torch.randn(4, 1, dtype=torch.float64)):
         torch.library.opcheck(torch.ops.stabkernels.row_spread.default, (x, backend))
 

@@ -59,8 +59,8 @@ def every_triton_entry_point():
     for p, g in zip(ps, gs):
         p.grad = g
     directional.orthograd_(ps, **t)
-    directional._shard_normals_op([torch.empty(6), torch.empty(3)],
-                                  directional.device_key_table(1, 0, 1, 2, "cpu")[0], [2, 0], "triton")
+    torch.ops.stabkernels.shard_normals([torch.empty(6), torch.empty(3)],
+                                        directional.device_key_table(1, 0, 1, 2, "cpu")[0], [2, 0], "triton")
     z, y = torch.randn(4, 9, requires_grad=True), torch.tensor([0, 3, 8, 1])
     sk.cross_entropy_z_loss(z, y, **t)[0].backward(torch.tensor(2.0))
     sk.stablemax_cross_entropy(z, y, **t).backward()

@@ -414,7 +414,7 @@ def directional_cases(device: str, quick: bool) -> Iterator[Case]:
     yield Case(op="shard_normals", shape=f"{label}:second halves", dtype="float32",
                nbytes=sum(h.numel() * 4 for h in halves), baseline=torch_shard_normals,
                baseline_name="per shard: randn_like",
-               candidates={b: (lambda b=b: directional._shard_normals_op(halves, keys, offsets, b))
+               candidates={b: (lambda b=b: torch.ops.stabkernels.shard_normals(halves, keys, offsets, b))
                            for b in kernel_backends("shard_normals", device)})
 
     params = [torch.randn(s_, generator=g).to(device) * 0.02 for s_ in shapes]

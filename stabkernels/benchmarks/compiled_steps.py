@@ -18,7 +18,7 @@ from .run import machine_name
 from .timing import measure
 
 
-def _model(device, width):
+def bench_model(device, width):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.LayerNorm(4 * width),
                          nn.Linear(4 * width, width), nn.GELU(), nn.Linear(width, 64)).to(device)
@@ -47,7 +47,7 @@ def measure_one(name, make, device, width, batch, min_time):
     y = torch.randint(0, 64, (batch,), generator=g).to(device)
     steps = {}
     for compiled in (False, True):
-        model = _model(device, width)
+        model = bench_model(device, width)
         opt = make(model)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -64,7 +64,7 @@ def measure_one(name, make, device, width, batch, min_time):
     return {"optimizer": name, "device": device, "eager_ms": round(t["eager"].median_s * 1e3, 3),
             "compiled_ms": round(t["compiled"].median_s * 1e3, 3),
             "compiled_speedup": round(t["eager"].median_s / t["compiled"].median_s, 3),
-            "graph_breaks": breaks, "graphs": graphs, "params": sum(p.numel() for p in _model("cpu", width).parameters())}
+            "graph_breaks": breaks, "graphs": graphs, "params": sum(p.numel() for p in bench_model("cpu", width).parameters())}
 
 
 def write(stem, rows, device, width) -> None:

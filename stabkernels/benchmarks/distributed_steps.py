@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from .compiled_steps import _model, optimizers
+from .compiled_steps import bench_model, optimizers
 from .run import cpu_isa, machine_name
 
 WRAPPERS = ("DDP", "FSDP2")
@@ -59,7 +59,7 @@ def _worker(rank, world, port, device, width, batch, rounds, out):
         runs = {}
         for kind in WRAPPERS:
             for name, make in optimizers().items():
-                model = _wrap(kind, _model(device, width), mesh)
+                model = _wrap(kind, bench_model(device, width), mesh)
                 runs[(kind, name)] = (model, make(model))
         times = {key: [] for key in runs}
         for r in range(rounds + 1):  # round 0 warms up
@@ -78,7 +78,7 @@ def _worker(rank, world, port, device, width, batch, rounds, out):
                 if r:
                     times[key].append(time.perf_counter() - t0)
         if rank == 0:
-            params = sum(p.numel() for p in _model("cpu", width).parameters())
+            params = sum(p.numel() for p in bench_model("cpu", width).parameters())
             rows = []
             for kind in WRAPPERS:
                 base = statistics.median(times[(kind, "AdamW(fused=True)")])

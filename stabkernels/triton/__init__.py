@@ -2,6 +2,6 @@
 missing or broken triton never breaks ``import stabkernels``. Set ``TRITON_INTERPRET=1`` before these
 modules are imported to run the kernels on CPU tensors in Triton's interpreter.
 
-Interpreter facts the kernels respect (see BUILD_NOTES): bf16 is upcast to fp32 right after ``tl.load``;
-no libdevice; single-config launches.
+Interpreter facts the kernels respect (docs/gpu-without-a-gpu.md, section 1): bf16 is upcast to fp32 right
+after ``tl.load``; no libdevice; single-config launches.
 """

@@ -1,4 +1,4 @@
-"""Triton kernels of the directional family. The stream (stabkernels/directional.py) uses
+"""Triton kernels of the directional family. The stream (stabkernels/_stream.py, docs/spec.md 3.4) uses
 ``tl.randint4x(key, counter)`` for Philox and the stream's float32 Box-Muller, so it matches the torch
 reference and the C++ kernels bit for bit: the stream kernels are launched with ``enable_fp_fusion=False``
 (Triton would otherwise contract the Box-Muller arithmetic into FMAs on a GPU, changing the bits of about 8%
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import _launch_plan as plan
-from .. import directional as D
+from .. import _stream as stream
 from .._checks import acc_dtype, grouped_acc_dtype
 from ._common import TL_STORAGE, chunk_range, segment_sums, tl_acc
 
@@ -20,11 +20,11 @@ STREAM = dict(enable_fp_fusion=False)
 BLOCK = 256  # counters per program: 1024 elements
 
 
-# The stream's float32 constants, from the reference (stabkernels/directional.py), not written again.
-_SQRT2, _LN2, _PI_OVER_4 = tl.constexpr(D.SQRT2), tl.constexpr(D.LN2), tl.constexpr(D.PI_OVER_4)
-_L3, _L5, _L7, _L9 = (tl.constexpr(c) for c in D.LOG_COEFS)
-_S3, _S5, _S7, _S9 = (tl.constexpr(c) for c in D.SIN_COEFS)
-_C2, _C4, _C6, _C8, _C10 = (tl.constexpr(c) for c in D.COS_COEFS)
+# The stream's float32 constants, from its specification (stabkernels/_stream.py), not written again.
+_SQRT2, _LN2, _PI_OVER_4 = tl.constexpr(stream.SQRT2), tl.constexpr(stream.LN2), tl.constexpr(stream.PI_OVER_4)
+_L3, _L5, _L7, _L9 = (tl.constexpr(c) for c in stream.LOG_COEFS)
+_S3, _S5, _S7, _S9 = (tl.constexpr(c) for c in stream.SIN_COEFS)
+_C2, _C4, _C6, _C8, _C10 = (tl.constexpr(c) for c in stream.COS_COEFS)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _box_muller(wa, wb):
 
 @triton.jit
 def _normals(key, ctr):
-    """The four float32 normals of each counter in ``ctr`` (SPEC stream steps 2-3)."""
+    """The four float32 normals of each counter in ``ctr`` (docs/spec.md 3.4, steps 2-3)."""
     w0, w1, w2, w3 = tl.randint4x(key, ctr)
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
@@ -75,7 +75,7 @@ def _splitmix64(x):
 
 @triton.jit(do_not_specialize=["seed_hash", "first"])
 def _keys_kernel(out, seed_hash, first, T, BLOCK: tl.constexpr):
-    # key[k, t] = splitmix64(splitmix64(splitmix64(seed) ^ (first + k)) ^ t)  (SPEC stream step 1, uint64)
+    # key[k, t] = splitmix64(splitmix64(splitmix64(seed) ^ (first + k)) ^ t)  (docs/spec.md 3.4 step 1, uint64)
     k = tl.program_id(0)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     h = _splitmix64((first + k).to(tl.uint64) ^ seed_hash.to(tl.uint64))
@@ -84,7 +84,7 @@ def _keys_kernel(out, seed_hash, first, T, BLOCK: tl.constexpr):
 
 def key_table(seed_hash: int, first_probe: int, num_probes: int, count: int, device) -> torch.Tensor:
     """The (num_probes, count) int64 key table computed on the device in one launch; ``seed_hash`` is
-    splitmix64(seed) as a signed int64 (see stabkernels/directional.py)."""
+    splitmix64(seed) as a signed int64 (see stabkernels/_stream.py)."""
     out = torch.empty(num_probes, count, dtype=torch.int64, device=device)
     with plan.device_guard(torch.device(device)):
         _keys_kernel[(num_probes, triton.cdiv(count, 128))](out, seed_hash, first_probe, count, BLOCK=128)
