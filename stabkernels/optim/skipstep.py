@@ -245,9 +245,12 @@ class StableAdamW(torch.optim.Optimizer):
             self._step_group(group, params)
         return loss
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # state created inside a graph would change its guards: the next step would recompile
+    def _states(self, params) -> list:
+        return adam_states(self.state, params, amsgrad=False)
+
     def _step_group(self, group, params) -> None:
-        states = adam_states(self.state, params, amsgrad=False)
+        states = self._states(params)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         b1, b2 = group["betas"]
