@@ -137,12 +137,13 @@ class SkipStep(OptimizerWrapper):
 
     @torch.compiler.disable
     def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
-        out = []
+        out = []  # DTensors (FSDP2) by their local shards: the select is element-wise
+        L = distributed.local
         for p in self.params():
-            out.append((p, p.detach().clone()))
+            out.append((L(p.detach()), L(p.detach()).clone()))
             for v in self.state.get(p, {}).values() if p in self.state else ():
                 if isinstance(v, Tensor):
-                    out.append((v, v.clone()))
+                    out.append((L(v), L(v).clone()))
         return out
 
     @torch.compiler.disable
