@@ -54,7 +54,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import stabkernels
 from stabkernels import backend as _backend
-from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam
+from stabkernels.optim import (PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, SkipStep,
+                               StableAdamW)
 
 # CPU tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); on a GPU
 # machine tests/test_gpu.py checks the same steps under torch.cuda.set_sync_debug_mode("error")
@@ -272,6 +273,11 @@ OPTIMIZERS = {
     "RadiusAdamW(lr=tensor)": lambda m: RadiusAdamW(m.parameters(), lr=torch.tensor(1e-2), model=m, **T),
     "SAdam(lr=tensor)": lambda m: SAdam(m, lr=torch.tensor(1e-2), probes=3, seed=3, **T),
     "PSSAdamW(lr=tensor)": lambda m: PSSAdamW(m, lr=torch.tensor(1e-2), trigger=None, **T),
+    # skip-step with its rule active from the third step on (the warm-up steps above reach it)
+    "SkipStep(AdamW(fused))": lambda m: SkipStep(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), window=4,
+                                                 warmup=3),
+    "SkipStep(RadiusAdamW)": lambda m: SkipStep(RadiusAdamW(m.parameters(), lr=1e-2, model=m, **T), window=4, warmup=3),
+    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2),
 }
 
 
@@ -284,6 +290,8 @@ def one_step(model, opt, x, y):
     loss.backward()
     if isinstance(opt, SAdam):
         return lambda: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
+    if isinstance(opt, SkipStep):
+        return lambda: opt.step(loss=loss)
     return opt.step
 
 

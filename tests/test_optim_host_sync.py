@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam
+from stabkernels.optim import (PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, SkipStep,
+                               StableAdamW)
 
 READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
          torch.ops.aten.item.default}
@@ -49,6 +50,11 @@ OPTIMIZERS = {
     "PSS(AdamW(fused))": lambda m: PSS(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), m),
     "PSS(AdamW)-no-skip": lambda m: PSS(torch.optim.AdamW(m.parameters(), lr=1e-2), m, skip_nonfinite=False),
     "OrthoGrad(AdamW)": lambda m: OrthoGrad(torch.optim.AdamW(m.parameters(), lr=1e-2)),
+    # skip-step with its rule active from the third step on (the warm-up steps above reach it)
+    "SkipStep(AdamW(fused))": lambda m: SkipStep(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), window=4,
+                                                 warmup=3),
+    "SkipStep(RadiusAdamW)": lambda m: SkipStep(RadiusAdamW(m.parameters(), lr=1e-2, model=m), window=4, warmup=3),
+    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2),
 }
 
 
@@ -58,6 +64,8 @@ def one_step(model, opt, x, y):
     loss.backward()
     if isinstance(opt, SAdam):
         return lambda: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
+    if isinstance(opt, SkipStep):
+        return lambda: opt.step(loss=loss)
     return opt.step
 
 

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam
+from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, StableAdamW
 
 STEPS = 10
 ADAM, SGD = "adam", "sgd"
@@ -70,6 +70,7 @@ OPTIMIZERS = {
     "PSSAdamW": (lambda m, lr: PSSAdamW(m, lr=lr, every=2), ADAM),
     "PSS(AdamW)": (lambda m, lr: PSS(torch.optim.AdamW(m.parameters(), lr=lr), m), ADAM),
     "OrthoGrad(AdamW)": (lambda m, lr: OrthoGrad(torch.optim.AdamW(m.parameters(), lr=lr)), ADAM),
+    "StableAdamW": (lambda m, lr: StableAdamW(m.parameters(), lr=lr), ADAM),
 }
 # torch's own optimizers in the same harness: the evidence for how strict the assertion can be
 REFERENCE = {

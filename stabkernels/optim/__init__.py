@@ -4,12 +4,16 @@
 - :class:`RadiusController`, :class:`RadiusAdamW`, :class:`RadiusSGD`: every step capped at the softmax
   convergence radius along it (SPEC 2).
 - :class:`SAdam`: AdamW damped by the instability of random-direction probes (SPEC 3).
+- :class:`SkipStep`, :class:`StableAdamW`: skip a step on a loss/gradient-norm spike (OLMo-core's rule, on
+  the device); AdamW with per-tensor update clipping (Wortsman et al. 2023).
 - :class:`OrthoGrad`: gradients made orthogonal to their weights before any optimizer steps (SPEC 4).
 """
 from .pss import PSS, PSSAdamW, PSSReport
 from .orthograd import OrthoGrad
 from .radius import RadiusAdamW, RadiusController, RadiusProbe, RadiusReport, RadiusSGD
 from .sadam import SAdam, SAdamReport
+from .skipstep import SkipStep, SkipStepReport, StableAdamW
 
 __all__ = ["OrthoGrad", "PSS", "PSSAdamW", "PSSReport", "RadiusAdamW", "RadiusController", "RadiusProbe",
-           "RadiusReport", "RadiusSGD", "SAdam", "SAdamReport"]
+           "RadiusReport", "RadiusSGD", "SAdam", "SAdamReport",
+           "SkipStep", "SkipStepReport", "StableAdamW"]

@@ -1,0 +1,280 @@
+"""Skip-step (OLMo-core's ``SkipStepAdamW`` rule) and update clipping (StableAdamW, Wortsman et al. 2023).
+
+:class:`SkipStep` wraps any ``torch.optim.Optimizer`` (ours too). ``step(loss=...)`` decides on the device,
+with no host read, whether this step is a spike: the loss or the gradient norm more than ``sigma_factor``
+standard deviations from its mean over the previous ``window`` steps (OLMo-core: ``|x - mean| / std >
+sigma_factor``, unbiased std, the current value kept in the window afterwards, the check inactive until
+``warmup`` values, including the current one, were seen; a NaN/inf loss or norm is a skip). The decision is a
+0-d 0/1 ``keep`` tensor. How it is applied without a host read:
+
+* a torch optimizer with ``fused=True`` (Adam, AdamW, SGD, Adagrad): through its ``found_inf`` input, the way
+  ``torch.amp.GradScaler`` skips on the device (weights, moments and step counters stay as they were);
+* any other optimizer: the parameters and every tensor of its state are copied before the step and the old
+  values selected back where ``keep`` is 0 (``torch.where``, so a NaN gradient cannot leak in). Bit-identical
+  to the wrapped optimizer's own step when not skipping; costs one copy of parameters and state per step.
+
+Under DDP/FSDP2 the loss is averaged over ranks and the gradient norm is the global one (``sq_norms`` sums the
+shards), so every rank reaches the same decision from the same bits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..spectral import sq_norms
+from ..update import adam_step_
+from ._state import adam_states
+from ._wrapper import OptimizerWrapper
+
+__all__ = ["SkipStep", "SkipStepReport", "StableAdamW", "skip_decision_reference", "stable_adamw_reference"]
+
+
+def skip_decision_reference(history: list[float], x: float, sigma_factor: float) -> bool:
+    """OLMo-core's test for one series, on host floats (for tests): True when ``x`` is a spike."""
+    h = torch.tensor(history, dtype=torch.float64)
+    std, mean = torch.std_mean(h)
+    return not bool((torch.tensor(x, dtype=torch.float64) - mean).abs() / std <= sigma_factor)
+
+
+class SkipStepReport:
+    """``skipped``: this step's decision, a 0-d bool device tensor (read it when you log)."""
+
+    def __init__(self, skipped: Tensor):
+        self.skipped = skipped
+
+
+class SkipStep(OptimizerWrapper):
+    """Skips a step on a loss or gradient-norm spike, decided on the device (see the module docstring)::
+
+        opt = SkipStep(torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True))
+        loss = model(x).loss; loss.backward(); opt.step(loss=loss)
+
+    ``grad_norm=``: this step's global gradient norm if already computed (e.g. by ``clip_grad_norm_``, called
+    before ``step``); else it is computed with ``sq_norms`` over the gradients. ``use_grad_norm=False`` tests the
+    loss alone. ``last.skipped`` (device) and :meth:`skipped_steps` (a device count; ``int()`` it to read)."""
+
+    state_kind = "SkipStep"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, window: int = 128, sigma_factor: float = 6.0,
+                 warmup: int | None = None, *, use_grad_norm: bool = True, process_group=None):
+        super().__init__(optimizer)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"SkipStep: window must be an int >= 2, got {window!r}")
+        if not (isinstance(sigma_factor, (int, float)) and math.isfinite(sigma_factor) and sigma_factor > 0):
+            raise ValueError(f"SkipStep: sigma_factor must be a finite number > 0, got {sigma_factor!r}")
+        warmup = max(20, window // 2) if warmup is None else warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 3:
+            raise ValueError(f"SkipStep: warmup must be an int >= 3 (a std needs two earlier values), got {warmup!r}")
+        self.window, self.sigma_factor, self.warmup = window, float(sigma_factor), warmup
+        self.use_grad_norm, self.process_group = use_grad_norm, process_group
+        self._count = 0  # values recorded so far (host: it depends on no data)
+        self._hist: Tensor | None = None  # (2, window) float64 on the params' device: losses, grad norms
+        self._skipped: Tensor | None = None  # int64 count of skipped steps
+        self.last: SkipStepReport | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.params()[0].device
+
+    def _ensure(self, device) -> None:
+        if self._hist is None:
+            self._hist = torch.zeros(2, self.window, dtype=torch.float64, device=device)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _as_value(x, name: str, device) -> Tensor:
+        if isinstance(x, Tensor):
+            if x.numel() != 1:
+                raise ValueError(f"SkipStep: {name} must be a one-element tensor, got shape {tuple(x.shape)}")
+            if x.device != device and x.device.type != "cpu":
+                raise ValueError(f"SkipStep: {name} is on {x.device}, the parameters on {device}")
+            return x.detach().reshape(()).to(device=device, dtype=torch.float64)
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ValueError(f"SkipStep: {name} must be a number or a one-element tensor, got {type(x).__name__}")
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+
+    @torch.compiler.disable
+    def decide(self, loss, grad_norm=None) -> Tensor:
+        """Records this step's loss (and gradient norm) and returns ``keep``, a 0-d bool device tensor."""
+        device = self._device()
+        self._ensure(device)
+        x = [distributed.mean(self._as_value(loss, "loss", device), self.process_group)]
+        if self.use_grad_norm:
+            if grad_norm is None:
+                grads = [p.grad for p in self.params() if p.grad is not None]
+                if not grads:
+                    raise ValueError("SkipStep: no parameter has a gradient (call backward() before step())")
+                gn = sq_norms(grads).double().sum().sqrt()
+            else:
+                gn = distributed.mean(self._as_value(grad_norm, "grad_norm", device), self.process_group)
+            x.append(gn)
+        x = torch.stack(x)
+        n_prev = min(self._count, self.window)
+        if self._count + 1 >= self.warmup:
+            prev = self._hist[: len(x), :n_prev]
+            std, mean = torch.std_mean(prev, dim=1)
+            keep = ((x - mean).abs() / std <= self.sigma_factor).all()
+        else:
+            keep = torch.ones((), dtype=torch.bool, device=device)
+        self._hist[: len(x), self._count % self.window].copy_(x)
+        self._count += 1
+        self._skipped += ~keep
+        self.last = SkipStepReport(~keep)
+        return keep
+
+    def skipped_steps(self) -> Tensor:
+        """The number of skipped steps so far, a 0-d int64 device tensor (``int()`` reads it)."""
+        self._ensure(self._device())
+        return self._skipped
+
+    # ------------------------------------------------------------------------------------------------
+    def _fused(self) -> bool:
+        o = self.optimizer
+        return type(o).__module__.startswith("torch.optim") and all(g.get("fused") for g in o.param_groups)
+
+    @torch.compiler.disable
+    def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
+        out = []  # DTensors (FSDP2) by their local shards: the select is element-wise
+        L = distributed.local
+        for p in self.params():
+            out.append((L(p.detach()), L(p.detach()).clone()))
+            for v in self.state.get(p, {}).values() if p in self.state else ():
+                if isinstance(v, Tensor):
+                    out.append((L(v), L(v).clone()))
+        return out
+
+    @torch.compiler.disable
+    def _restore(self, saved, keep: Tensor) -> None:
+        with torch.no_grad():
+            for t, old in saved:
+                t.copy_(torch.where(keep.to(t.device), t, old))
+
+    def step(self, closure=None, *, loss=None, grad_norm=None):
+        if loss is None and closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if loss is None:
+            raise ValueError("SkipStep.step needs this step's loss: step(loss=loss) or step(closure)")
+        keep = self.decide(loss, grad_norm)
+        o = self.optimizer
+        if self._fused():
+            skip = (~keep).to(torch.float32)
+            prior = getattr(o, "found_inf", None)  # a GradScaler's own found_inf: skip on either
+            o.found_inf = skip if prior is None else torch.maximum(prior.reshape(()).to(skip.device), skip)
+            try:
+                o.step()
+            finally:
+                if prior is None:
+                    del o.found_inf
+                else:
+                    o.found_inf = prior
+            return loss
+        saved = self._snapshot() if any(p in self.state for p in self.params()) else None
+        if saved is None:  # no state yet: the first steps are inside the warm-up, always kept
+            o.step()
+            return loss
+        o.step()
+        self._restore(saved, keep)
+        return loss
+
+    def _wrapper_state(self) -> dict:
+        self._ensure(self._device())
+        return {"window": self.window, "sigma_factor": self.sigma_factor, "warmup": self.warmup,
+                "count": self._count, "history": self._hist.clone(), "skipped": self._skipped.clone()}
+
+    def _load_wrapper_state(self, state: dict) -> None:
+        if state.get("window") != self.window:
+            raise ValueError(f"SkipStep.load_state_dict: window {state.get('window')} in the state dict, "
+                             f"{self.window} here")
+        device = self._device()
+        self.sigma_factor, self.warmup, self._count = state["sigma_factor"], state["warmup"], state["count"]
+        self._hist = state["history"].to(device=device, dtype=torch.float64).clone()
+        self._skipped = state["skipped"].to(device).clone()
+
+
+# ----------------------------------------------------------------------------------------------------
+# StableAdamW
+
+
+def stable_adamw_reference(p, g, m, v, step: int, lr, betas, eps, weight_decay) -> None:
+    """Plain-torch StableAdamW (Wortsman et al. 2023) on one tensor, in place: AdamW with the learning rate
+    lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))), v_hat the bias-corrected v of this step; the
+    decoupled decay uses the clipped learning rate too."""
+    b1, b2 = betas
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    rms = (g * g / torch.clamp_min(v / bc2, eps * eps)).mean().sqrt()
+    lr_t = lr / torch.clamp_min(rms, 1.0)
+    p.mul_(1 - lr_t * weight_decay)
+    p.sub_(lr_t * ((m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)))
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with update clipping (StableAdamW): per tensor the learning rate is lr / max(1, RMS), with
+    RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) of this step. Moments advance in the fused ``adam_step_`` (which
+    also writes the unit proposal u); the RMS and the clipped apply run on the device (no host read), in
+    torch ops per tensor. State in torch's Adam layout (step, exp_avg, exp_avg_sq)."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if not (isinstance(lr, Tensor) or lr >= 0):
+            raise ValueError(f"StableAdamW: lr must be >= 0, got {lr}")
+        if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
+            raise ValueError(f"StableAdamW: betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"StableAdamW: eps must be > 0, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"StableAdamW: weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise ValueError("StableAdamW does not support sparse gradients")
+            self._step_group(group, params)
+        return loss
+
+    @torch.compiler.disable  # state created inside a graph would change its guards: the next step would recompile
+    def _states(self, params) -> list:
+        return adam_states(self.state, params, amsgrad=False)
+
+    def _step_group(self, group, params) -> None:
+        states = self._states(params)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        b1, b2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        lr = group["lr"]
+        # Pass 1 (before the moments move): v of this step in the math type, as the kernel forms it
+        # (v * b2 + g * (1 - b2) * g), so the RMS sees the unrounded v (fp16/bf16 storage would round small
+        # v to 0 and blow the RMS up); reads g and v.
+        bc2 = 1 - torch.pow(b2, steps[0].double())
+        lrs = []
+        for p, g, s in zip(params, grads, states):
+            A = torch.float64 if p.dtype == torch.float64 else torch.float32
+            ga = g.to(A)
+            v = s["exp_avg_sq"].to(A) * b2 + ga * (1 - b2) * ga
+            rms = (ga * ga / torch.clamp_min(v / bc2.to(A), eps * eps)).mean().sqrt()
+            lrs.append(lr / torch.clamp_min(rms, 1.0).double())
+        # Pass 2: the fused Adam step writes u (moments advanced once), then p <- p (1 - lr_t wd) - lr_t u.
+        us = [torch.empty(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                          device=p.device) for p in params]
+        adam_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   step=steps[0], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, updates=us, apply=False)
+        for p, u, lr_t in zip(params, us, lrs):
+            A = u.dtype
+            lr_t = lr_t.to(A)
+            p.copy_(p.to(A) * (1 - lr_t * wd) - lr_t * u)
