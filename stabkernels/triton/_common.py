@@ -43,6 +43,18 @@ def _segment_sums_kernel(partials, first, count, out, width, WIDTH: tl.constexpr
     tl.store(out + t * width + cols, tl.sum(acc, axis=0).to(out.dtype.element_ty), mask=cols < width)
 
 
+def in_order(groups, parts: list) -> torch.Tensor:
+    """The dtype groups' per-member results (one tensor per group, rows = members) in the tensor list's order,
+    scattered on the device with the groups' cached index tensors (no copy when there is one group)."""
+    if len(groups) == 1:
+        return parts[0]
+    n = sum(g.size for g in groups)
+    out = torch.empty((n,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
+    for g, p in zip(groups, parts):
+        out.index_copy_(0, g.index, p)
+    return out
+
+
 def segment_sums(partials: torch.Tensor, group: Group) -> torch.Tensor:
     """Per member of ``group``: the sum of its programs' partials (``partials`` is (num_chunks,) or
     (num_chunks, W)), in float64 and a fixed order; the result has ``partials``' dtype and trailing shape. The

@@ -12,7 +12,7 @@ import triton.language as tl
 from .. import _launch_plan as plan
 from .. import _stream as stream
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, chunk_range, segment_sums, tl_acc
+from ._common import TL_STORAGE, chunk_range, in_order, segment_sums, tl_acc
 
 # launch option of every kernel that generates the stream: no FP contraction, the reference's rounding
 STREAM = dict(enable_fp_fusion=False)
@@ -264,16 +264,6 @@ def _stream_layout(tensors, dtypes=None):
     return plan.layout(tensors, BLOCK, unit=4, dtypes=dtypes)
 
 
-def _scatter(groups, parts, shape, device):
-    """The groups' per-member results in global order (no copy when there is one group)."""
-    if len(groups) == 1:
-        return parts[0]
-    out = torch.empty(shape, dtype=parts[0].dtype, device=device)
-    for g, p in zip(groups, parts):
-        out.index_copy_(0, g.index, p)
-    return out
-
-
 def _stream_sq_sums(tensors, keys, device):
     """sum of n^2 over each tensor's stream, (T,) float64, in global order."""
     groups = _stream_layout(tensors, dtypes=[torch.float32] * len(tensors))  # one group: all tensors in order
@@ -336,7 +326,7 @@ def directional_dots(grads, keys):
             _dots_kernel[(g.num_chunks,)](keys, K, T, g.index, plan.addresses(flat, g), g.numels, g.chunk_tensor,
                                           g.chunk_start, partials, DTYPE=TL_STORAGE[g.dtype], BLOCK=BLOCK, **STREAM)
             parts.append(segment_sums(partials, g))
-        sums = _scatter(groups, parts, (T, 2 * K), device)
+        sums = in_order(groups, parts)  # (T, 2K)
         out = torch.empty(K, dtype=grouped_acc_dtype(grads), device=device)
         _dots_finish_kernel[(K,)](sums, out, K, T, BLOCK=128)
         return out

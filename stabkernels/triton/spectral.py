@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .. import _launch_plan as plan
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, div_ieee, segment_sums, sqrt_ieee, tl_acc
+from ._common import TL_STORAGE, div_ieee, in_order, segment_sums, sqrt_ieee, tl_acc
 
 # --------------------------------------------------------------------------------------------------
 # sq_norms
@@ -43,12 +43,7 @@ def sq_norms(tensors, chunk: int = 8192, block: int = 1024):
                                               partials, DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), CHUNK=chunk,
                                               BLOCK=min(block, chunk))
             sums.append(segment_sums(partials, g).to(out_dtype))
-        if len(groups) == 1:
-            return sums[0]
-        out = torch.empty(len(tensors), dtype=out_dtype, device=device)
-        for g, s in zip(groups, sums):
-            out.index_copy_(0, g.index, s)
-        return out
+        return in_order(groups, sums)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,9 +181,4 @@ def power_iteration_(mats, us, vs, iters, eps, block_m: int = 64, block_n: int |
                                              t["yp_offs"], active, x_buf, y_buf, yp_buf, sig, eps, ACC=tl_acc(g.dtype),
                                              BLOCK=block, BLOCK_M=block_m)
             sigmas.append(sig.to(out_dtype))
-        if len(groups) == 1:
-            return sigmas[0]
-        out = torch.empty(len(mats), dtype=out_dtype, device=device)
-        for g, s in zip(groups, sigmas):
-            out.index_copy_(0, g.index, s)
-        return out
+        return in_order(groups, sigmas)

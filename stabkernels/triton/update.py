@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .. import _launch_plan as plan
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, chunk_range, div_ieee, segment_sums, sqrt_ieee, tl_acc
+from ._common import TL_STORAGE, chunk_range, div_ieee, in_order, segment_sums, sqrt_ieee, tl_acc
 
 CHUNK = 4096
 BLOCK = 1024
@@ -159,12 +159,7 @@ def _grouped(params, launch):
             partials = torch.empty(g.num_chunks, dtype=acc_dtype(g.dtype), device=device)
             launch(g, lambda ts: plan.addresses(ts, g) if ts else g.numels, partials)
             sums.append(segment_sums(partials, g).to(out_dtype))
-        if len(groups) == 1:
-            return sums[0]
-        out = torch.empty(len(params), dtype=out_dtype, device=device)
-        for g, s in zip(groups, sums):
-            out.index_copy_(0, g.index, s)
-        return out
+        return in_order(groups, sums)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step, beta1, beta2,
