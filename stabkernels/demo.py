@@ -1,4 +1,9 @@
-"""``python -m stabkernels demo``: the stability shoot-out, ``--scenario digits`` (default), ``lm`` or ``all``.
+"""``python -m stabkernels demo``: the stability shoot-out, ``--scenario digits`` (default), ``lm``, ``lr-sweep``
+or ``all``.
+
+``lr-sweep`` (:mod:`stabkernels.lr_sweep`): the LM scenario's transformer trained at 7 learning rates over 3
+decades, 2 widths, 2 seeds, for AdamW, AdamW + clipping, AdamW + z-loss + QK-LayerNorm and RadiusAdamW (default
+and full probe); the learning-rate sensitivity of each; writes ``<out>/lr-sweep/``.
 
 ``lm`` (:mod:`stabkernels.lm`): a byte-level causal transformer on the standard library's sources, with and
 without a sustained learning-rate spike, for AdamW, AdamW + clipping, AdamW + z-loss, RadiusAdamW (the fused
@@ -32,7 +37,7 @@ from .benchmarks.run import progress
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m stabkernels demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("digits", "lm", "all"), default="digits")
+    p.add_argument("--scenario", choices=("digits", "lm", "lr-sweep", "all"), default="digits")
     p.add_argument("--quick", action="store_true", help="1 seed, short runs (under a minute per scenario)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--methods", default=",".join(digits.METHODS),
@@ -185,7 +190,18 @@ def main(argv=None) -> int:
         digits_demo(args)
     if args.scenario in ("lm", "all"):
         lm_demo(args)
+    if args.scenario in ("lr-sweep", "all"):
+        lr_sweep_demo(args)
     return 0
+
+
+def lr_sweep_demo(args) -> None:
+    from . import lr_sweep
+
+    kw = dict(seeds=1, steps=60, widths=(32,)) if args.quick else dict(seeds=2, steps=200)
+    md = lr_sweep.run(os.path.join(args.out, "lr-sweep"), **kw)
+    print(md)
+    print(f"wrote summary.csv, summary.md and lr_sweep.png to {os.path.join(args.out, 'lr-sweep')}/")
 
 
 def lm_demo(args) -> None:

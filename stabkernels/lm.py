@@ -55,16 +55,21 @@ def load_corpus(train_bytes: int = TRAIN_BYTES, val_bytes: int = VAL_BYTES) -> C
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, qk_norm: bool = False):
         super().__init__()
+        from .nn import QKLayerNorm
+
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.qk_norm = QKLayerNorm(d // heads) if qk_norm else None
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.ln2(x))
@@ -72,12 +77,12 @@ class Block(nn.Module):
 
 class ByteLM(nn.Module):
     """A pre-LayerNorm causal transformer over bytes; ``lm_head`` is its last step (the radius controllers'
-    fused output-head path takes it)."""
+    fused output-head path takes it). ``qk_norm``: QK-LayerNorm on every block's queries and keys."""
 
-    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, context: int = 64):
+    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, context: int = 64, qk_norm: bool = False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, qk_norm) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, VOCAB, bias=False)
 
@@ -102,6 +107,7 @@ class History:
     seed: int
     loss: list = field(default_factory=list)  # training loss per step
     val_loss: list = field(default_factory=list)  # (step, nats per byte)
+    init_val_loss: float = math.nan  # before the first step
 
     @property
     def final_val_loss(self) -> float:
@@ -150,11 +156,12 @@ def adamw_z_loss(model, lr):
         lambda x, y, loss: opt.step()
 
 
-def radius_adamw(model, lr):
+def radius_adamw(model, lr, **options):
+    """RadiusAdamW at its defaults (finite differences reusing the training forward's logits, every 8th step;
+    issue 26), or with ``options``."""
     from .optim import RadiusAdamW
 
-    opt = RadiusAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, model=model,
-                      head=model.lm_head)
+    opt = RadiusAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, model=model, **options)
     return opt, lm_loss, lambda x, y, loss: opt.step()
 
 
@@ -183,7 +190,7 @@ METHODS: dict[str, MethodFactory] = {
     "AdamW": adamw,
     "AdamW+clip(1.0)": adamw_clip,
     "AdamW+z-loss": adamw_z_loss,
-    "RadiusAdamW(head)": radius_adamw,
+    "RadiusAdamW": radius_adamw,
     "PSSAdamW": pss_adamw,
     "SAdam": sadam,
     "OrthoGrad(AdamW)": orthograd_adamw,
@@ -192,16 +199,20 @@ METHODS: dict[str, MethodFactory] = {
 
 def run(method: str, corpus: Corpus, seed: int, *, spike: bool, lr: float = 3e-3, steps: int = 200,
         spike_at: int = 66, spike_factor: float = 1000.0, batch: int = 8, context: int = 64,
-        eval_every: int = 10, val_windows: int = 64) -> History:
+        eval_every: int = 10, val_windows: int = 64, factory: MethodFactory | None = None, d: int = 64,
+        qk_norm: bool = False) -> History:
     """Trains one model (seeded init and batches) and records its history; from ``spike_at`` on the learning
-    rate is multiplied by ``spike_factor`` and kept there when ``spike``."""
+    rate is multiplied by ``spike_factor`` and kept there when ``spike``. ``factory`` replaces the method's own
+    (``METHODS[method]``); ``d`` is the model's width, ``qk_norm`` turns QK-LayerNorm on. ``init_val_loss`` is
+    the validation loss at initialisation."""
     torch.manual_seed(seed)
-    model = ByteLM(context=context)
-    opt, loss_fn, step_fn = METHODS[method](model, lr)
+    model = ByteLM(d=d, context=context, qk_norm=qk_norm)
+    opt, loss_fn, step_fn = (factory or METHODS[method])(model, lr)
     base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(1000 + seed)
     vx, vy = windows(corpus.val, torch.linspace(0, len(corpus.val) - context - 2, val_windows).long(), context)
     hist = History(method, spike, seed)
+    hist.init_val_loss = evaluate(model, vx, vy)
     for t in range(steps):
         factor = spike_factor if spike and t >= spike_at else 1.0
         for g, lr0 in zip(opt.param_groups, base):
@@ -253,7 +264,7 @@ def run_all(methods, seeds: int, workers: int | None = None, **kwargs) -> list[H
 
     jobs = [(m, spike, s, kwargs) for m in methods for spike in (False, True) for s in range(seeds)]
     # the longest runs first (S-Adam's k probes, the radius probe), so that the workers finish together
-    cost = {"SAdam": 4, "RadiusAdamW(head)": 2}
+    cost = {"SAdam": 4, "RadiusAdamW": 2}
     order = sorted(range(len(jobs)), key=lambda i: -cost.get(jobs[i][0], 1))
     results = list(_progress(map_on_cores(_run_one, [jobs[i] for i in order], workers), "LM scenario", len(jobs)))
     out: list = [None] * len(jobs)

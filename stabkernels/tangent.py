@@ -358,6 +358,20 @@ def tangent_features(model: nn.Module, inputs, direction, head: nn.Linear, logit
         return tangent_logits(model, inputs, direction, "jvp", logits_fn=logits_fn, return_logits=True, eval=eval)
 
 
+def head_features(model: nn.Module, inputs, head: nn.Linear, logits_fn: Callable | None = None, *,
+                  eval: bool = True) -> Tensor:
+    """The features entering the output layer ``head`` on ``inputs``: one forward without autograd, the head
+    bypassed (its (N, V) logits never computed); parameters, buffers and the RNG left as they were."""
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an nn.Linear output layer, got {type(head).__name__}")
+    first = next(iter(model.parameters()))
+    with eval_mode(model, eval), torch.no_grad(), _head_passthrough(head), _buffers_restored(model, not eval), \
+            replay_rng(None, first.device):
+        out = as_logits(_run(model, inputs), logits_fn)
+        distributed.reshard(model)
+        return out.detach()
+
+
 def head_direction(model: nn.Module, head: nn.Linear, direction: dict[str, Tensor]):
     """The head's own weight and bias components of a {name: tensor} direction (None where absent)."""
     ids = {id(p): n for n, p in model.named_parameters()}

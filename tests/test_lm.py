@@ -50,4 +50,27 @@ def test_lm_demo_quick_spike_wrecks_adamw_not_radius_adamw(tmp_path):
     assert all(math.isfinite(loss[(m, "false")]) and loss[(m, "false")] < math.log(256) for m in lm.METHODS)
     adamw = loss[("AdamW", "false")]
     assert not loss[("AdamW", "true")] < 1.5 * adamw  # diverged (inf/nan) or at least 1.5x worse
-    assert loss[("RadiusAdamW(head)", "true")] <= 1.1 * adamw
+    assert loss[("RadiusAdamW", "true")] <= 1.1 * adamw
+
+
+def test_lr_sensitivity_is_wortsmans_metric():
+    from stabkernels import lr_sweep
+
+    # mean over the grid of min(L, L0) - min L: (2 + 3 + 5 + 5) / 4 - 2, a diverged run counting as L0 = 5
+    assert lr_sweep.sensitivity({1e-3: 3.0, 1e-2: 2.0, 1e-1: 7.0, 1.0: math.inf}, 5.0) == pytest.approx(1.75)
+    assert lr_sweep.sensitivity({1e-3: 2.0, 1e-2: 2.0}, 5.0) == 0.0
+    assert len(lr_sweep.GRID) >= 7 and lr_sweep.GRID[-1] / lr_sweep.GRID[0] >= 1e3 - 1e-6
+
+
+def test_lr_sweep_runs_and_writes_its_outputs(tmp_path):
+    from stabkernels import lr_sweep
+
+    md = lr_sweep.run(str(tmp_path), seeds=1, steps=4, widths=(16,), grid=(1e-3, 1.0),
+                      methods=["AdamW", "RadiusAdamW (default)"], workers=1)
+    for name in ("summary.csv", "summary.md", "lr_sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"AdamW", "RadiusAdamW (default)"}
+    assert all(float(r["init_val_loss"]) == pytest.approx(math.log(256), rel=0.1) for r in rows)
+    assert "| AdamW |" in md and "| RadiusAdamW (default) |" in md

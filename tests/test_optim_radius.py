@@ -179,9 +179,12 @@ def test_train_probe_mode_reuses_the_training_forward(make):
 
 
 def test_default_probe_mode_is_eval_for_jvp_and_train_for_fd():
-    """fd defaults to the training-mode function and reuses the training forward: one extra forward."""
+    """fd (the default method) defaults to the training-mode function and reuses the training forward: one
+    extra forward."""
     model = dropout_bn_mlp()
-    assert RadiusAdamW(model.parameters(), model=model).probe.probe_mode == "eval"
+    assert RadiusAdamW(model.parameters(), model=model).probe.method == "fd"
+    assert RadiusAdamW(model.parameters(), model=model).probe.probe_mode == "train"
+    assert RadiusAdamW(model.parameters(), model=model, method="jvp").probe.probe_mode == "eval"
     assert RadiusController(torch.optim.Adam(model.parameters()), model, method="jvp").probe.probe_mode == "eval"
     opt = RadiusAdamW(model.parameters(), lr=1e-2, model=model, method="fd")
     assert opt.probe.probe_mode == "train"
@@ -301,8 +304,8 @@ def test_fused_step_reads_nothing_back_to_the_host(monkeypatch):
 def test_fused_head_path_matches_full_tangents():
     a = mlp()
     b = copy.deepcopy(a)
-    full = RadiusAdamW(a.parameters(), lr=5.0, model=a)
-    fused = RadiusAdamW(b.parameters(), lr=5.0, model=b, head=b[-1])
+    full = RadiusAdamW(a.parameters(), lr=5.0, model=a, method="jvp", every=1)
+    fused = RadiusAdamW(b.parameters(), lr=5.0, model=b, head=b[-1], every=1)
     for step in range(3):
         x, y = batch(step)
         backward(a, x, y)
@@ -364,3 +367,52 @@ def test_scratch_buffers_are_reused_and_follow_the_parameter():
     assert s64.dtype == torch.float64 and s64 is not s
     p.data = torch.randn(5)
     assert scratch.like(p).shape == (5,)
+
+
+def test_head_method_is_the_spread_of_the_heads_own_derivative():
+    """method="head": rho = pi / max over rows of the spread of h dW^T + db along the unit direction, with h the
+    training forward's features entering the head (float64: the formula, not a rounding tolerance)."""
+    model = mlp().double()
+    x, y = batch(0)
+    x = x.double()
+    ctrl = RadiusController(torch.optim.SGD(model.parameters(), lr=0.1), model, method="head", head=model[-1],
+                            every=1)
+    backward(model, x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    h = model[:-1](x).detach()  # the features entering the head, at the parameters of the training forward
+    with count_forwards(model) as calls:
+        ctrl.step()
+    assert calls == []  # the zero-probe mode runs no forward
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    z_dot = h @ (grads[-2] / norm).T + grads[-1] / norm
+    rho = math.pi / (z_dot.max(dim=1).values - z_dot.min(dim=1).values).max()
+    # the controller hands the probe the direction's scale 1/||u|| in float32 (for every method): 1e-7 relative
+    torch.testing.assert_close(ctrl.last.rho, rho, rtol=2e-7, atol=0)
+    assert ctrl.last.recomputed
+
+
+def test_head_method_needs_the_head_and_fd_does_not_take_it():
+    model = mlp()
+    with pytest.raises(ValueError, match="head"):
+        RadiusAdamW(model.parameters(), model=model, method="head")
+    with pytest.raises(ValueError, match="method='fd'"):
+        RadiusAdamW(model.parameters(), model=model, method="fd", head=model[-1])
+    with pytest.raises(ValueError, match="reprobe_above"):
+        RadiusAdamW(model.parameters(), model=model, reprobe_above=-1.0)
+
+
+@pytest.mark.parametrize("reprobe_above", [1.0, None])
+def test_radius_measured_again_after_a_capped_step_only(reprobe_above):
+    """every=100: the radius is measured on the first step, then (by default) on the step after each capped
+    one; uncapped steps and reprobe_above=None reuse it."""
+    for lr, capped in ((100.0, True), (1e-6, False)):
+        model = mlp()
+        opt = RadiusAdamW(model.parameters(), lr=lr, model=model, every=100, reprobe_above=reprobe_above)
+        measured, scales = [], []
+        for step in range(4):
+            backward(model, *batch(step))
+            opt.step()
+            measured.append(opt.last.recomputed)
+            scales.append(float(opt.last.scale))
+        assert all(s < 1 for s in scales) == capped and all(s == 1 for s in scales) == (not capped)
+        assert measured == [True] + [capped and reprobe_above is not None] * 3

@@ -23,11 +23,20 @@ from torch import Tensor, nn
 
 from .. import distributed, spread, tangent, update
 from .._checks import acc_dtype
+from .._hostread import DeferredRead, capturing
 from ._scratch import ScratchBuffers
 from ._state import adam_states, sgd_buffers
 from ._wrapper import ExtraStateMixin, OptimizerWrapper
 
 MODES = ("cap", "set")
+# "head": the zero-probe mode, the spread of the output head's own directional derivative on the training
+# forward's features (no trunk forward); "jvp" and "fd" probe the whole model (stabkernels.tangent)
+METHODS = tangent.METHODS + ("head",)
+# The defaults (issue 26, bench/radius_cost.py): finite differences that reuse the training forward's logits,
+# measured every 8th step; every step is capped with the latest radius. Costs at most ~1.10x a plain step.
+DEFAULT_METHOD, DEFAULT_EVERY = "fd", 8
+# ... and measured again on the step after a capped one (tau/rho reached 1: a lagged read, one step late)
+DEFAULT_REPROBE_ABOVE = 1.0
 
 
 @dataclass
@@ -56,7 +65,7 @@ class RadiusProbe:
     state and logits, which the finite-difference probe reuses), selects the sample set and computes the
     tangent logits (JVP, finite differences, or the fused output-head spread)."""
 
-    def __init__(self, model: nn.Module, method: str = "jvp", samples: int | None = None,
+    def __init__(self, model: nn.Module, method: str | None = None, samples: int | None = None,
                  logits_fn: Callable | None = None, *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None,
                  capture_inputs: bool = True, probe_mode: str | None = None, process_group=None,
                  backend: str = "auto"):
@@ -64,10 +73,16 @@ class RadiusProbe:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = distributed.unwrap(model)
         self.process_group = process_group
-        if method not in tangent.METHODS:
-            raise ValueError(f"method must be one of {tangent.METHODS}, got {method!r}")
-        if head is not None and method != "jvp":
-            raise ValueError("the fused output-head path (head=...) uses method='jvp'")
+        method = default_method(head) if method is None else method
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if head is not None and not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be the model's nn.Linear output layer, got {type(head).__name__}")
+        if head is not None and method == "fd":
+            raise ValueError("head=... takes method='jvp' (the fused output-head spread of a trunk JVP) or "
+                             "method='head' (the head alone, no probe forward); got method='fd'")
+        if method == "head" and head is None:
+            raise ValueError("method='head' needs head=<the model's nn.Linear output layer>")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be >= 1 or None, got {samples}")
         probe_mode = default_probe_mode(method) if probe_mode is None else probe_mode
@@ -84,17 +99,22 @@ class RadiusProbe:
         self.captured = None  # (args, kwargs) of the last training forward
         self.captured_rng = None  # train mode: the RNG state that forward started from
         self.captured_logits = None  # train mode, fd: its logits, or None when they cannot be reused
+        self.captured_features = None  # method "head": the features entering the head in that forward
+        self._sample_of_capture = False
         self._probing = False
         self._hooks = []
         if capture_inputs:
             self._hooks.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
             if probe_mode == "train" and method == "fd" and samples is None:
                 self._hooks.append(model.register_forward_hook(self._capture_logits))
+            if method == "head":
+                self._hooks.append(head.register_forward_hook(self._capture_features))
 
     def _capture(self, module, args, kwargs):
         if module.training and not self._probing:
             self.captured = (args, kwargs)
             self.captured_logits = None
+            self.captured_features = None
             if self.probe_mode == "train":
                 self.captured_rng = tangent.rng_state(self.device)
 
@@ -106,6 +126,11 @@ class RadiusProbe:
                 self.captured_logits = tangent.as_logits(output, self.logits_fn).detach()
             except (TypeError, AttributeError, KeyError, IndexError):
                 self.captured_logits = None
+
+    def _capture_features(self, module, args, output):
+        # the head's input, detached: a (tokens, d) matrix is all the zero-probe mode keeps of the forward
+        if module.training and not self._probing and args:
+            self.captured_features = args[0].detach()
 
     def remove_hook(self) -> None:
         """Stops capturing forward inputs (then ``step(inputs)`` must be given the sample set)."""
@@ -122,6 +147,9 @@ class RadiusProbe:
         return kwargs if kwargs else (args[0] if len(args) == 1 else args)
 
     def sample_set(self, inputs):
+        # whether the sample set is cut from the captured training forward's inputs (method "head" then takes
+        # that forward's features)
+        self._sample_of_capture = inputs is None or self._is_captured(inputs)
         if inputs is None:
             if self.captured is None:
                 raise RuntimeError("no inputs: pass the batch to step(inputs), or run a training forward of the "
@@ -162,6 +190,8 @@ class RadiusProbe:
             raise ValueError("none of the optimizer's parameters belongs to the model")
         self._probing = True
         try:
+            if self.method == "head":
+                return self._head_radius(inputs, named, scale)
             if self.head is not None:
                 h, h_dot = tangent.tangent_features(self.model, inputs, named, self.head, self.logits_fn,
                                                     eval=self.probe_mode == "eval")
@@ -191,6 +221,33 @@ class RadiusProbe:
             self._probing = False
 
 
+    def _head_radius(self, inputs, named: dict[str, Tensor], scale: Tensor) -> Tensor:
+        """The zero-probe radius: the spread of h dW^T + db, the head's own directional derivative with the
+        features h held fixed (the trunk's share of the tangent is left out). h comes from the training forward
+        when ``inputs`` are its own (no forward at all), else from one forward without autograd."""
+        w_dot, b_dot = tangent.head_direction(self.model, self.head, named)
+        if w_dot is None:
+            raise ValueError("method='head' needs the head's weight among the optimizer's parameters")
+        if self.captured_features is not None and self._sample_of_capture:
+            h = self.captured_features if self.samples is None else self.captured_features[: self.samples]
+        else:
+            h = tangent.head_features(self.model, inputs, self.head, self.logits_fn, eval=self.probe_mode == "eval")
+        w_dot = distributed.whole(w_dot, self.head.weight)
+        b_dot = None if b_dot is None else distributed.whole(b_dot, self.head.bias)
+        acc = acc_dtype(h.dtype)
+        h = h.reshape(-1, h.shape[-1]).to(acc)
+        # z' = h W'^T + b': tangent_spread_linear's h_dot @ weight^T term with (h_dot, weight) = (h, W')
+        spreads = spread.tangent_spread_linear(h, h, w_dot.to(acc), None, None if b_dot is None else b_dot.to(acc),
+                                               "none", backend=self.backend)
+        return math.pi / (self._global_spread(spreads) * scale).clamp_min(spread.RADIUS_GUARD)
+
+
+def default_method(head) -> str:
+    """The probe method when none is given: finite differences (one extra forward without autograd, reusing
+    the training forward's logits); with ``head=``, the fused output-head spread of a JVP."""
+    return "jvp" if head is not None else DEFAULT_METHOD
+
+
 def default_probe_mode(method: str) -> str:
     """The probe mode when none is given: JVP in eval mode (SPEC 2.3: BatchNorm running statistics untouched),
     finite differences in train mode (SPEC 2.3 has the difference restore BatchNorm buffers, which only a
@@ -216,9 +273,11 @@ def _control_scale(rho: Tensor, tau: Tensor, r: float, mode: str) -> Tensor:
     return torch.where(torch.isnan(rho), torch.zeros_like(scale), scale)
 
 
-def _check_controller_args(r, mode, every):
+def _check_controller_args(r, mode, every, reprobe_above):
     if not r > 0:
         raise ValueError(f"r must be > 0, got {r}")
+    if reprobe_above is not None and not reprobe_above >= 0:
+        raise ValueError(f"reprobe_above must be >= 0 or None, got {reprobe_above}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if every < 1:
@@ -228,12 +287,16 @@ def _check_controller_args(r, mode, every):
 class _RadiusMixin:
     """The control loop shared by the wrapper and the fused optimizers."""
 
-    def _init_radius(self, model, r, mode, method, samples, every, logits_fn, **probe_kwargs):
-        _check_controller_args(r, mode, every)
-        self.r, self.mode, self.every = r, mode, every
+    def _init_radius(self, model, r, mode, method, samples, every, logits_fn, reprobe_above=DEFAULT_REPROBE_ABOVE,
+                     **probe_kwargs):
+        _check_controller_args(r, mode, every, reprobe_above)
+        self.r, self.mode, self.every, self.reprobe_above = r, mode, every, reprobe_above
         self.probe = RadiusProbe(model, method, samples, logits_fn, **probe_kwargs)
         self.steps = 0
         self._rho: Tensor | None = None
+        # whether the last step's tau/rho passed reprobe_above * r (or rho was NaN): a DeferredRead of the
+        # device flag, read on the next step (one step late, never waiting on the step that computed it)
+        self._reprobe: DeferredRead | bool = False
         self.last: RadiusReport | None = None
 
     def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -310,21 +373,32 @@ class _RadiusMixin:
 
     @torch.compiler.disable
     def _probe_now(self) -> bool:
-        """Whether this step measures the radius (else the last rho is reused): decided on the host, outside
-        torch.compile's graphs, so the counter it reads does not become a guard that recompiles every step."""
-        return self._rho is None or self.steps % self.every == 0
+        """Whether this step measures the radius (else the last rho is reused): on the first step, every
+        ``every``-th step, and on the step after one whose tau/rho passed ``reprobe_above * r``. Decided on the
+        host, outside torch.compile's graphs (the counter must not become a guard that recompiles every step),
+        from the step counter and the previous step's flag: the same on every rank, whose rho and tau agree."""
+        if self._rho is None or self.steps % self.every == 0:
+            return True
+        flag = self._reprobe
+        return flag if isinstance(flag, bool) else bool(flag.values()[0])
 
     @torch.compiler.disable
     def _record(self, rho, unit_norm, tau, scale, lrs, recomputed) -> None:
         self._rho = rho
-        self.last = RadiusReport(self.steps, rho, unit_norm, tau, tau / rho, scale, lrs, recomputed)
+        ratio = tau / rho
+        self.last = RadiusReport(self.steps, rho, unit_norm, tau, ratio, scale, lrs, recomputed)
+        if self.reprobe_above is not None and not capturing():  # a captured graph keeps the fixed schedule
+            self._reprobe = DeferredRead((ratio >= self.reprobe_above * self.r) | torch.isnan(rho))
 
     def _radius_state(self) -> dict:
-        return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu()}
+        flag = self._reprobe
+        return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu(),
+                "reprobe": flag if isinstance(flag, bool) else bool(flag.values()[0])}
 
     def _load_radius_state(self, state: dict, device) -> None:
         self.steps = state["steps"]
         self._rho = None if state["rho"] is None else state["rho"].to(device)
+        self._reprobe = bool(state.get("reprobe", False))
 
 
 def _adam_proposal(states, group, params, us, decoupled: bool, backend: str) -> Tensor:
@@ -369,13 +443,29 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             train/eval flags and the global RNG are left exactly as they were).
         r: the normalised step bound (1: the paper's).
         mode: ``"cap"`` (eta_eff = min(eta, r rho / ||u||)) or ``"set"`` (eta_eff = r rho / ||u||).
-        method: ``"jvp"`` (exact) or ``"fd"`` (finite differences, ``eps`` along the unit direction).
+        method: how the radius is measured. ``"fd"`` (default without ``head``): finite differences, ``eps``
+            along the unit direction; in train mode on the captured training forward its logits are f(theta),
+            so a probe is one forward without autograd. ``"jvp"`` (default with ``head``): exact, forward-mode
+            AD (about 1.5 steps' worth of work). ``"head"``: the zero-probe mode, the spread of the output
+            head's own directional derivative on the training forward's features (needs ``head``; no trunk
+            forward, leaves out the trunk's share of the tangent).
         samples: radius from the first ``samples`` rows of the inputs (None: all).
-        every: measure the radius every ``every`` steps, reusing the last rho in between.
+        every: measure the radius every ``every`` steps (default 8); every step in between is still capped,
+            with the latest rho against the step's own length, so a learning-rate spike is capped at once.
+            ``every=1`` is the paper's full probe. The schedule is the step counter's, the same on every rank;
+            see ``reprobe_above`` for the data-dependent trigger.
+        reprobe_above: also measure on the step after one whose tau/rho (against the reused rho) reached
+            ``reprobe_above * r`` (default 1: after a capped step), so a sustained spike or a too-high learning
+            rate is controlled with a fresh radius at nearly every step, while normal training probes only on
+            the schedule (measured in bench/results/radius-levers.md: with 0.5 the LM demo at its best lr
+            probed on 45% of the steps, with 1 on 17%, at the same learning-rate sensitivity). The flag is
+            read one step late from pinned memory (``stabkernels._hostread.DeferredRead``: the host never waits
+            on the step that computed it; the same flag on every rank). ``None``: the fixed schedule only, no
+            read at all (CUDA-graph capture keeps to it by itself).
         logits_fn: maps the model's output to logits.
         reduce: ``"max"`` spread (the paper's) or a quantile q of the per-sample spreads.
-        head: the model's final ``nn.Linear``: use the fused output-head spread, never building the (N, V)
-            tangent (large vocabularies).
+        head: the model's final ``nn.Linear``: with ``method="jvp"``, the fused output-head spread of a trunk
+            JVP, never building the (N, V) tangent (large vocabularies); with ``method="head"``, the head alone.
         capture_inputs: capture the inputs of each training-mode forward of ``model`` for ``step()`` without
             arguments (a forward pre-hook; ``remove_hook()`` turns it off).
         probe_mode: which function the radius is measured on. ``"eval"``: the eval-mode function (BatchNorm
@@ -400,9 +490,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
     state_kind = "RadiusController"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, r: float = 1.0, mode: str = "cap",
-                 method: str = "jvp", samples: int | None = None, every: int = 1, logits_fn: Callable | None = None,
+                 method: str | None = None, samples: int | None = None, every: int = DEFAULT_EVERY, logits_fn: Callable | None = None,
                  *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
-                 probe_mode: str | None = None, process_group=None, backend: str = "auto"):
+                 probe_mode: str | None = None, process_group=None, backend: str = "auto",
+                 reprobe_above: float | None = DEFAULT_REPROBE_ABOVE):
         super().__init__(optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self.kind = "adam"
@@ -416,9 +507,9 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
                 raise ValueError("RadiusController needs differentiable=False")
         self.backend = backend
         self._scratch = ScratchBuffers()
-        self._init_radius(model, r, mode, method, samples, every, logits_fn, reduce=reduce, eps=eps, head=head,
-                          capture_inputs=capture_inputs, probe_mode=probe_mode, process_group=process_group,
-                          backend=backend)
+        self._init_radius(model, r, mode, method, samples, every, logits_fn, reprobe_above, reduce=reduce, eps=eps,
+                          head=head, capture_inputs=capture_inputs, probe_mode=probe_mode,
+                          process_group=process_group, backend=backend)
 
     def remove_hook(self) -> None:
         self.probe.remove_hook()
@@ -461,7 +552,7 @@ class _FusedRadiusOptimizer(_RadiusMixin, ExtraStateMixin, torch.optim.Optimizer
     def __init__(self, params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs):
         super().__init__(params, defaults)
         self.backend = probe_kwargs.get("backend", "auto")
-        self._init_radius(model, r, mode, method, samples, every, logits_fn, **probe_kwargs)
+        self._init_radius(model, r, mode, method, samples, every, logits_fn, **probe_kwargs)  # reprobe_above too
         self._scratch = ScratchBuffers()
 
     def remove_hook(self) -> None:
@@ -490,8 +581,8 @@ class RadiusAdamW(_FusedRadiusOptimizer):
     :class:`RadiusController`'s. Memory: one fp32 buffer per parameter for u (scratch, not checkpointed)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, model: nn.Module, r: float = 1.0, mode: str = "cap", method: str = "jvp",
-                 samples: int | None = None, every: int = 1, logits_fn: Callable | None = None, maximize: bool = False,
+                 amsgrad: bool = False, *, model: nn.Module, r: float = 1.0, mode: str = "cap", method: str | None = None,
+                 samples: int | None = None, every: int = DEFAULT_EVERY, logits_fn: Callable | None = None, maximize: bool = False,
                  **probe_kwargs):
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
@@ -516,7 +607,7 @@ class RadiusSGD(_FusedRadiusOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, model: nn.Module, r: float = 1.0,
-                 mode: str = "cap", method: str = "jvp", samples: int | None = None, every: int = 1,
+                 mode: str = "cap", method: str | None = None, samples: int | None = None, every: int = DEFAULT_EVERY,
                  logits_fn: Callable | None = None, maximize: bool = False, **probe_kwargs):
         if not lr >= 0 or not momentum >= 0 or not weight_decay >= 0:
             raise ValueError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
