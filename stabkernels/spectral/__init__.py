@@ -16,5 +16,6 @@ from .ops import (init_power_vectors, power_iteration_, power_iteration_referenc
 from .rsvd import top_singular
 from .smoothing import RULES, SpectralReport, smooth_values, spectral_smooth_
 
-__all__ = ["RULES", "SpectralReport", "as_matrix", "init_power_vectors", "power_iteration_", "power_iteration_reference",
-           "smooth_values", "spectral_smooth_", "sq_norms", "sq_norms_reference", "stable_rank", "top_singular"]
+__all__ = ["RULES", "SpectralReport", "as_matrix", "init_power_vectors", "power_iteration_",
+           "power_iteration_reference", "smooth_values", "spectral_smooth_", "sq_norms", "sq_norms_reference",
+           "stable_rank", "top_singular"]

@@ -14,8 +14,9 @@ from .matrices import as_matrix
 
 
 def power_iteration_sharded(mats, us, vs, iters: int, eps: float, check_finite: bool) -> Tensor:
-    """:func:`~stabkernels.spectral.power_iteration_` on row-sharded DTensors: the reference's steps, with the sums over rows (W^T x, |x|^2)
-    summed over the shards (one all-reduce per iteration for every matrix together)."""
+    """:func:`~stabkernels.spectral.power_iteration_` on row-sharded DTensors: the reference's steps, with the
+    sums over rows (W^T x, |x|^2) summed over the shards (one all-reduce per iteration for every matrix
+    together)."""
     if not (len(us) == len(vs) == len(mats)):
         raise ValueError(f"mats, us and vs must have the same length, got {len(mats)}, {len(us)}, {len(vs)}")
     if len({distributed.layout(w).groups for w in mats}) > 1:
