@@ -1,5 +1,5 @@
 // The compiled extension stabkernels._C: one place that declares every compiled op's schema.
-// Implementations register per dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/glue.cpp (CUDA).
+// Implementations register per dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/glue_<family>.cpp (CUDA).
 // The public, backend-selecting ops live in Python under torch.ops.stabkernels.*; these are the raw
 // kernels they call, under torch.ops.stabkernels_C.*.
 #include <Python.h>
