@@ -121,4 +121,12 @@ STABKERNELS_HD void stream_normals4(uint64_t key, uint64_t ctr, float n[4]) {
   box_muller(w[2], w[3], n[2], n[3]);
 }
 
+// Step 4: the unit-norm scale s = 1 / (sqrt(S) + kStreamUnitEps) of a tensor's normals from their float64 sum
+// of squares S, rounded to float32 so that summing S in another order does not change it (host code: the CPU
+// kernels per tensor, the CUDA glue elementwise; stabkernels/_stream.py: UNIT_EPS, unit_scale_from_sum).
+constexpr double kStreamUnitEps = 1e-12;
+static inline float stream_unit_scale(double sq_sum) {
+  return static_cast<float>(1.0 / (std::sqrt(sq_sum) + kStreamUnitEps));
+}
+
 }  // namespace stabkernels

@@ -101,3 +101,15 @@ LN2, SQRT2, PI_OVER_4 = _f32("0x1.62e43p-1"), _f32("0x1.6a09e6p+0"), _f32("0x1.9
 LOG_COEFS = [_f32(h) for h in ("0x1.555556p-1", "0x1.99999ap-2", "0x1.24924ap-2", "0x1.c71c72p-3")]  # 2/k
 SIN_COEFS = [_f32(h) for h in ("-0x1.555556p-3", "0x1.111112p-7", "-0x1.a01a02p-13", "0x1.71de3ap-19")]
 COS_COEFS = [_f32(h) for h in ("-0x1p-1", "0x1.555556p-5", "-0x1.6c16c2p-10", "0x1.a01a02p-16", "-0x1.27e4fcp-22")]
+
+
+# --------------------------------------------------------------------------------------------------
+# step 4: the unit-norm scale (csrc/philox.h: kStreamUnitEps, stream_unit_scale)
+
+UNIT_EPS = 1e-12
+
+
+def unit_scale_from_sum(sq_sum: Tensor) -> Tensor:
+    """s = 1 / (sqrt(S) + UNIT_EPS) from float64 sums of squares S of the normals, rounded to float32 (step 4);
+    the one host-side statement of the scale (the reference, the DTensor path; the Triton kernels take UNIT_EPS)."""
+    return (1.0 / (sq_sum.sqrt() + UNIT_EPS)).to(torch.float32)

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include "glue.h"
+#include "../orthograd.h"
+#include "../philox.h"
 
 namespace stabkernels::cuda {
 namespace {
@@ -17,6 +19,12 @@ at::Tensor device_keys(const at::Tensor& keys, const at::Device& device, int64_t
                     " (computed on the device: no host copy), got ", keys.toString(), " of shape ", keys.sizes(),
                     " on ", keys.device());
   return keys.contiguous();
+}
+
+// The stream's unit-norm scales from float64 sums of squares (step 4: stream_unit_scale of csrc/philox.h,
+// elementwise on the device), rounded to float32, then widened to float64 for the math.
+at::Tensor unit_scales(const at::Tensor& sq_sums) {
+  return converted(converted(1.0 / (sq_sums.sqrt() + kStreamUnitEps), at::kFloat), at::kDouble);
 }
 
 // Number of stream blocks of a tensor: kStreamCounters Philox counters of four elements each (the write
@@ -69,7 +77,7 @@ void stream_write_all(at::TensorList ts, const at::Tensor& keys_in, at::TensorLi
   check(stream_sq_sums(StreamTables{kp, plan->column(0), plan->column(1), plan->column(2), T}, info[0],
                        partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), stream),
         "stream_sq_sums");
-  const at::Tensor scales = converted(converted(1.0 / (sums.sqrt() + 1e-12), at::kFloat), at::kDouble);
+  const at::Tensor scales = unit_scales(sums);
   for (size_t g = 0; 1 + g * kInfo < info.size(); ++g) {
     const auto c = [&](size_t k) { return plan->column(3 + g * kCols + k); };
     const auto dtype = static_cast<at::ScalarType>(info[1 + g * kInfo]);
@@ -136,7 +144,7 @@ at::Tensor directional_dots_cuda(at::TensorList grads, const at::Tensor& keys_in
                            gn.mutable_data_ptr<double>(), nn.mutable_data_ptr<double>(), stream),
           "directional_dots");
   }
-  const at::Tensor scales = converted(converted(1.0 / (nn.sqrt() + 1e-12), at::kFloat), at::kDouble);
+  const at::Tensor scales = unit_scales(nn);
   return converted((gn * scales).sum(1), grouped_acc(grads));
 }
 
@@ -155,9 +163,8 @@ void orthograd_cuda(at::TensorList params, at::TensorList grads) {
           "orthograd_");
   }
   const at::Tensor wg = sums.select(0, 0), ww = sums.select(0, 1), gg = sums.select(0, 2);
-  const at::Tensor coef = (wg / (ww + 1e-30)).contiguous();
-  const at::Tensor perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0);
-  const at::Tensor scale = (gg.sqrt() / (perp2.sqrt() + 1e-30)).contiguous();
+  const auto k = orthograd::coefficients(wg, ww, gg);
+  const at::Tensor coef = k.coef.contiguous(), scale = k.scale.contiguous();
   for (const auto& g : plan.groups)
     check(orthograd_write(dtype_of(g.dtype), g.t, g.chunks, coef.const_data_ptr<double>(),
                           scale.const_data_ptr<double>(), stream),

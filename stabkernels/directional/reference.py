@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype
 from .._stream import (COS_COEFS, LN2, LOG_COEFS, MASK32, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
-                       PHILOX_ROUND_B, PI_OVER_4, SIN_COEFS, SQRT2)
+                       PHILOX_ROUND_B, PI_OVER_4, SIN_COEFS, SQRT2, unit_scale_from_sum)
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,5 +99,4 @@ def stream_normals(key: int, numel: int, device=None, start: int = 0) -> Tensor:
 def unit_scale(n: Tensor, dtype: torch.dtype) -> Tensor:
     """s = 1 / (sqrt(sum n^2) + 1e-12), the sum in float64, s rounded to float32, then held in the math dtype
     of ``dtype`` (step 4)."""
-    s = 1.0 / (n.to(torch.float64).pow(2).sum().sqrt() + 1e-12)
-    return s.to(torch.float32).to(acc_dtype(dtype))
+    return unit_scale_from_sum(n.to(torch.float64).pow(2).sum()).to(acc_dtype(dtype))

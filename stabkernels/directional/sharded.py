@@ -10,6 +10,8 @@ from torch import Tensor
 from .. import backend as _backend
 from .. import distributed
 from .._checks import acc_dtype, grouped_acc_dtype
+from .._orthograd import orthograd_coefficients
+from .._stream import unit_scale_from_sum
 from .keys import op_keys
 from .ops import shard_normals_op
 
@@ -23,7 +25,7 @@ def shard_normals(tensors, seed: int, probe: int, backend: str = "auto") -> tupl
     keys = op_keys(seed, probe, 1, len(tensors), b, shards[0].device)[0]
     sums = shard_normals_op(normals, keys, [distributed.layout(t).offset for t in tensors], b)
     S = distributed.sum_shards(sums.to(shards[0].device), tensors)
-    return normals, (1.0 / (S.sqrt() + 1e-12)).to(torch.float32)
+    return normals, unit_scale_from_sum(S)
 
 
 def sharded_directions(tensors, seed: int, probe: int, backend: str = "auto") -> list[Tensor]:
@@ -72,9 +74,6 @@ def orthograd_sharded(params) -> None:
     G = [distributed.local(p.grad) for p in params]
     partial = torch.stack([torch.stack([(w.double() * g.double()).sum(), w.double().square().sum(),
                                         g.double().square().sum()]) for w, g in zip(W, G)])
-    wg, ww, gg = distributed.sum_shards(partial, params).unbind(1)
-    c = wg / (ww + 1e-30)
-    perp_sq = (gg - 2 * c * wg + c * c * ww).clamp_min(0)
-    scale = gg.sqrt() / (perp_sq.sqrt() + 1e-30)
+    c, scale = orthograd_coefficients(*distributed.sum_shards(partial, params).unbind(1))
     for w, g, ci, si in zip(W, G, c, scale):
         g.copy_((g.double() - ci * w.double()) * si)
