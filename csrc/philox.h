@@ -1,5 +1,5 @@
 // The direction stream of the directional family, shared by the C++ and CUDA kernels (the torch reference
-// and the Triton kernels follow the same definition; see stabkernels/directional.py):
+// and the Triton kernels follow the same definition; see stabkernels/_stream.py):
 //   Philox4x32-10 as in Triton's tl.randint4x: key (k0, k1) = the two halves of a 64-bit key, counter
 //   (c_lo, c_hi, 0, 0) with c = element index / 4; words (w0, w1) give elements 4c, 4c + 1 and (w2, w3)
 //   elements 4c + 2, 4c + 3 through box_muller below: float32 Box-Muller made of IEEE-exact operations only

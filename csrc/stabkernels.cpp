@@ -74,7 +74,7 @@ TORCH_LIBRARY(stabkernels_C, m) {
       "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first, bool apply) -> Tensor");
   // directional (SPEC 3.3, 4): keys are the per-tensor 64-bit stream keys (int64 bit patterns, see
-  // csrc/philox.h and stabkernels/directional.py).
+  // csrc/philox.h and stabkernels/_stream.py).
   m.def("random_directions(Tensor[] tensors, Tensor keys) -> Tensor[]");
   m.def("perturb(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out) -> ()");
   m.def("directional_dots(Tensor[] grads, Tensor keys) -> Tensor");
