@@ -1,5 +1,5 @@
 // The direction stream of the directional family, shared by the C++ and CUDA kernels (the torch reference
-// and the Triton kernels follow the same definition; see stabkernels/directional.py):
+// and the Triton kernels follow the same definition; see stabkernels/_stream.py):
 //   Philox4x32-10 as in Triton's tl.randint4x: key (k0, k1) = the two halves of a 64-bit key, counter
 //   (c_lo, c_hi, 0, 0) with c = element index / 4; words (w0, w1) give elements 4c, 4c + 1 and (w2, w3)
 //   elements 4c + 2, 4c + 3 through box_muller below: float32 Box-Muller made of IEEE-exact operations only
@@ -119,6 +119,14 @@ STABKERNELS_HD void stream_normals4(uint64_t key, uint64_t ctr, float n[4]) {
   philox4x32_10(static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), ctr, w);
   box_muller(w[0], w[1], n[0], n[1]);
   box_muller(w[2], w[3], n[2], n[3]);
+}
+
+// Step 4: the unit-norm scale s = 1 / (sqrt(S) + kStreamUnitEps) of a tensor's normals from their float64 sum
+// of squares S, rounded to float32 so that summing S in another order does not change it (host code: the CPU
+// kernels per tensor, the CUDA glue elementwise; stabkernels/_stream.py: UNIT_EPS, unit_scale_from_sum).
+constexpr double kStreamUnitEps = 1e-12;
+static inline float stream_unit_scale(double sq_sum) {
+  return static_cast<float>(1.0 / (std::sqrt(sq_sum) + kStreamUnitEps));
 }
 
 }  // namespace stabkernels

@@ -1,5 +1,5 @@
 // The compiled extension stabkernels._C: one place that declares every compiled op's schema.
-// Implementations register per dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/glue.cpp (CUDA).
+// Implementations register per dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/glue_<family>.cpp (CUDA).
 // The public, backend-selecting ops live in Python under torch.ops.stabkernels.*; these are the raw
 // kernels they call, under torch.ops.stabkernels_C.*.
 #include <Python.h>
@@ -74,7 +74,7 @@ TORCH_LIBRARY(stabkernels_C, m) {
       "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first, bool apply) -> Tensor");
   // directional (SPEC 3.3, 4): keys are the per-tensor 64-bit stream keys (int64 bit patterns, see
-  // csrc/philox.h and stabkernels/directional.py).
+  // csrc/philox.h and stabkernels/_stream.py).
   m.def("random_directions(Tensor[] tensors, Tensor keys) -> Tensor[]");
   m.def("perturb(Tensor[] params, Tensor keys, float sigma, Tensor(a!)[] out) -> ()");
   m.def("directional_dots(Tensor[] grads, Tensor keys) -> Tensor");

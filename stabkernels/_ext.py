@@ -47,7 +47,7 @@ def requested_isa() -> str | None:
     return value.upper()
 
 
-def _refusal(info: dict) -> str | None:
+def refusal(info: dict) -> str | None:
     """Why a ``_C`` with this build record must not be loaded here, or None."""
     if info.get("torch") != torch.__version__:
         return (
@@ -80,7 +80,7 @@ def _load() -> None:
         info = {}
         load_error = f"its build record {record} is missing or unreadable ({e}); rebuild stabkernels"
     else:
-        load_error = _refusal(info)
+        load_error = refusal(info)
     if load_error is None:
         try:
             module = importlib.import_module("stabkernels._C")

@@ -119,6 +119,43 @@ def test_no_host_copy_or_host_read_in_the_cuda_glue():
                      "tensors, cast with a dtype-only .to(dtype)):\n  " + "\n  ".join(bad))
 
 
+def cuda_registrations(cuda_dir: pathlib.Path = CUDA_DIR) -> dict[str, list[str]]:
+    """op -> the files of ``cuda_dir`` whose ``TORCH_LIBRARY_IMPL(stabkernels_C, CUDA, m)`` blocks ``m.impl`` it
+    (the glue is one file per family, each registering its own ops)."""
+    found: dict[str, list[str]] = {}
+    for p in glue_files(cuda_dir):
+        code = strip_comments_and_strings(p.read_text())
+        text = p.read_text()  # the op names are string literals: read them at the blanked code's offsets
+        for block in re.finditer(r"TORCH_LIBRARY_IMPL\(\s*stabkernels_C\s*,\s*CUDA\s*,\s*m\s*\)\s*\{([^}]*)\}", code):
+            body = text[block.start(1):block.end(1)]
+            for op in re.findall(r'm\.impl\(\s*"(\w+)"', body):
+                found.setdefault(op, []).append(p.name)
+    return found
+
+
+def test_each_op_with_a_cuda_kernel_is_registered_once_for_cuda():
+    """The CUDA kernels that Python's backend table promises (``register_kernels(..., cuda=True)``) are exactly
+    those the glue files register for the CUDA key, each in one file: a registration lost or doubled when the
+    glue is reorganised would otherwise show only on a GPU (a missing kernel, or a load-time error)."""
+    import stabkernels  # noqa: F401  (registers every op's backends)
+    from stabkernels import backend
+
+    regs = cuda_registrations()
+    assert {op: files for op, files in regs.items() if len(files) > 1} == {}
+    defined = set(re.findall(r'm\.def\(\s*"(\w+)', (ROOT / "csrc" / "stabkernels.cpp").read_text()))
+    assert set(regs) <= defined, sorted(set(regs) - defined)
+
+    def has_cuda(op):
+        try:
+            backend.implementation(op, "cuda")
+        except KeyError:
+            return False
+        return True
+
+    promised = {op for op in backend.ops() if has_cuda(op)}
+    assert set(regs) == promised, (sorted(promised - set(regs)), sorted(set(regs) - promised))
+
+
 # --------------------------------------------------------------------------------------------------
 # the scanner itself
 

@@ -51,10 +51,10 @@ def test_cuda_plan_cache_stats_exist_exactly_in_cuda_builds():
 
 def test_refusal_reasons():
     ok = {"torch": torch.__version__, "cpu_isa_levels": ["DEFAULT", "AVX2", "AVX512"]}
-    assert _ext._refusal(ok) is None
-    assert "built for torch 1.0.0" in _ext._refusal({**ok, "torch": "1.0.0"})
+    assert _ext.refusal(ok) is None
+    assert "built for torch 1.0.0" in _ext.refusal({**ok, "torch": "1.0.0"})
     # a build from before the ISA dispatch holds one level, possibly one this CPU lacks (SIGILL)
-    assert "one CPU ISA level" in _ext._refusal({"torch": torch.__version__, "cpu_capability": "AVX512"})
+    assert "one CPU ISA level" in _ext.refusal({"torch": torch.__version__, "cpu_capability": "AVX512"})
 
 
 @pytest.mark.skipif(not _ext.loaded, reason="needs a built extension to copy")

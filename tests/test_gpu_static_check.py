@@ -34,7 +34,7 @@ def test_capture_and_compile_honour_enable_fp_fusion(tmp_path, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)  # undone after the test
-    cap = gsc._Capture()
+    cap = gsc.Capture()
     cap.install()
     x, y = torch.randn(100), torch.randn(100)
     for fusion in (True, False, False):
@@ -100,6 +100,6 @@ def test_non_f64_mma_count():
     ptx = ("  mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%fd1, %fd2}, {%fd3}, {%fd4}, {%fd5, %fd6};\n"
            "  @%p1 mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};\n"
            "  wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;\n")
-    assert gsc._non_f64_mma(ptx) == 2
-    assert len(gsc._FMA.findall("  fma.rn.f32 %f1, %f2, %f3, %f4;\n  @%p2 fma.rn.f64 %fd1, %fd2, %fd3, %fd4;\n"
+    assert gsc.non_f64_mma(ptx) == 2
+    assert len(gsc.FMA.findall("  fma.rn.f32 %f1, %f2, %f3, %f4;\n  @%p2 fma.rn.f64 %fd1, %fd2, %fd3, %fd4;\n"
                                 "  mul.rn.f32 %f5, %f6, %f7;\n")) == 2

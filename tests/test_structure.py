@@ -19,12 +19,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PKG = REPO / "stabkernels"
 
 # Shared infrastructure a kernel module may import (docs/architecture.md): validation, host reads, launch plans,
-# the direction stream's specification, the compiled extension's loader, backend registry, op definition and the
-# distribution helpers.
+# the direction stream's specification, OrthoGrad's coefficients, the compiled extension's loader, backend
+# registry, op definition and the distribution helpers.
 INFRASTRUCTURE = {
     "stabkernels", "stabkernels._checks", "stabkernels._hostread", "stabkernels._launch_plan", "stabkernels._stream",
-    "stabkernels._ext", "stabkernels._C", "stabkernels.backend", "stabkernels._library", "stabkernels.distributed",
-    "stabkernels.triton", "stabkernels.triton._common",
+    "stabkernels._orthograd", "stabkernels._ext", "stabkernels._C", "stabkernels.backend", "stabkernels._library",
+    "stabkernels.distributed", "stabkernels.triton", "stabkernels.triton._common",
 }
 TRITON_MODULES = sorted(f"stabkernels.triton.{p.stem}" for p in (PKG / "triton").glob("*.py") if p.stem != "__init__")
 KERNEL_MODULES = sorted(INFRASTRUCTURE - {"stabkernels", "stabkernels._C", "stabkernels.triton"}) + [

@@ -87,7 +87,7 @@ CUDA_SPILL_ALLOWED: dict[str, str] = {}
 TRITON_PACKAGE = "stabkernels.triton"
 DEFAULT_PYTEST_ARGS = ["tests", "-k", "triton and not cuda"]
 
-_FMA = re.compile(r"^\s*(?:@%?\w+\s+)?fma\.", re.M)
+FMA = re.compile(r"^\s*(?:@%?\w+\s+)?fma\.", re.M)  # an fma instruction of PTX (predicated or not)
 _MMA = re.compile(r"^\s*(?:@%?\w+\s+)?(?:mma|wgmma)\.", re.M)
 _TF32 = re.compile(r"\.tf32\b")
 _MMA_INS = re.compile(r"^\s*(?:@%?\w+\s+)?((?:mma|wgmma)\.\S+)", re.M)
@@ -170,7 +170,10 @@ def _resolve(module, name):
 
 # --- 1. capture ------------------------------------------------------------------------------------------------
 
-class _Capture:
+class Capture:
+    """Records every Triton launch the tests make under the interpreter (kernel, arguments, constexprs, launch
+    options), to be compiled ahead of time afterwards; install() hooks the interpreter, the kernels still run."""
+
     def __init__(self):
         from triton.backends.compiler import GPUTarget
         from triton.compiler.compiler import make_backend
@@ -251,7 +254,7 @@ def cmd_capture(a):
     import torch
 
     torch.set_num_threads(1)
-    cap = _Capture()
+    cap = Capture()
     cap.install()
     t0 = time.time()
     pytest_args = a.pytest_args or DEFAULT_PYTEST_ARGS
@@ -329,8 +332,8 @@ def _compile_one(job):
         res.update(ok=True, regs=max(map(int, m)) if m else None,
                    spills=max(int(s) + int(l) for s, l in sp) if sp else None,
                    spill_stores=max(int(s) for s, _ in sp) if sp else None,
-                   smem=int(k.metadata.shared), fma=len(_FMA.findall(ptx)), mma=len(_MMA.findall(ptx)),
-                   mma_bad=_non_f64_mma(ptx),
+                   smem=int(k.metadata.shared), fma=len(FMA.findall(ptx)), mma=len(_MMA.findall(ptx)),
+                   mma_bad=non_f64_mma(ptx),
                    tf32=len(_TF32.findall(ptx)), num_warps=k.metadata.num_warps)
         if m == [] or sp == []:
             res["note"] = "no ptxas -v log captured"
@@ -442,7 +445,7 @@ def _cuda_one(job):
                 ptx = open(os.path.join(tmp, p)).read()
                 arch = int(m.group(1)) if m else int(re.search(r"\.target\s+sm_(\d+)", ptx).group(1))
                 for name, body in _ptx_entries(ptx).items():
-                    fma[(name, arch)] = len(_FMA.findall(body))
+                    fma[(name, arch)] = len(FMA.findall(body))
     kernels = []
     cur = None
     for line in r.stderr.splitlines():
@@ -546,7 +549,7 @@ class _Violations:
         return out
 
 
-def _non_f64_mma(ptx):
+def non_f64_mma(ptx):
     """How many mma / wgmma instructions are not all-float64. DMMA (mma ... .f64) is IEEE binary64 arithmetic
     (correctly rounded fused multiply-adds, like the FMA loop of an fp32 'ieee' dot); what a kernel documented
     as IEEE must not use is TF32 or 16-/8-bit tensor-core MMA."""

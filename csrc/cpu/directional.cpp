@@ -12,6 +12,7 @@
 #include "../philox.h"
 #include "common.h"
 #include "../list_checks.h"
+#include "../orthograd.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include "stream_simd.h"
@@ -103,9 +104,9 @@ std::vector<double> stream_sq_norms(const std::vector<int64_t>& sizes, const at:
   return total;
 }
 
-// The unit-norm scale of the stream (step 4): rounded to float32 for every dtype, so that summing n^2 in
-// another order (last-bit differences in sq) does not change it.
-double inv_norm(double sq) { return static_cast<float>(1.0 / (std::sqrt(sq) + 1e-12)); }
+// The unit-norm scale of the stream (step 4, csrc/philox.h): rounded to float32 for every dtype, so that
+// summing n^2 in another order (last-bit differences in sq) does not change it.
+double inv_norm(double sq) { return stream_unit_scale(sq); }
 
 std::vector<at::Tensor> random_directions_cpu(at::TensorList like, const at::Tensor& keys) {
   TORCH_CHECK(keys.numel() == static_cast<int64_t>(like.size()), "random_directions: one key per tensor");
@@ -299,7 +300,7 @@ std::array<double, 3> wg_ww_gg(const T* w, const T* g, int64_t n) {
   return {lanes_total(lw), lanes_total(lww), lanes_total(lgg)};
 }
 
-// grad <- (g - c w) * |g| / (|g - c w| + 1e-30), c = (w . g) / (w . w + 1e-30), per tensor. One pass sums
+// grad <- (g - c w) * |g| / (|g - c w| + 1e-30), c = (w . g) / (w . w + 1e-30), per tensor (orthograd.h). One pass sums
 // w.g, w.w, g.g (float64); |g - c w|^2 = g.g - 2 c w.g + c^2 w.w follows from them; a second pass writes,
 // also in float64. Both cancel when g is nearly parallel to w, which float32 arithmetic would turn to noise.
 void orthograd_cpu(at::TensorList params, at::TensorList grads) {
@@ -326,9 +327,8 @@ void orthograd_cpu(at::TensorList params, at::TensorList grads) {
     gg[chunks[ci].index] += part[ci * 3 + 2];
   }
   for (int64_t t = 0; t < T; ++t) {
-    c[t] = wg[t] / (ww[t] + 1e-30);
-    const double perp2 = std::max(0.0, gg[t] - 2 * c[t] * wg[t] + c[t] * c[t] * ww[t]);
-    scale[t] = std::sqrt(gg[t]) / (std::sqrt(perp2) + 1e-30);
+    const auto k = orthograd::coefficients(wg[t], ww[t], gg[t]);
+    c[t] = k.coef, scale[t] = k.scale;
   }
   at::parallel_for(0, C, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t ci = b0; ci < b1; ++ci) {

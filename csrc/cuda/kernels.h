@@ -1,5 +1,5 @@
 // Raw CUDA launchers: plain pointers, sizes, strides and a stream, no torch headers, so each .cu file
-// compiles in about a second (torch headers cost minutes in nvcc). glue.cpp wraps them as torch ops.
+// compiles in about a second (torch headers cost minutes in nvcc). glue_<family>.cpp wrap them as torch ops.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -28,7 +28,7 @@ cudaError_t segmented_sums(const double* partials, int64_t num_blocks, int64_t K
 
 // Tables for one launch over many tensors of one storage dtype: device arrays, one entry per tensor of the
 // group (plus one for the *_first columns). Pointers travel as int64 addresses so that one int64 tensor built
-// on the host holds every table; glue.cpp gets them from a cached launch plan (launch_plan.h), built once per
+// on the host holds every table; the glue gets them from a cached launch plan (launch_plan.h), built once per
 // list of tensors, so every column here is O(number of tensors): a block finds its tensor by a binary search
 // of a prefix-sum column (owner() in common.cuh), never from a per-block column.
 // `index` columns hold each tensor's position in the op's whole list (its dtype group is a subset): kernels

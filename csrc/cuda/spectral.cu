@@ -15,7 +15,7 @@ constexpr int kRows = static_cast<int>(kPowerIterationRows);
 // (reduce_y_kernel) sums the row blocks' partial y's per column in a fixed order: deterministic, where
 // float atomics on y added the blocks' partials in whatever order they finished.
 // Cost: the partial rows are n acc-type entries per block_rows rows of W, written once and read once: with
-// 256 rows (large models: glue.cpp picks fewer rows per block, for parallelism, only while the scratch
+// 256 rows (large models: glue_spectral.cpp picks fewer rows per block, for parallelism, only while the scratch
 // stays small) 8 bytes per 256 elements (fp32 acc) against the 2-4 bytes per element the pass reads from
 // DRAM (plus its L2 re-read): 0.8% (fp32 W) to 1.6% (bf16 W) more bytes; scratch 1/256 of the weights'
 // elements (about 100 MB for a 7B model at fp32 acc, transient).

@@ -12,6 +12,7 @@ import triton.language as tl
 from .. import _launch_plan as plan
 from .. import _stream as stream
 from .._checks import acc_dtype, grouped_acc_dtype
+from .._orthograd import orthograd_coefficients
 from ._common import TL_STORAGE, chunk_range, in_order, segment_sums, tl_acc
 
 # launch option of every kernel that generates the stream: no FP contraction, the reference's rounding
@@ -25,6 +26,7 @@ _SQRT2, _LN2, _PI_OVER_4 = tl.constexpr(stream.SQRT2), tl.constexpr(stream.LN2),
 _L3, _L5, _L7, _L9 = (tl.constexpr(c) for c in stream.LOG_COEFS)
 _S3, _S5, _S7, _S9 = (tl.constexpr(c) for c in stream.SIN_COEFS)
 _C2, _C4, _C6, _C8, _C10 = (tl.constexpr(c) for c in stream.COS_COEFS)
+_UNIT_EPS = tl.constexpr(stream.UNIT_EPS)
 
 
 @triton.jit
@@ -132,9 +134,10 @@ def _write_kernel(keys, gidx, numels, blk_tensor, blk_ctr, sq_sums, src_tab, out
 
 @triton.jit
 def _unit_scale(sq_sum):
-    """The stream's unit-norm scale of a tensor from its float64 sum of squares: 1 / (sqrt(S) + 1e-12) in
-    float64, rounded to float32 (the reference's operations; float64 division and sqrt are IEEE in Triton)."""
-    return (1.0 / (tl.sqrt(sq_sum) + tl.full((), 1e-12, tl.float64))).to(tl.float32)
+    """The stream's unit-norm scale of a tensor from its float64 sum of squares: 1 / (sqrt(S) + UNIT_EPS) in
+    float64, rounded to float32 (the reference's operations, _stream.unit_scale_from_sum; float64 division and
+    sqrt are IEEE in Triton)."""
+    return (1.0 / (tl.sqrt(sq_sum) + tl.full((), _UNIT_EPS, tl.float64))).to(tl.float32)
 
 
 @triton.jit
@@ -339,10 +342,7 @@ def orthograd_(params, grads, chunk=1024):
             tabs = (plan.addresses(params, g), plan.addresses(grads, g), g.numels, g.chunk_tensor, g.chunk_start)
             partials = torch.empty(g.num_chunks, 3, dtype=torch.float64, device=device)
             _ortho_sums_kernel[(g.num_chunks,)](*tabs, partials, DTYPE=TL_STORAGE[g.dtype], CHUNK=chunk)
-            wg, ww, gg = segment_sums(partials, g).unbind(1)
-            coef = wg / (ww + 1e-30)
-            perp2 = (gg - 2 * coef * wg + coef * coef * ww).clamp_min(0)
-            scale = gg.sqrt() / (perp2.sqrt() + 1e-30)
+            coef, scale = orthograd_coefficients(*segment_sums(partials, g).unbind(1))
             _ortho_write_kernel[(g.num_chunks,)](*tabs, coef, scale, DTYPE=TL_STORAGE[g.dtype], CHUNK=chunk)
 
 
