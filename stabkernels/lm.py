@@ -246,16 +246,21 @@ def _progress(items, desc: str, total: int):
 _corpus_cache: list[Corpus] = []
 
 
+def cached_corpus() -> Corpus:
+    """The corpus, read once per process (the demo's worker processes train many runs on it)."""
+    if not _corpus_cache:
+        _corpus_cache.append(load_corpus())
+    return _corpus_cache[0]
+
+
 def _run_one(job) -> History:
     """One run, in a worker process (see :func:`stabkernels._pool.map_on_cores`)."""
     method, spike, seed, kwargs = job
-    if not _corpus_cache:
-        _corpus_cache.append(load_corpus())
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return run(method, _corpus_cache[0], seed, spike=spike, **kwargs)
+        return run(method, cached_corpus(), seed, spike=spike, **kwargs)
 
 
 def run_all(methods, seeds: int, workers: int | None = None, **kwargs) -> list[History]:

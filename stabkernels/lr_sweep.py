@@ -28,15 +28,11 @@ def _radius_full(model, lr):
     return lm.radius_adamw(model, lr, method="jvp", every=1)
 
 
-def _z_loss_qk_norm(model, lr):
-    return lm.adamw_z_loss(model, lr)
-
-
 # method -> (factory, the model with QK-LayerNorm)
 METHODS = {
     "AdamW": (lm.adamw, False),
     "AdamW+clip(1.0)": (lm.adamw_clip, False),
-    "AdamW+z-loss+QK-LN": (_z_loss_qk_norm, True),
+    "AdamW+z-loss+QK-LN": (lm.adamw_z_loss, True),
     "RadiusAdamW (default)": (lm.radius_adamw, False),
     "RadiusAdamW (full probe)": (_radius_full, False),
 }
@@ -45,14 +41,12 @@ METHODS = {
 def _run(job) -> dict:
     """One run, in a worker process (see :func:`stabkernels._pool.map_on_cores`)."""
     method, width, lr, seed, steps = job
-    if not lm._corpus_cache:
-        lm._corpus_cache.append(lm.load_corpus())
     factory, qk_norm = METHODS[method]
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        h = lm.run(method, lm._corpus_cache[0], seed, spike=False, lr=lr, steps=steps, factory=factory, d=width,
+        h = lm.run(method, lm.cached_corpus(), seed, spike=False, lr=lr, steps=steps, factory=factory, d=width,
                    qk_norm=qk_norm, eval_every=steps)
     return {"method": method, "width": width, "lr": lr, "seed": seed, "final_val_loss": h.final_val_loss,
             "init_val_loss": h.init_val_loss}
@@ -134,6 +128,7 @@ def run(out: str, *, seeds: int = 2, steps: int = 150, widths=WIDTHS, grid=GRID,
         workers: int | None = None) -> str:
     """The whole sweep, one run per core; writes the outputs and returns the markdown."""
     from ._pool import map_on_cores
+    from .benchmarks.run import progress
 
     t0 = time.perf_counter()
     methods = list(methods or METHODS)
@@ -143,7 +138,7 @@ def run(out: str, *, seeds: int = 2, steps: int = 150, widths=WIDTHS, grid=GRID,
     rows = []
     for i, r in enumerate(map_on_cores(_run, jobs, workers)):
         rows.append(r)
-        _progress(i + 1, len(jobs))
+        progress(i + 1, len(jobs), "lr sweep")
     summary = summarise(rows)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
@@ -156,13 +151,6 @@ def run(out: str, *, seeds: int = 2, steps: int = 150, widths=WIDTHS, grid=GRID,
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     plot(os.path.join(out, "lr_sweep.png"), summary)
-    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s")
+    print(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s")
     return md
 
-
-def _progress(done: int, total: int, width: int = 30) -> None:
-    import sys
-
-    filled = width * done // total
-    sys.stderr.write(f"\rlr sweep [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    sys.stderr.flush()
