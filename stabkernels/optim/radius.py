@@ -311,30 +311,39 @@ class _RadiusMixin:
         # and falls back to 1 when it moved more, or when a step is not capped.
         self._gap, self._last_probe = 1, 0
         self._changed: DeferredRead | bool | None = None
+        self._recomputed = False  # whether the step being taken measured rho (set in _radius_along)
         self.last: RadiusReport | None = None
 
-    def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """(rho, tau, unit_norm, recomputed) for per-group proposals {id: u}, lrs and sum(u^2) per group."""
+    def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor]:
+        """(rho, tau, unit_norm) for per-group proposals {id: u}, lrs and sum(u^2) per group."""
         sq = torch.stack([s.sum().double() for s in sums])
         lrs = torch.stack([update.scalar_tensor(lr, "lr", sq.device) for lr in group_lrs])
         tau = (lrs.square() * sq).sum().sqrt()
         unit_norm = sq.sum().sqrt()
-        recompute = self._probe_now()
-        rho = self._rho
-        if recompute:
-            # one lr for all: the direction is u itself (no scaled copy); tensor lrs are compared by identity
-            same_lr = all(lr is group_lrs[0] or (not isinstance(lr, Tensor) and lr == group_lrs[0])
-                          for lr in group_lrs)
-            direction = {}
-            for (ids, us), lr in zip(proposals, group_lrs):
-                for i, u in zip(ids, us):
-                    direction[i] = u if same_lr else u * lr
-            scale = (lrs[0] if same_lr else torch.ones((), dtype=torch.float64, device=sq.device)) / tau
-            scale = torch.where(tau > 0, scale, torch.zeros_like(scale))
-            with torch.no_grad():
-                rho = self.probe.radius(self.probe.sample_set(inputs), direction, scale.float())
-            rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
-        return rho, tau, unit_norm, recompute
+        return self._radius_along(inputs, proposals, group_lrs, lrs, tau), tau, unit_norm
+
+    # Outside torch.compile's graphs: whether this step measures is a host decision, and a host bool inside the
+    # compiled step would make dynamo compile one variant of the step per outcome (measured with torch 2.11: the
+    # first reused-rho step compiled new graphs). Here the compiled step sees one tensor, rho, either way.
+    @torch.compiler.disable
+    def _radius_along(self, inputs, proposals, group_lrs, lrs, tau) -> Tensor:
+        """rho along this step's proposal: measured when ``_probe_now`` says so (``self._recomputed``), else the
+        last one."""
+        self._recomputed = self._probe_now()
+        if not self._recomputed:
+            return self._rho
+        # one lr for all: the direction is u itself (no scaled copy); tensor lrs are compared by identity
+        same_lr = all(lr is group_lrs[0] or (not isinstance(lr, Tensor) and lr == group_lrs[0])
+                      for lr in group_lrs)
+        direction = {}
+        for (ids, us), lr in zip(proposals, group_lrs):
+            for i, u in zip(ids, us):
+                direction[i] = u if same_lr else u * lr
+        scale = (lrs[0] if same_lr else torch.ones((), dtype=torch.float64, device=tau.device)) / tau
+        scale = torch.where(tau > 0, scale, torch.zeros_like(scale))
+        with torch.no_grad():
+            rho = self.probe.radius(self.probe.sample_set(inputs), direction, scale.float())
+        return torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
 
     def _setup_state(self, group, params):
         """Creates the optimizer state of ``params`` (one group) on first use; returns what ``_propose`` needs."""
@@ -358,7 +367,7 @@ class _RadiusMixin:
         if not live:
             return loss
         sums = [self._propose(g, ps, us, state) for g, ps, us, state in live]
-        rho, tau, unit_norm, recomputed = self._measure(
+        rho, tau, unit_norm = self._measure(
             inputs, [([id(p) for p in ps], us) for _, ps, us, _ in live], [g["lr"] for g, *_ in live], sums)
         scale = _control_scale(rho, tau, self.r, self.mode)
         lrs = []
@@ -366,7 +375,7 @@ class _RadiusMixin:
             lr_eff = scale * update.scalar_tensor(g["lr"], "lr", scale.device)
             update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
             lrs.append(lr_eff)
-        self._record(rho, unit_norm, tau, scale, lrs, recomputed)
+        self._record(rho, unit_norm, tau, scale, lrs)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -407,8 +416,8 @@ class _RadiusMixin:
         return True
 
     @torch.compiler.disable
-    def _record(self, rho, unit_norm, tau, scale, lrs, recomputed) -> None:
-        previous = self._rho
+    def _record(self, rho, unit_norm, tau, scale, lrs) -> None:
+        previous, recomputed = self._rho, self._recomputed
         self._rho = rho
         ratio = tau / rho
         self.last = RadiusReport(self.steps, rho, unit_norm, tau, ratio, scale, lrs, recomputed)
