@@ -448,6 +448,7 @@ def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tenso
     _run_checked(_apply_op, args, b, lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))
 
 
+@torch.compiler.disable  # a cache lookup traced by dynamo would guard on the cache's contents: a recompile
 def _numels(params, device: torch.device) -> Tensor:
     """The numels of ``params`` (whole tensors: a DTensor's global numel) as float64 on ``device``, cached by
     the numels (one upload on a miss, none in a steady state)."""
