@@ -66,12 +66,13 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // sqrt(v) before the bias correction, i.e. the eps used is eps / sqrt(bc2) (S-Adam's eps_mode="authors").
   // skip (SPEC 7.1): an optional 0-d float64 tensor on the params' device, read by the kernels (on CUDA in
   // device memory); nonzero: nothing is written and the sums are 0 (step is then not checked). clip_stats
-  // (SPEC 7.2, Adam): returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)) per tensor.
+  // (SPEC 7.2, Adam): 1 returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)) per tensor; 2 the same
+  // from a pass that writes nothing (row 0 zero). Adam's lr: one float64 number (0-d) or one per tensor ((T,)).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-      "bool apply, bool eps_raw, Tensor? skip, bool clip_stats) -> Tensor");
+      "bool apply, bool eps_raw, Tensor? skip, int clip_stats) -> Tensor");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
       "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "

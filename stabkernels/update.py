@@ -15,7 +15,9 @@ Every op takes an optional ``skip`` flag (SPEC 7.1): a 0-d tensor on the paramet
 kernels themselves; where it is nonzero the op writes nothing (parameters, moments, ``updates`` keep their
 bits, a NaN gradient cannot leak in) and returns zero sums. ``adam_step_(clip_stats=True)`` also returns, per
 tensor and from the same pass, sum(g^2 / max(v_hat, eps^2)), the square of update clipping's RMS times the
-numel (SPEC 7.2; :func:`clip_lrs` turns it into lr / max(1, RMS)).
+numel (SPEC 7.2; :func:`clip_lrs` turns it into lr / max(1, RMS)); ``clip_stats="only"`` computes just that,
+reading g and v and writing nothing, and ``adam_step_``'s ``lr`` may hold one learning rate per tensor, so a
+clipped AdamW step is a read of g and v plus one ordinary fused step.
 
 Per-step scalars never make a host round trip: ``step_scale``, ``lr`` and Adam's ``step`` reach the kernels
 as 0-d float64 tensors on the parameters' device (:func:`scalar_tensor` makes them without a host-to-device
@@ -76,7 +78,7 @@ def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale, keep) -> Tens
 
 
 def _adam_fake(params, *args):
-    clip_stats = args[-2]  # (..., skip, clip_stats, backend)
+    clip_stats = args[-2]  # (..., skip, clip_stats, backend): 0, 1 (also) or 2 (only)
     shape = (2, len(params)) if clip_stats else (len(params),)
     return params[0].new_empty(shape, dtype=grouped_acc_dtype(params))
 
@@ -89,25 +91,34 @@ _adam_op = define_op(
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
     "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-    "bool apply, bool eps_raw, Tensor? skip, bool clip_stats, str backend) -> Tensor",
+    "bool apply, bool eps_raw, Tensor? skip, int clip_stats, str backend) -> Tensor",
     _adam_fake,
 )
+
+
+def _lr_of(lr: Tensor, i: int) -> Tensor:
+    """Tensor ``i``'s learning rate: ``lr`` itself (one number) or ``lr[i]`` (one per tensor), 0-d float64."""
+    lr = torch.as_tensor(lr, dtype=torch.float64)
+    return lr.reshape(()) if lr.numel() == 1 else lr.reshape(-1)[i]
 
 
 @_backend.register("adam_step_", "torch")
 def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step,
                         beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip=None,
-                        clip_stats=False):
+                        clip_stats=0):
     """Reference: torch.optim.Adam/AdamW's single-tensor step, per tensor, math in fp32 (fp64).
 
     ``step_scale``, ``lr`` and ``step`` are 0-d tensors (float64 on the params' device from the public
-    wrapper); the bias corrections bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) are computed in
-    float64 from ``step``; ``eps_raw`` uses eps / sqrt(bc2), i.e. eps added to sqrt(v) before the correction.
-    ``skip`` (SPEC 7.1): every new value selected back where it is nonzero, sums 0. ``clip_stats`` (SPEC 7.2):
-    returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)), v_hat = (max v or v) / bc2 unrounded, g the
-    gradient that enters the moments, eps the given one (also with ``eps_raw``)."""
-    lr, step = _scale(lr), _scale(step)
+    wrapper; ``lr`` may be (T,), one per tensor); the bias corrections bc1 = 1 - beta1^step and
+    sqrt(bc2) = sqrt(1 - beta2^step) are computed in float64 from ``step``; ``eps_raw`` uses eps / sqrt(bc2),
+    i.e. eps added to sqrt(v) before the correction. ``skip`` (SPEC 7.1): every new value selected back where it
+    is nonzero, sums 0. ``clip_stats`` (SPEC 7.2): 1 returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)),
+    v_hat = (max v or v) / bc2 unrounded, g the gradient that enters the moments, eps the given one (also with
+    ``eps_raw``); 2 the same rows with row 0 zero, nothing written."""
+    step = _scale(step)
     keep = _keep(skip)
+    only = clip_stats == 2
+    write = keep if not only else torch.zeros((), dtype=torch.bool, device=step.device)  # "only": no write
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
     bc2_sqrt = bc2.sqrt()
@@ -117,11 +128,12 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
     sums, clips = [], []
     for i, p in enumerate(params):
         A = acc_dtype(p.dtype)
+        lr_i = _lr_of(lr, i)
         g = grads[i].to(A)
         g = -g if maximize else g
         pa, m, v = p.to(A), exp_avgs[i].to(A), exp_avg_sqs[i].to(A)
         if apply and decoupled:
-            pa = pa * (1 - lr * weight_decay)
+            pa = pa * (1 - lr_i * weight_decay)
         if not decoupled and weight_decay != 0:
             g = g + pa * weight_decay
         m = m.lerp(g, 1 - beta1)
@@ -129,11 +141,11 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
         vh = v
         if amsgrad:
             vh = torch.maximum(max_exp_avg_sqs[i].to(A), v)
-            _store(max_exp_avg_sqs[i], vh, keep)
+            _store(max_exp_avg_sqs[i], vh, write)
         u = (m / bc1) / (vh.sqrt() / bc2_sqrt + eps)
-        _store(exp_avgs[i], m, keep)
-        _store(exp_avg_sqs[i], v, keep)
-        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale, keep))
+        _store(exp_avgs[i], m, write)
+        _store(exp_avg_sqs[i], v, write)
+        sums.append(_finish_reference(p, pa, u, i, updates, apply and not only, lr_i, step_scale, write))
         if clip_stats:
             clips.append(_kept_sum(g * g / torch.clamp_min(vh / bc2.to(A), eps_clip * eps_clip), keep))
     if not sums:
@@ -199,11 +211,9 @@ def apply_update_reference(params, updates, lr, weight_decay, step_scale=None, s
     """Reference: p <- p * (1 - lr_i * weight_decay) - lr_i * step_scale * u, lr_i = lr (one element) or lr[i]
     (one per tensor); nothing where ``skip`` is nonzero."""
     keep = _keep(skip)
-    lr = torch.as_tensor(lr, dtype=torch.float64)
-    lr = lr.reshape(()) if lr.numel() == 1 else lr.reshape(-1)
     for i, (p, u) in enumerate(zip(params, updates)):
         A = acc_dtype(p.dtype)
-        a = (lr if lr.dim() == 0 else lr[i]).to(A)
+        a = _lr_of(lr, i).to(A)
         s = a if step_scale is None else a * _scale(step_scale).to(A)
         _store(p, p.to(A) * (1 - a * weight_decay) - s * u, keep)
 
@@ -329,7 +339,7 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                maximize: bool = False, max_exp_avg_sqs: Sequence[Tensor] | None = None,
                updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
                apply: bool = True, eps_raw: bool = False, skip: Tensor | bool | None = None,
-               clip_stats: bool = False, backend: str = "auto") -> Tensor:
+               clip_stats: bool | str = False, backend: str = "auto") -> Tensor:
     """One Adam (``decoupled=False``) or AdamW step over every parameter, fused.
 
     Moments are advanced once (m, v and, with ``amsgrad``, the running max of v); u = (m / bc1) /
@@ -340,14 +350,17 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     a one-element tensor (a device tensor keeps the step free of host round trips and capturable in a CUDA
     graph; the bias corrections are computed from it by the kernel, in float64). ``lr`` is a number or a
     one-element tensor (the torch.optim way; a device tensor changed in place, e.g. by a scheduler, needs no
-    recompile under torch.compile). ``eps_raw``: eps is added to sqrt(v) before the bias correction
+    recompile under torch.compile), or a (T,) tensor of one learning rate per tensor on the parameters' device
+    (update clipping, SPEC 7.2: the step and the decoupled decay of tensor i use lr[i]). ``eps_raw``: eps is added to sqrt(v) before the bias correction
     (u = (m / bc1) / ((sqrt(v) + eps) / sqrt(bc2)), i.e. eps / sqrt(bc2) in the formula above: S-Adam's
     eps_mode="authors"). A tensor ``step`` below 1 is not checked on CUDA (that would read the device).
 
     ``skip`` (SPEC 7.1): a one-element tensor (or bool) read by the kernel on the device; nonzero skips the step
     (nothing written, sums 0; ``step`` is then not checked, so a counter left unadvanced by a skip is fine).
-    ``clip_stats`` (SPEC 7.2): returns (2, T), row 0 sum(u^2), row 1 sum(g^2 / max(v_hat, eps^2)) per
-    tensor from the same pass (:func:`clip_lrs` makes update clipping's per-tensor learning rates of it).
+    ``clip_stats`` (SPEC 7.2): True returns (2, T), row 0 sum(u^2), row 1 sum(g^2 / max(v_hat, eps^2)) per
+    tensor from the same pass (:func:`clip_lrs` makes update clipping's per-tensor learning rates of it);
+    ``"only"``: row 1 alone (row 0 zero) from a pass that reads g and v (max v; p for coupled decay) and writes
+    nothing: the moments, u and p stay as they are, for the clipped step that follows.
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""
@@ -374,11 +387,14 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                                             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
                      acc_lists={"updates": updates} if updates else {})
 
+    if clip_stats not in (False, True, "only"):
+        raise ValueError(f"adam_step_: clip_stats must be False, True or 'only', got {clip_stats!r}")
+    stats = 2 if clip_stats == "only" else int(bool(clip_stats))
     b = _backend.resolve("adam_step_", backend, device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
-            scalar_tensor(lr, "lr", device), scalar_tensor(step, "step", device), float(beta1), float(beta2),
-            float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(apply),
-            bool(eps_raw), skip_tensor(skip, device), bool(clip_stats))
+            _lr_tensor(lr, len(params), device, "adam_step_"), scalar_tensor(step, "step", device), float(beta1),
+            float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+            bool(apply), bool(eps_raw), skip_tensor(skip, device), stats)
     return _run_checked(_adam_op, args, b, check)
 
 
@@ -417,15 +433,15 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     return _run_checked(_sgd_op, args, b, check)
 
 
-def _lr_tensor(lr, n: int, device: torch.device) -> Tensor:
-    """apply_update_'s learning rate: a 0-d float64 tensor (one for all), or (n,) float64 on ``device`` (one per
-    tensor, n > 1), converted on the device."""
+def _lr_tensor(lr, n: int, device: torch.device, op: str) -> Tensor:
+    """The learning rate of adam_step_/apply_update_: a 0-d float64 tensor (one for all), or (n,) float64 on
+    ``device`` (one per tensor, n > 1), converted on the device."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         if lr.numel() != n or lr.dim() != 1:
-            raise ValueError(f"apply_update_: lr must hold one number or one per tensor ({n}), got a tensor of "
+            raise ValueError(f"{op}: lr must hold one number or one per tensor ({n}), got a tensor of "
                              f"shape {tuple(lr.shape)}")
         if lr.device != device:
-            raise ValueError(f"apply_update_: per-tensor lr must be on {device}, got {lr.device}")
+            raise ValueError(f"{op}: per-tensor lr must be on {device}, got {lr.device}")
         return lr.to(torch.float64).contiguous()
     return scalar_tensor(lr, "lr", device)
 
@@ -442,7 +458,7 @@ def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tenso
     params, updates = as_list(params, "apply_update_: params"), list(updates)
     device = _params_device("apply_update_", params)
     b = _backend.resolve("apply_update_", backend, device)
-    args = (params, updates, _lr_tensor(lr, len(params), device), float(weight_decay),
+    args = (params, updates, _lr_tensor(lr, len(params), device, "apply_update_"), float(weight_decay),
             None if step_scale is None else scalar_tensor(step_scale, "step_scale", device),
             skip_tensor(skip, device))
     _run_checked(_apply_op, args, b, lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))

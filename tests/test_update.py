@@ -244,7 +244,7 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
     before = [t.clone() for t in p + z]
     one, lr = f64(1), f64(0.1)
     adam = lambda ps, gs, ms, vs, vm=(), us=(), ams=False: C.adam_step_(  # noqa: E731
-        ps, gs, ms, vs, list(vm), list(us), one, lr, one, 0.9, 0.999, 1e-8, 0.0, True, ams, False, True, False, None, False)
+        ps, gs, ms, vs, list(vm), list(us), one, lr, one, 0.9, 0.999, 1e-8, 0.0, True, ams, False, True, False, None, 0)
     cases = [
         (lambda: adam(p, g[:3], z, z), r"adam_step_: grads has 3 tensors for 4 params"),
         (lambda: adam(p, g, z, z[:1] + [torch.zeros(7)] + z[2:]), r"exp_avg_sqs\[1\] must have the shape of params\[1\]"),
@@ -277,16 +277,18 @@ def test_opcheck(backend):
     z = lambda: [torch.zeros_like(x) for x in p]  # noqa: E731
     torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
                           (p, g, z(), z(), z(), z(), f64(1.0), f64(0.1), f64(2), 0.9, 0.999, 1e-8, 0.01, True, True,
-                           False, True, False, None, False, backend))
+                           False, True, False, None, 0, backend))
     torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
                           (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, None, backend))
     torch.library.opcheck(torch.ops.stabkernels.apply_update_.default,
                           (p, z(), torch.tensor(0.5), 0.1, None, None, backend))
-    # the new arguments: a skip flag (kept and skipped), clip statistics, per-tensor lr and a step scale
+    # the new arguments: a skip flag (kept and skipped), clip statistics (also, only), per-tensor lr, step scale
+    lrs = torch.rand(len(p), dtype=torch.float64)
     for flag in (0.0, 1.0):
-        torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
-                              (p, g, z(), z(), [], z(), f64(1.0), f64(0.1), f64(2), 0.9, 0.999, 1e-8, 0.01, True,
-                               False, False, False, False, f64(flag), True, backend))
+        for stats in (1, 2):
+            torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
+                                  (p, g, z(), z(), [], z(), f64(1.0), lrs, f64(2), 0.9, 0.999, 1e-8, 0.01, True,
+                                   False, False, True, False, f64(flag), stats, backend))
         torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
                               (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, f64(flag),
                                backend))
@@ -565,3 +567,38 @@ def test_clip_lrs_and_the_two_pass_clipped_step_equal_stable_adamw_reference_flo
         for a, b in zip(ps, ref):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     assert clipped > 0
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_adam_clip_stats_only_writes_nothing_and_per_tensor_lr(backend, device, dtype):
+    """clip_stats="only" returns row 1 of clip_stats=True (row 0 zero) and leaves every tensor as it was (u
+    too); one lr per tensor steps each tensor exactly as a call with that tensor's lr alone would."""
+    ps = make_params(device, dtype)
+    state = [[torch.zeros_like(p) for p in ps] for _ in range(3)]
+    update.adam_step_(ps, grads_for(ps, 1), state[0], state[1], step=1, lr=0.01, weight_decay=0.1, amsgrad=True,
+                      max_exp_avg_sqs=state[2], backend=backend)
+    gs = [x * (1 + 30 * (i % 2)) for i, x in enumerate(grads_for(ps, 2))]
+    us = [torch.full_like(p, 7.0, dtype=_acc(dtype)) for p in ps]
+    kw = dict(step=2, weight_decay=0.1, amsgrad=True, backend=backend)
+    before = [t.clone() for t in ps + sum(state, []) + us]
+    only = update.adam_step_(ps, gs, state[0], state[1], lr=0.01, max_exp_avg_sqs=state[2], updates=us,
+                             clip_stats="only", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + sum(state, []) + us))
+    st = [[x.clone() for x in s] for s in state]
+    full = update.adam_step_([p.clone() for p in ps], gs, st[0], st[1], lr=0.01, max_exp_avg_sqs=st[2],
+                             clip_stats=True, **kw)
+    assert only.shape == full.shape == (2, len(ps)) and not only[0].any()
+    assert torch.equal(only[1], full[1])
+    lrs = torch.tensor([0.01, 0.002, 0.03, 0.0], dtype=torch.float64, device=device)
+    p_all, st_all = [p.clone() for p in ps], [[x.clone() for x in s] for s in state]
+    s_all = update.adam_step_(p_all, gs, st_all[0], st_all[1], lr=lrs, max_exp_avg_sqs=st_all[2], **kw)
+    for i in range(len(ps)):
+        p1, st1 = [ps[i].clone()], [[s[i].clone()] for s in state]
+        s1 = update.adam_step_(p1, gs[i:i + 1], st1[0], st1[1], lr=lrs[i], max_exp_avg_sqs=st1[2], **kw)
+        assert torch.equal(p1[0], p_all[i]) and all(torch.equal(a[0], b[i]) for a, b in zip(st1, st_all))
+        assert torch.equal(s1[0].to(s_all.dtype), s_all[i])
+    with pytest.raises(ValueError, match="lr must hold one number or one per tensor"):
+        update.adam_step_(ps, gs, state[0], state[1], lr=lrs[:2], max_exp_avg_sqs=state[2], **kw)
+    with pytest.raises(ValueError, match="clip_stats must be"):
+        update.adam_step_(ps, gs, state[0], state[1], lr=0.01, max_exp_avg_sqs=state[2], clip_stats=2, **kw)

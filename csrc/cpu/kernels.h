@@ -29,7 +29,7 @@ struct CpuKernels {
                        TensorList max_exp_avg_sqs, TensorList updates, const Tensor& step_scale, const Tensor& lr,
                        const Tensor& step, double beta1, double beta2, double eps, double weight_decay,
                        bool decoupled, bool amsgrad, bool maximize, bool apply, bool eps_raw,
-                       const std::optional<Tensor>& skip, bool clip_stats) = nullptr;
+                       const std::optional<Tensor>& skip, int64_t clip_stats) = nullptr;
   Tensor (*sgd_step_)(TensorList params, TensorList grads, TensorList bufs, TensorList updates,
                       const Tensor& step_scale, const Tensor& lr, double momentum, double dampening, double weight_decay,
                       bool nesterov, bool maximize, bool first, bool apply, const std::optional<Tensor>& skip) = nullptr;

@@ -7,8 +7,10 @@
 // torch to fp32 rounding. One math template serves scalars and ATen Vectorized<> alike.
 //
 // skip (SPEC 7.1): a 0-d tensor read here (free on CPU); nonzero returns before any memory is written (the
-// lists are still checked), with zero sums. clip_stats (SPEC 7.2): the Adam pass also sums
-// g^2 / max(v_hat / bc2, eps^2) per tensor (update clipping's RMS^2 * numel), returned as a second row.
+// lists are still checked), with zero sums. clip_stats (SPEC 7.2): 1, the Adam pass also sums
+// g^2 / max(v_hat / bc2, eps^2) per tensor (update clipping's RMS^2 * numel), returned as a second row; 2, a
+// pass that reads g and v (max v; p for coupled decay), writes nothing and returns those sums alone. lr: one
+// number or one per tensor.
 
 #include <array>
 #include <cmath>
@@ -28,7 +30,7 @@ inline float vmaximum(float a, float b) { return std::max(a, b); }
 inline double vmaximum(double a, double b) { return std::max(a, b); }
 
 struct AdamConsts {
-  double lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt, bc2, eps_clip;
+  double beta1, beta2, eps, weight_decay, bc1, bc2_sqrt, bc2, eps_clip;
   bool decoupled, amsgrad, maximize, apply, clip;
 };
 
@@ -39,25 +41,42 @@ struct AdamConsts {
 // in every vector iteration; from a private copy the compiler keeps them in registers.
 template <typename A>
 struct AdamArgs {
-  A one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bc1, bc2_sqrt, step_lr, decay, bc2, eps2;
+  A one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bc1, bc2_sqrt, step_lr, decay, inv_bc2, eps2;
   bool decoupled, l2, amsgrad, maximize, apply, clip;  // l2: Adam's weight decay on g (tested in double)
-  AdamArgs(const AdamConsts& c, double scale)
+  AdamArgs(const AdamConsts& c, double lr, double scale)
       : one_minus_beta1(A(1 - c.beta1)), beta2(A(c.beta2)), one_minus_beta2(A(1 - c.beta2)), eps(A(c.eps)),
-        weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(c.lr * scale)),
-        decay(A(1 - c.lr * c.weight_decay)), bc2(A(c.bc2)), eps2(A(c.eps_clip * c.eps_clip)),
+        weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(lr * scale)),
+        decay(A(1 - lr * c.weight_decay)), inv_bc2(A(1 / c.bc2)), eps2(A(c.eps_clip * c.eps_clip)),
         decoupled(c.decoupled), l2(!c.decoupled && c.weight_decay != 0), amsgrad(c.amsgrad), maximize(c.maximize),
         apply(c.apply), clip(c.clip) {}
 };
 
+// The parts of an Adam step that update clipping's statistic needs too (the "only" pass and the step compute
+// v the same way, so the RMS is that of the v the step then stores).
+template <typename V, typename A>
+inline V adam_grad(V p, V g, const AdamArgs<A>& c) {
+  if (c.maximize) g = V(A(0)) - g;
+  if (c.l2) g = g + p * V(c.weight_decay);
+  return g;
+}
+template <typename V, typename A>
+inline V adam_next_v(V v, V g, const AdamArgs<A>& c) {
+  return v * V(c.beta2) + g * V(c.one_minus_beta2) * g;
+}
+// g^2 / max(v_hat / bc2, eps^2), v_hat unrounded in the math type (1 / bc2 formed in double, rounded once).
+template <typename V, typename A>
+inline V clip_stat(V g, V vh, const AdamArgs<A>& c) {
+  return g * g / vmaximum(vh * V(c.inv_bc2), V(c.eps2));
+}
+
 // One element (or one SIMD vector) of an Adam step. p, m, v, vmax are updated in place; returns u. With
-// c.clip, stat receives g^2 / max(v_hat / bc2, eps^2) (v_hat unrounded, in the math type).
+// c.clip, stat receives clip_stat.
 template <typename V, typename A>
 inline V adam_math(V& p, V g, V& m, V& v, V& vmax, V& stat, const AdamArgs<A>& c) {
-  if (c.maximize) g = V(A(0)) - g;
   if (c.apply && c.decoupled) p = p * V(c.decay);  // torch: param.mul_(1 - lr * wd) before the moments
-  if (c.l2) g = g + p * V(c.weight_decay);
+  g = adam_grad(p, g, c);  // p is decayed only when decoupled, and l2 only when not: the order is immaterial
   m = m + (g - m) * V(c.one_minus_beta1);  // lerp(m, g, 1 - beta1), weight < 0.5
-  v = v * V(c.beta2) + g * V(c.one_minus_beta2) * g;
+  v = adam_next_v(v, g, c);
   V vh = v;
   if (c.amsgrad) {
     vmax = vmaximum(vmax, v);
@@ -65,7 +84,7 @@ inline V adam_math(V& p, V g, V& m, V& v, V& vmax, V& stat, const AdamArgs<A>& c
   }
   const V denom = vsqrt(vh) / V(c.bc2_sqrt) + V(c.eps);
   const V u = (m / V(c.bc1)) / denom;
-  if (c.clip) stat = g * g / vmaximum(vh / V(c.bc2), V(c.eps2));
+  if (c.clip) stat = clip_stat(g, vh, c);
   if (c.apply) p = p - V(c.step_lr) * u;
   return u;
 }
@@ -193,42 +212,70 @@ at::Tensor zero_sums(at::TensorList params, int64_t rows) {
   return rows == 1 ? at::zeros({n}, options) : at::zeros({rows, n}, options);
 }
 
+// lr as one number or one per tensor (read from a CPU tensor; ValueError otherwise).
+struct Lrs {
+  at::Tensor t;
+  const double* v;
+  bool per_tensor;
+  double operator[](int64_t i) const { return v[per_tensor ? i : 0]; }
+};
+Lrs read_lrs(const at::Tensor& lr_t, at::TensorList params, const char* op) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(lr_t.numel() == 1 || (lr_t.dim() == 1 && lr_t.numel() == n), op,
+                    ": lr must hold one number or one per tensor (", n, "), got shape ", lr_t.sizes());
+  at::Tensor t = lr_t.to(at::kDouble).contiguous();
+  const double* v = t.const_data_ptr<double>();
+  return {std::move(t), v, lr_t.numel() != 1};
+}
+
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                          const at::Tensor& step_scale, const at::Tensor& lr_t, const at::Tensor& step_t,
                          double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
                          bool maximize, bool apply, bool eps_raw, const std::optional<at::Tensor>& skip,
-                         bool clip_stats) {
-  // lr, step and skip arrive as 0-d (float64) CPU tensors: reading them is free on CPU.
+                         int64_t clip_stats) {
+  // lr, step and skip arrive as float64 CPU tensors: reading them is free on CPU.
   const bool skip_now = skipped(skip);
   const double step = read_number(step_t, "step");
   // a skipped step may come with a counter that it left at 0 (its bias corrections are never used)
   TORCH_CHECK_VALUE(skip_now || step >= 1, "adam_step_: step must be >= 1, got ", step);
-  const double lr = read_number(lr_t, "lr");
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  const Lrs lrs = read_lrs(lr_t, params, "adam_step_");
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
                      at::kCPU);
   const int64_t rows = clip_stats ? 2 : 1;
   if (skip_now) return zero_sums(params, rows);
+  const bool only = clip_stats == 2;
   const double bc2 = 1 - std::pow(beta2, step), bc2_sqrt = std::sqrt(bc2);
-  const AdamConsts c{lr, beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
-                     bc2_sqrt, bc2, eps, decoupled, amsgrad, maximize, apply, clip_stats};
+  const AdamConsts c{beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
+                     bc2_sqrt, bc2, eps, decoupled, amsgrad, maximize, apply && !only, clip_stats != 0};
   const double scale = read_scale(step_scale);
   // p is read only when the step needs it: applied, or Adam's L2 decay on g
-  const bool read_p = apply || (!decoupled && weight_decay != 0);
+  const bool read_p = c.apply || (!decoupled && weight_decay != 0);
   return chunked_sums(params, rows, [&](const Chunk& ch) {
     const int64_t i = ch.index;
     std::array<double, 2> sums{0.0, 0.0};
     STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      const AdamArgs<A> k(c, scale);
+      const AdamArgs<A> k(c, lrs[i], scale);
       T* p = params[i].mutable_data_ptr<T>();
       const T* g = grads[i].const_data_ptr<T>();
       T* m = exp_avgs[i].mutable_data_ptr<T>();
       T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
       T* vm = k.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
+      if (only) {  // update clipping's statistic alone: g, v (and max v, p) read, nothing written
+        sums = run_chunk<T, true>(ch.begin, ch.end, nullptr, [&](int64_t j, auto& stat) {
+          using V = std::remove_reference_t<decltype(stat)>;
+          const V gj = adam_grad(read_p ? load<V>(p + j) : V(A(0)), load<V>(g + j), k);
+          const V vj = adam_next_v(load<V>(v + j), gj, k);
+          stat = clip_stat(gj, vm ? vmaximum(load<V>(vm + j), vj) : vj, k);
+          return V(A(0));
+        });
+        return;
+      }
       A* u_out = updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>();
       auto body = [&](int64_t j, auto& stat) {
         using V = std::remove_reference_t<decltype(stat)>;
@@ -290,17 +337,12 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr_t, double weight_decay,
                       const std::optional<at::Tensor>& step_scale, const std::optional<at::Tensor>& skip) {
   check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCPU);
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK_VALUE(lr_t.numel() == 1 || (lr_t.dim() == 1 && lr_t.numel() == n),
-                    "apply_update_: lr must hold one number or one per tensor (", n, "), got shape ", lr_t.sizes());
+  const Lrs lrs = read_lrs(lr_t, params, "apply_update_");
   if (skipped(skip)) return;
-  const at::Tensor lr64 = lr_t.to(at::kDouble).contiguous();
-  const double* lrs = lr64.const_data_ptr<double>();
-  const bool per_tensor = lr_t.numel() != 1;
   const double scale = step_scale.has_value() ? read_scale(*step_scale) : 1.0;
   chunked_sums(params, 1, [&](const Chunk& ch) {
     const int64_t i = ch.index;
-    const double lr = lrs[per_tensor ? i : 0];
+    const double lr = lrs[i];
     STABKERNELS_DISPATCH_FLOAT(params[i], "apply_update_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;

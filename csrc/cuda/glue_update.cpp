@@ -48,11 +48,22 @@ at::Tensor skip_flag(const std::optional<at::Tensor>& skip, const at::Device& de
 }
 const double* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<double>() : nullptr; }
 
+// A learning rate as the kernels read it: one float64 number, or one per tensor ((T,), update clipping) read
+// at the tensor's list position; on the device (no host copy).
+at::Tensor device_lrs(const at::Tensor& lr, at::TensorList params, const at::Device& device, const char* op) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (!lr.defined() || lr.numel() == 1) return device_scalar(lr, device, at::kDouble, op, "lr");
+  TORCH_CHECK_VALUE(lr.dim() == 1 && lr.numel() == n && lr.device() == device, op,
+                    ": lr must hold one number or one per tensor (", n, ") on ", device, ", got shape ", lr.sizes(),
+                    " on ", lr.device());
+  return converted(lr, at::kDouble).contiguous();
+}
+
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                           const at::Tensor& step_scale, const at::Tensor& lr, const at::Tensor& step, double beta1,
                           double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                          bool apply, bool eps_raw, const std::optional<at::Tensor>& skip, bool clip_stats) {
+                          bool apply, bool eps_raw, const std::optional<at::Tensor>& skip, int64_t clip_stats) {
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
@@ -62,7 +73,8 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   // step is not checked (>= 1) here: that would read the device. The kernels compute the bias corrections.
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "adam_step_", "step_scale");
-  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "adam_step_", "lr");
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  const at::Tensor lr_d = device_lrs(lr, params, device, "adam_step_");
   const at::Tensor step_d = device_scalar(step, device, at::kDouble, "adam_step_", "step");
   const at::Tensor skip_d = skip_flag(skip, device, "adam_step_");
   const int64_t n = static_cast<int64_t>(params.size()), rows = clip_stats ? 2 : 1;
@@ -75,7 +87,9 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
                     lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
                     ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), n,
-                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty(), eps_raw, clip_stats}, stream),
+                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty() && clip_stats != 2, eps_raw,
+                              clip_stats != 0, clip_stats == 2, lr.numel() != 1},
+                    stream),
           "adam_step_");
   }
   return converted(sums, grouped_acc(params));
@@ -115,14 +129,8 @@ void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = static_cast<int64_t>(params.size());
-  // one lr (0-d) or one per tensor ((T,), update clipping), read by the kernel at the tensor's list position
   const bool per_tensor = lr.defined() && lr.numel() != 1;
-  TORCH_CHECK_VALUE(!per_tensor || (lr.dim() == 1 && lr.numel() == n && lr.device() == device),
-                    "apply_update_: lr must hold one number or one per tensor (", n, ") on ", device, ", got ",
-                    lr.toString(), " of shape ", lr.sizes(), " on ", lr.device());
-  const at::Tensor lr_d = per_tensor ? converted(lr, at::kDouble).contiguous()
-                                     : device_scalar(lr, device, at::kDouble, "apply_update_", "lr");
+  const at::Tensor lr_d = device_lrs(lr, params, device, "apply_update_");
   const at::Tensor scale_d = step_scale.has_value()
                                  ? device_scalar(*step_scale, device, at::kDouble, "apply_update_", "step_scale")
                                  : at::Tensor();

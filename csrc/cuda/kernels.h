@@ -91,7 +91,10 @@ struct UpdateTables {
 constexpr int64_t kUpdateChunk = 1 << 14;
 
 struct AdamFlags {
-  bool decoupled, amsgrad, maximize, apply, write_u, eps_raw, clip;  // clip: update clipping's statistic too
+  bool decoupled, amsgrad, maximize, apply, write_u, eps_raw;
+  bool clip;           // update clipping's statistic too (SPEC 7.2)
+  bool only;           // with clip: the statistic alone, from g and v (max v; p for coupled decay), no write
+  bool lr_per_tensor;  // lr[index[i]] (one per tensor) rather than *lr
 };
 struct SgdFlags {
   bool momentum, nesterov, maximize, first, apply, write_u;
@@ -106,7 +109,8 @@ struct SgdHyper {
 
 // Per-step scalars are read from device memory (0-d float64 tensors on the params' device), so a step
 // makes no host round trip and can be captured in a CUDA graph:
-//   lr, scale (the step scale) and, for Adam, step (the step number after this step, >= 1): the kernel
+//   lr (Adam: one, or one per tensor with flags.lr_per_tensor), scale (the step scale) and, for Adam, step
+//   (the step number after this step, >= 1): the kernel
 //   computes bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) in double (eps_raw: eps / sqrt(bc2));
 //   skip (SPEC 7.1; may be null): where *skip != 0 every block writes zero partials and returns before
 //   touching the tensors (no multiplication by 0: a NaN gradient cannot leak in).

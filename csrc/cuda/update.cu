@@ -50,15 +50,17 @@ __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, con
   }
   const auto [i, begin, end] = chunk_range(t);
   // The bias corrections, from the device step counter, in double as the CPU kernel computes them.
-  const double lr_d = *lr_p, step_d = *step_p;
+  const double lr_d = f.lr_per_tensor ? lr_p[t.index[i]] : *lr_p, step_d = *step_p;
   const double bc1_d = 1.0 - pow(h.beta1, step_d), bc2_d = 1.0 - pow(h.beta2, step_d), bc2s_d = sqrt(bc2_d);
   const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2), wd = static_cast<A>(h.weight_decay);
   const A eps = static_cast<A>(f.eps_raw ? h.eps / bc2s_d : h.eps);
   const A bc1 = static_cast<A>(bc1_d), bc2s = static_cast<A>(bc2s_d);
-  const A bc2 = static_cast<A>(bc2_d), eps2 = static_cast<A>(h.eps * h.eps);  // update clipping (eps as given)
+  // update clipping: 1 / bc2 formed in double, rounded once; eps^2 of the eps given
+  const A inv_bc2 = static_cast<A>(1.0 / bc2_d), eps2 = static_cast<A>(h.eps * h.eps);
   const A step_lr = static_cast<A>(lr_d * *scale_p), decay = static_cast<A>(1.0 - lr_d * h.weight_decay);
+  const bool apply = f.apply && !f.only;
   // p is read only when the step needs it: applied, or Adam's L2 decay on g
-  const bool read_p = f.apply || (!f.decoupled && h.weight_decay != 0);
+  const bool read_p = apply || (!f.decoupled && h.weight_decay != 0);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const T* g = reinterpret_cast<const T*>(t.g[i]);
   T* m = reinterpret_cast<T*>(t.m[i]);
@@ -67,28 +69,30 @@ __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, con
   A* u_out = reinterpret_cast<A*>(t.u[i]);
   A acc = 0, acc_clip = 0;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-    A pj = 0, gj = to_acc(g[j]), mj = to_acc(m[j]), vj = to_acc(v[j]);
+    A pj = 0, gj = to_acc(g[j]), vj = to_acc(v[j]);
     if (f.maximize) gj = -gj;
     if (read_p) {
       pj = to_acc(p[j]);
-      if (f.apply && f.decoupled) pj = pj * decay;
+      if (apply && f.decoupled) pj = pj * decay;
       if (!f.decoupled) gj = gj + pj * wd;
     }
-    mj = mj + (gj - mj) * (A(1) - b1);
     vj = vj * b2 + gj * (A(1) - b2) * gj;
     A vh = vj;
     if (f.amsgrad) {
       vh = max(to_acc(vm[j]), vj);
-      vm[j] = from_acc<T>(vh);
+      if (!f.only) vm[j] = from_acc<T>(vh);
     }
+    if (f.clip) {
+      const A vc = vh * inv_bc2;
+      acc_clip += gj * gj / (vc > eps2 || vc != vc ? vc : eps2);  // max(v_hat, eps^2), NaN kept
+    }
+    if (f.only) continue;
+    A mj = to_acc(m[j]);
+    mj = mj + (gj - mj) * (A(1) - b1);
     const A u = (mj / bc1) / (sqrt(vh) / bc2s + eps);
     m[j] = from_acc<T>(mj);
     v[j] = from_acc<T>(vj);
-    if (f.clip) {
-      const A vc = vh / bc2;
-      acc_clip += gj * gj / (vc > eps2 || vc != vc ? vc : eps2);  // max(v_hat, eps^2), NaN kept
-    }
-    finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
+    finish_element(j, u, pj, step_lr, f.write_u, apply, u_out, p, acc);
   }
   finish_chunk(acc, partials);
   if (f.clip) finish_chunk(acc_clip, partials + gridDim.x);

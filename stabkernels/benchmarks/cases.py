@@ -632,16 +632,41 @@ def defense_cases(device: str, quick: bool) -> Iterator[Case]:
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
         return ps
 
-    loss = torch.ones((), device=device)
-    norm = torch.ones((), device=device)
+    # Losses and norms within 2 sigma of their window's mean, cycled: every timed step runs the whole rule and is
+    # kept (a constant series has std 0, which OLMo-core's rule reads as a spike: every step would be skipped)
+    gen = torch.Generator().manual_seed(5)
+    noise = [(1 + 0.01 * torch.rand((), generator=gen)).to(device) for _ in range(64)]
+    k = [0]
+
+    def value() -> torch.Tensor:
+        k[0] += 1
+        return noise[k[0] % 64]
 
     def warm(skip: SkipStep) -> SkipStep:
-        for _ in range(70):  # past the warm-up: the timed steps run the whole rule
-            skip.step(loss=loss + 0.01 * torch.rand((), device=device), grad_norm=norm)
+        for _ in range(150):  # past the warm-up and a whole window: the timed steps run the whole rule
+            skip.step(loss=value(), grad_norm=value())
+        assert int(skip.skipped_steps()) == 0
         return skip
+
+    def rotating(skip: SkipStep) -> Callable:
+        """step(loss) with SkipStep computing the gradient norm: the gradients alternate between two sets (one
+        Python attribute assignment per parameter per call), else the norm series would be constant."""
+        ps = skip.params()
+        sets = [[p.grad for p in ps], [p.grad * 1.01 for p in ps]]
+
+        def step():
+            for p, g in zip(ps, sets[k[0] % 2]):
+                p.grad = g
+            skip.step(loss=value())
+        for _ in range(150):
+            step()
+        assert int(skip.skipped_steps()) == 0
+        return step
 
     fused = torch.optim.AdamW(params_with_grads(0), lr=lr, weight_decay=wd, fused=True)
     skip = warm(SkipStep(torch.optim.AdamW(params_with_grads(0), lr=lr, weight_decay=wd, fused=True), window=128))
+    skip_norm = rotating(SkipStep(torch.optim.AdamW(params_with_grads(0), lr=lr, weight_decay=wd, fused=True),
+                                  window=128))
     skip_stable = warm(SkipStep(StableAdamW(params_with_grads(3), lr=lr, weight_decay=wd), window=128))
     snapshot_inner = StableAdamW(params_with_grads(4), lr=lr, weight_decay=wd)
     snapshot_inner.accepts_skip = False  # the path SkipStep took for our optimizers before the skip flag
@@ -649,13 +674,13 @@ def defense_cases(device: str, quick: bool) -> Iterator[Case]:
     fused.step()
     yield Case(op="skip_step", shape=label, dtype="float32", nbytes=7 * param_bytes, baseline=fused.step,
                baseline_name="torch.optim.AdamW(fused=True).step()",
-               candidates={"SkipStep(AdamW(fused=True)).step(loss)": lambda: skip.step(loss=loss),
-                           "SkipStep(AdamW(fused=True)).step(loss, grad_norm)":
-                               lambda: skip.step(loss=loss, grad_norm=norm),
+               candidates={"SkipStep(AdamW(fused=True)).step(loss, grad_norm)":
+                               lambda: skip.step(loss=value(), grad_norm=value()),
+                           "SkipStep(AdamW(fused=True)).step(loss), norm computed": skip_norm,
                            "SkipStep(StableAdamW).step(loss, grad_norm)":
-                               lambda: skip_stable.step(loss=loss, grad_norm=norm),
+                               lambda: skip_stable.step(loss=value(), grad_norm=value()),
                            "ref:SkipStep(StableAdamW) on the snapshot (clone) path, step(loss, grad_norm)":
-                               lambda: skip_snapshot.step(loss=loss, grad_norm=norm)},
+                               lambda: skip_snapshot.step(loss=value(), grad_norm=value())},
                compile_baseline=False)
 
     stable = StableAdamW(params_with_grads(1), lr=lr, weight_decay=wd)

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import directional, distributed, update
-from .._checks import acc_dtype
 from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
 from ._state import adam_states, advance_steps
+from .skipstep import clipped_lrs
 from ._wrapper import ExtraStateMixin
 
 EPS_MODES = ("torch", "authors")
@@ -111,8 +111,8 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
         update_clip: StableAdamW's update clipping (SPEC 7.2): each tensor's learning rate is
             lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) (eps as given, in both eps modes), from
-            the pass that advances the moments; the damping alpha then scales the step, not the decay (as
-            without clipping). Costs a second pass (the step is applied from a stored u).
+            a pass that reads g and v before the step; the damping alpha then scales the step, not the decay
+            (as without clipping). Costs a read of g and v.
 
     Skip flag (SPEC 7.1; ``accepts_skip``): a nonzero 0-d device tensor in ``skip_flag`` (set by
     :class:`~stabkernels.optim.SkipStep` around ``step()``) makes the fused kernels write nothing: no moment, no
@@ -165,7 +165,6 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self._step_count = 0
         self._dropped: tuple[int, DeferredRead] | None = None  # the last probing step's dropped count
         self._scratch = ScratchBuffers()
-        self._u_scratch = ScratchBuffers()  # update clipping's stored u (the probes' scratch is _scratch)
         self.update_clip = bool(update_clip)
         self.last: SAdamReport | None = None
 
@@ -375,24 +374,15 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     def _adam_states(self, groups) -> list:
         return [adam_states(self.state, params, amsgrad=False) for _, params in groups]
 
-    @torch.compiler.disable  # scratch made inside a graph would change its guards: the next step would recompile
-    def _u_buffers(self, params) -> list:
-        return [self._u_scratch.like(p, acc_dtype(p.dtype)) for p in params]
-
     def _adamw(self, group, params, alpha: Tensor, states, skip: Tensor | None = None) -> None:
         advance_steps(states, skip)
-        kw = dict(step=states[0]["step"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                  decoupled=True, eps_raw=self.eps_mode == "authors", skip=skip, backend=self.backend)
-        grads, ms, vs = [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        if not self.update_clip:
-            update.adam_step_(params, grads, ms, vs, lr=group["lr"], step_scale=alpha, **kw)
-            return
-        # update clipping: the moments advance and u is stored with the clip statistics, then one apply with
-        # each tensor's lr / max(1, RMS) (decay too), the step scaled by alpha
-        us = self._u_buffers(params)
-        sums = update.adam_step_(params, grads, ms, vs, lr=1.0, updates=us, apply=False, clip_stats=True, **kw)
-        update.apply_update_(params, us, update.clip_lrs(sums[1], params, group["lr"]), group["weight_decay"],
-                             step_scale=alpha, skip=skip, backend=self.backend)
+        lr = group["lr"]
+        if self.update_clip:  # lr / max(1, RMS) per tensor, from a pass that reads g and v (SPEC 7.2)
+            lr = clipped_lrs(params, states, group, skip, self.backend, eps_raw=self.eps_mode == "authors")
+        update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=lr, betas=group["betas"],
+                          eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True, step_scale=alpha,
+                          eps_raw=self.eps_mode == "authors", skip=skip, backend=self.backend)
 
     # ----------------------------------------------------------------------------------------------
     extra_state_key = "sadam"

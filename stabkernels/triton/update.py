@@ -33,12 +33,14 @@ def _bias_correction(beta, step):
 
 
 @triton.jit
-def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr,
+def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, index, consts, lr_ptr,
                  step_ptr, scale_ptr, skip_ptr, partials, DTYPE: tl.constexpr, ACC: tl.constexpr,
                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr,
                  WRITE_U: tl.constexpr, EPS_RAW: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr,
-                 READ_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # partials: (programs,) sum(u^2), or with CLIP (programs, 2): sum(u^2), sum(g^2 / max(v_hat, eps^2))
+                 ONLY: tl.constexpr, READ_P: tl.constexpr, LR_PER_TENSOR: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # partials: (programs,) sum(u^2), or with CLIP (programs, 2): sum(u^2), sum(g^2 / max(v_hat, eps^2)); ONLY
+    # (with CLIP): the second alone, from g and v (max v, p for coupled decay) read, nothing written
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:  # a skipped step: zero partials, nothing else written
             if CLIP:
@@ -52,12 +54,16 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
     beta2 = tl.load(consts + 1)
     eps = tl.load(consts + 2)
     wd = tl.load(consts + 3)
-    lr = tl.load(lr_ptr).to(tl.float64)
+    if LR_PER_TENSOR:  # lr[position of the tensor in the list]
+        lr = tl.load(lr_ptr + tl.load(index + i)).to(tl.float64)
+    else:
+        lr = tl.load(lr_ptr).to(tl.float64)
     step = tl.load(step_ptr).to(tl.float64)
     bc1 = _bias_correction(beta1, step)
     bc2 = _bias_correction(beta2, step)
     bc2_sqrt = tl.sqrt(bc2)
     eps2 = (eps * eps).to(ACC)  # update clipping's eps^2, of the eps given (also with EPS_RAW)
+    inv_bc2 = (1 / bc2).to(ACC)
     if EPS_RAW:  # eps on the uncorrected sqrt(v)
         eps = eps / bc2_sqrt
     one_minus_beta1 = (1 - beta1).to(ACC)
@@ -67,7 +73,6 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
     w = wd.to(ACC)
     c1 = bc1.to(ACC)
     c2 = bc2_sqrt.to(ACC)
-    c2sq = bc2.to(ACC)
     step_lr = (lr * tl.load(scale_ptr).to(tl.float64)).to(ACC)
     decay = (1 - lr * wd).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
@@ -80,7 +85,6 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < n
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(ACC)
         if MAXIMIZE:
             g = -g
@@ -90,24 +94,27 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
                 p = p * decay
             if not DECOUPLED:
                 g = g + p * w
-        m = m + (g - m) * one_minus_beta1
         v = v * b2 + g * one_minus_beta2 * g
         vh = v
         if AMSGRAD:
             vm_ptr = _ptr(vm_tab, i, DTYPE)
             vh = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0).to(ACC), v)
-            tl.store(vm_ptr + idx, vh.to(DTYPE), mask=mask)
-        u = div_ieee(div_ieee(m, c1, ACC), div_ieee(sqrt_ieee(vh, ACC), c2, ACC) + e, ACC)
-        tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
-        if WRITE_U:
-            tl.store(_ptr(u_tab, i, ACC) + idx, u, mask=mask)
-        if APPLY:
-            tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
-        acc += tl.where(mask, u * u, 0.0)
+            if not ONLY:
+                tl.store(vm_ptr + idx, vh.to(DTYPE), mask=mask)
+        if not ONLY:
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(ACC)
+            m = m + (g - m) * one_minus_beta1
+            u = div_ieee(div_ieee(m, c1, ACC), div_ieee(sqrt_ieee(vh, ACC), c2, ACC) + e, ACC)
+            tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
+            tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
+            if WRITE_U:
+                tl.store(_ptr(u_tab, i, ACC) + idx, u, mask=mask)
+            if APPLY:
+                tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
+            acc += tl.where(mask, u * u, 0.0)
         if CLIP:
-            acc_clip += tl.where(mask, div_ieee(g * g, tl.maximum(div_ieee(vh, c2sq, ACC), eps2,
-                                                                        propagate_nan=tl.PropagateNan.ALL), ACC), 0.0)
+            vc = tl.maximum(vh * inv_bc2, eps2, propagate_nan=tl.PropagateNan.ALL)
+            acc_clip += tl.where(mask, div_ieee(g * g, vc, ACC), 0.0)
     if CLIP:
         two = tl.arange(0, 2)
         tl.store(partials + tl.program_id(0) * 2 + two,
@@ -209,15 +216,19 @@ def _grouped(params, launch, width: int = 1):
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step, beta1, beta2,
                eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip, clip_stats):
     consts = plan.constants((beta1, beta2, eps, weight_decay), params[0].device)
+    only = clip_stats == 2
+    apply = apply and not only
     read_p = apply or (not decoupled and weight_decay != 0)
 
     def launch(g, tab, partials):
         _adam_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(exp_avgs), tab(exp_avg_sqs), tab(max_exp_avg_sqs),
-                                      tab(updates), g.numels, g.chunk_tensor, g.chunk_start, consts, lr, step,
-                                      step_scale, lr if skip is None else skip, partials, DTYPE=TL_STORAGE[g.dtype],
-                                      ACC=tl_acc(g.dtype), DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-                                      APPLY=apply, WRITE_U=bool(updates), EPS_RAW=eps_raw, HAS_SKIP=skip is not None,
-                                      CLIP=clip_stats, READ_P=read_p, CHUNK=CHUNK, BLOCK=BLOCK)
+                                      tab(updates), g.numels, g.chunk_tensor, g.chunk_start, g.index, consts, lr,
+                                      step, step_scale, lr if skip is None else skip, partials,
+                                      DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), DECOUPLED=decoupled,
+                                      AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply,
+                                      WRITE_U=bool(updates) and not only, EPS_RAW=eps_raw,
+                                      HAS_SKIP=skip is not None, CLIP=clip_stats != 0, ONLY=only, READ_P=read_p,
+                                      LR_PER_TENSOR=lr.numel() != 1, CHUNK=CHUNK, BLOCK=BLOCK)
 
     return _grouped(params, launch, 2 if clip_stats else 1)
 
