@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 import time
@@ -29,10 +30,11 @@ SETTINGS = {
     "RadiusAdamW (default)": lambda head, n: {},
     "fd, every=1": lambda head, n: dict(every=1),
     "jvp, every=1 (the full probe)": lambda head, n: dict(method="jvp", every=1),
-    "jvp, every=8": lambda head, n: dict(method="jvp"),
+    "fd, every=8": lambda head, n: dict(every=8),
+    "jvp, every=16": lambda head, n: dict(method="jvp"),
     "fd, samples=B/4, every=1": lambda head, n: dict(samples=n, every=1),
     "head only, every=1": lambda head, n: dict(method="head", head=head, every=1),
-    "head only, every=8": lambda head, n: dict(method="head", head=head),
+    "head only, every=16": lambda head, n: dict(method="head", head=head),
     "jvp + fused head spread, every=1": lambda head, n: dict(head=head, every=1),
 }
 
@@ -66,19 +68,57 @@ def digits_runs(options, seeds: int, lr: float, spike: float, capped: list | Non
     return statistics.median(accs)
 
 
+def head_capture(steps: int = 100, seed: int = 0) -> tuple[float, float, float]:
+    """How much of the full spread the zero-probe mode sees: AdamW trains the LM demo's transformer (lr 3e-3);
+    after every step, the spread along that step's direction at the new point, from the whole model (exact JVP)
+    and from the head alone (h dW^T). Returns the median, min and max over steps of spread_head / spread_full
+    (= rho_full / rho_head)."""
+    import math
+
+    from stabkernels.optim.radius import RadiusProbe
+
+    corpus = lm.load_corpus()
+    torch.manual_seed(seed)
+    model = lm.ByteLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    full = RadiusProbe(model, "jvp", capture_inputs=False)
+    head = RadiusProbe(model, "head", head=model.lm_head, capture_inputs=False)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    fractions = []
+    for _ in range(steps):
+        x, y = lm.windows(corpus.train, torch.randint(0, len(corpus.train) - 65, (8,), generator=gen), 64)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        lm.lm_loss(model(x), y).backward()
+        opt.step()
+        direction = {id(p): p.detach() - b for p, b in zip(model.parameters(), before)}
+        scale = 1 / torch.sqrt(sum(d.double().square().sum() for d in direction.values())).float()
+        with torch.no_grad():
+            rhos = [probe.radius(probe.sample_set(x), direction, scale) for probe in (full, head)]
+        fractions.append(float(rhos[0] / rhos[1]))
+    fractions = [f for f in fractions if math.isfinite(f)]
+    return statistics.median(fractions), min(fractions), max(fractions)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm-seeds", type=int, default=3)
     p.add_argument("--digits-seeds", type=int, default=5)
     p.add_argument("--only", default="")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--table-only", action="store_true",
+                   help="re-render radius-levers.md from radius-survival.csv and the cost CSVs (after a cost run)")
     args = p.parse_args(argv)
+    if args.table_only:
+        return rerender(Path(args.out), args)
+    torch.set_num_threads(1)  # as the demo's runs (stabkernels._pool): reproducible, and beside a timing run
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     corpus = lm.load_corpus()
     adamw = statistics.median(lm.run("AdamW", corpus, s, spike=False).final_val_loss for s in range(args.lm_seeds))
     adamw_spike = statistics.median(lm.run("AdamW", corpus, s, spike=True).final_val_loss
                                     for s in range(args.lm_seeds))
     rows = []
+    summary = {"adamw": adamw, "adamw_spike": adamw_spike}
     for label, options in SETTINGS.items():
         if only and label not in only:
             continue
@@ -91,23 +131,39 @@ def main(argv=None) -> int:
                      "lm_vs_adamw_no_spike": round(loss / adamw, 4), "digits_spike_test_acc": round(acc, 4),
                      "digits_normal_capped_share": round(statistics.median(capped), 4)})
         print(rows[-1], f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    machine = f"{machine_name()}-{cpu_isa().lower()}"
+    summary["capture"] = head_capture()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "radius-survival.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = table(rows, out / f"radius-cost-{machine}.csv", adamw, adamw_spike, args)
+    (out / "radius-survival.json").write_text(json.dumps(summary))
+    return rerender(out, args)
+
+
+def rerender(out: Path, args) -> int:
+    machine = f"{machine_name()}-{cpu_isa().lower()}"
+    with open(out / "radius-survival.csv") as f:
+        rows = [{k: (v if k == "setting" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+    summary = json.loads((out / "radius-survival.json").read_text())
+    capture = summary["capture"]
+    text = table(rows, out, machine, summary["adamw"], summary["adamw_spike"], args)
+    text += (f"\nThe zero-probe mode (head only) sees {100 * capture[0]:.0f}% of the full spread (median over 100 "
+             f"AdamW steps of the LM demo's transformer, {100 * capture[1]:.0f}-{100 * capture[2]:.0f}%): its radius "
+             f"is {1 / capture[0]:.1f}x the full probe's.\n")
     (out / "radius-levers.md").write_text(text)
     print(text)
     return 0
 
 
-def table(rows, cost_csv: Path, adamw: float, adamw_spike: float, args) -> str:
+def table(rows, out: Path, machine: str, adamw: float, adamw_spike: float, args) -> str:
     cost = {}
-    if cost_csv.exists():
-        with open(cost_csv) as f:
+    for model in ("lm", "gpt2", "resnet"):
+        path = out / f"radius-cost-{machine}-{model}.csv"
+        if not path.exists():
+            continue
+        with open(path) as f:
             for r in csv.DictReader(f):
                 label = r["setting"].replace(f"samples={r['setting'].split('samples=')[-1].split(',')[0]}",
                                              "samples=B/4") if "samples=" in r["setting"] else r["setting"]
@@ -116,8 +172,9 @@ def table(rows, cost_csv: Path, adamw: float, adamw_spike: float, args) -> str:
     head = ["setting"] + [f"cost {m}" for m in models] + [
         f"LM x1000 spike: val loss (vs AdamW w/o spike {adamw:.3f})", "digits lr 1e-2 x1000: test acc",
         "digits normal (Adam-like 3e-3): steps capped"]
-    lines = [f"Survival: LM demo median over {args.lm_seeds} seeds (AdamW with the spike: {adamw_spike:.3g}); digits "
-             f"median over {args.digits_seeds} seeds. Cost: {cost_csv.name} (AdamW(fused=True) = 1.00x).", "",
+    lines = [f"Cost: step time against AdamW(fused=True) (bench/results/radius-cost-{machine}.md: LM demo "
+             f"transformer, GPT-2-small shape, ResNet-8). Survival: LM demo median over {args.lm_seeds} seeds (AdamW "
+             f"with the spike: {adamw_spike:.3g}); digits median over {args.digits_seeds} seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = [f"{cost[(m, r['setting'])]:.2f}x" if (m, r["setting"]) in cost else "" for m in models]

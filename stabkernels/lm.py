@@ -157,7 +157,7 @@ def adamw_z_loss(model, lr):
 
 
 def radius_adamw(model, lr, **options):
-    """RadiusAdamW at its defaults (finite differences reusing the training forward's logits, every 8th step;
+    """RadiusAdamW at its defaults (finite differences reusing the training forward's logits, every 16th step;
     issue 26), or with ``options``."""
     from .optim import RadiusAdamW
 

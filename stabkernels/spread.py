@@ -41,7 +41,7 @@ def row_spread_reference(x: Tensor) -> Tensor:
 _backend.register_kernels("row_spread", "spread")
 
 
-def _reduce_spreads(spreads: Tensor, reduce) -> Tensor:
+def reduce_spreads(spreads: Tensor, reduce) -> Tensor:
     """Applies ``reduce`` ("none", "max" or a quantile in [0, 1]) to per-row spreads."""
     if reduce == "none":
         return spreads
@@ -52,7 +52,9 @@ def _reduce_spreads(spreads: Tensor, reduce) -> Tensor:
     return torch.quantile(spreads, float(reduce))
 
 
-def _check_reduce(reduce) -> None:
+def check_reduce(reduce) -> None:
+    """Raises ValueError unless ``reduce`` is "none", "max" or a quantile q in [0, 1] (shared by the spread ops
+    and the radius probe)."""
     if reduce in ("none", "max"):
         return
     if isinstance(reduce, bool) or not isinstance(reduce, (int, float)):
@@ -81,9 +83,9 @@ def row_spread(x: Tensor, reduce="max", *, backend: str = "auto") -> Tensor:
     check_float_tensor(x, "x", ndim=2)
     if x.shape[1] == 0:
         raise ValueError(f"x must have at least one column (class), got shape {tuple(x.shape)}")
-    _check_reduce(reduce)
+    check_reduce(reduce)
     b = _backend.resolve("row_spread", backend, x.device)
-    return _reduce_spreads(_row_spread_op(x, b), reduce)
+    return reduce_spreads(_row_spread_op(x, b), reduce)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,9 +157,9 @@ def tangent_spread_linear(h: Tensor, h_dot: Tensor, weight: Tensor, weight_dot: 
     if len({t.dtype for t in tensors.values()}) > 1 or len({t.device for t in tensors.values()}) > 1:
         raise ValueError("h, h_dot, weight, weight_dot and bias_dot must share one dtype and device, got "
                          + ", ".join(f"{k}: {t.dtype} on {t.device}" for k, t in tensors.items()))
-    _check_reduce(reduce)
+    check_reduce(reduce)
     b = _backend.resolve("tangent_spread_linear", backend, h.device)
-    return _reduce_spreads(_tangent_spread_op(h, h_dot, weight, weight_dot, bias_dot, b), reduce)
+    return reduce_spreads(_tangent_spread_op(h, h_dot, weight, weight_dot, bias_dot, b), reduce)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def softmax_radius(tangent_logits: Tensor, logits: Tensor | None = None, labels:
     check_float_tensor(tangent_logits, "tangent_logits", ndim=2)
     if mode not in RADIUS_MODES:
         raise ValueError(f"mode must be one of {RADIUS_MODES}, got {mode!r}")
-    _check_reduce(reduce)
+    check_reduce(reduce)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     pi_t = math.pi * temperature
@@ -209,7 +211,7 @@ def softmax_radius(tangent_logits: Tensor, logits: Tensor | None = None, labels:
         spreads = row_spread(tangent_logits, "none", backend=backend)
         if reduce == "none":
             return pi_t / spreads.clamp_min(RADIUS_GUARD)
-        return pi_t / _reduce_spreads(spreads, reduce).clamp_min(RADIUS_GUARD)
+        return pi_t / reduce_spreads(spreads, reduce).clamp_min(RADIUS_GUARD)
     if logits is None:
         raise ValueError(f"mode={mode!r} needs the logits")
     check_float_tensor(logits, "logits", ndim=2)

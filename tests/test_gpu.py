@@ -25,7 +25,8 @@ def model_and_batch(seed=0):
 OPTIMIZERS = {
     "RadiusController(Adam)": lambda m: RadiusController(torch.optim.Adam(m.parameters(), lr=1e-2), m),
     "RadiusAdamW": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m),
-    "RadiusAdamW-fd": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="fd"),
+    "RadiusAdamW-jvp": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="jvp", every=1),
+    "RadiusAdamW-head-only": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="head", head=m[-1]),
     "RadiusSGD": lambda m: RadiusSGD(m.parameters(), lr=0.1, momentum=0.9, model=m),
     "SAdam": lambda m: SAdam(m, lr=1e-2, seed=3),
     "PSSAdamW": lambda m: PSSAdamW(m, lr=1e-2),

@@ -259,7 +259,7 @@ OPTIMIZERS = {
     "RadiusController(SGD)": lambda m: RadiusController(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m,
                                                         **T),
     "RadiusAdamW": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, **T),
-    "RadiusAdamW-fd": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="fd", **T),
+    "RadiusAdamW-jvp": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, method="jvp", every=1, **T),
     "RadiusSGD": lambda m: RadiusSGD(m.parameters(), lr=0.1, momentum=0.9, model=m, **T),
     "SAdam": lambda m: SAdam(m, lr=1e-2, probes=3, seed=3, **T),
     "SAdam-probes=0": lambda m: SAdam(m, lr=1e-2, probes=0, **T),

@@ -315,21 +315,23 @@ def test_fused_head_path_matches_full_tangents():
         torch.testing.assert_close(fused.last.rho, full.last.rho, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("every", [3, 100])
 @pytest.mark.parametrize("kind", ["wrapper", "fused"])
-def test_state_dict_round_trip_resumes_identically(kind):
+def test_state_dict_round_trip_resumes_identically(kind, every):
+    # every=100: capped steps re-measure at backed-off gaps, whose state must resume too
     def make(model):
         if kind == "wrapper":
-            return RadiusController(torch.optim.Adam(model.parameters(), lr=3.0), model, every=3)
-        return RadiusAdamW(model.parameters(), lr=3.0, model=model, every=3)
+            return RadiusController(torch.optim.Adam(model.parameters(), lr=3.0), model, every=every)
+        return RadiusAdamW(model.parameters(), lr=3.0, model=model, every=every)
 
     model = mlp()
     opt = make(model)
-    for step in range(4):
+    for step in range(7):
         backward(model, *batch(step))
         opt.step(batch(step)[0])
     buf = io.BytesIO()
     torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
-    for step in range(4, 8):
+    for step in range(7, 12):
         backward(model, *batch(step))
         opt.step(batch(step)[0])
     buf.seek(0)
@@ -338,7 +340,7 @@ def test_state_dict_round_trip_resumes_identically(kind):
     model2.load_state_dict(saved["m"])
     opt2 = make(model2)
     opt2.load_state_dict(saved["o"])
-    for step in range(4, 8):
+    for step in range(7, 12):
         backward(model2, *batch(step))
         opt2.step(batch(step)[0])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
@@ -401,18 +403,47 @@ def test_head_method_needs_the_head_and_fd_does_not_take_it():
         RadiusAdamW(model.parameters(), model=model, reprobe_above=-1.0)
 
 
+def expected_measurements(reports, every, stable=0.25) -> list[bool]:
+    """The measurement schedule on the host, from each step's report: the first step, every ``every``-th, and
+    the step after a capped one once the gap since the last measurement has passed; the gap doubles (up to
+    ``every``) while a new radius is within ``stable`` of the one before and is 1 otherwise."""
+    out, gap, last, changed, rho = [], 1, 0, None, None
+    for t, rep in enumerate(reports, 1):
+        capped_before = t > 1 and float(reports[t - 2].ratio) >= 1
+        probe = rho is None or t % every == 0
+        if not probe:
+            if not capped_before:
+                gap = 1
+            elif t - last >= gap:
+                probe = True
+        if probe:
+            if changed is not None:
+                gap = 1 if changed else min(2 * gap, every)
+            last = t
+            new = float(rep.rho)
+            if rho is not None:
+                changed = not abs(new / rho - 1) <= stable
+            rho = new
+        out.append(probe)
+    return out
+
+
 @pytest.mark.parametrize("reprobe_above", [1.0, None])
-def test_radius_measured_again_after_a_capped_step_only(reprobe_above):
-    """every=100: the radius is measured on the first step, then (by default) on the step after each capped
-    one; uncapped steps and reprobe_above=None reuse it."""
+def test_radius_measured_again_after_capped_steps_with_back_off(reprobe_above):
+    """every=100: the radius is measured on the first step, then (by default) after capped steps, at gaps that
+    double while the radius holds still; uncapped steps and reprobe_above=None reuse it."""
     for lr, capped in ((100.0, True), (1e-6, False)):
         model = mlp()
         opt = RadiusAdamW(model.parameters(), lr=lr, model=model, every=100, reprobe_above=reprobe_above)
-        measured, scales = [], []
-        for step in range(4):
-            backward(model, *batch(step))
+        reports = []
+        for step in range(12):
+            backward(model, *batch(step % 4))
             opt.step()
-            measured.append(opt.last.recomputed)
-            scales.append(float(opt.last.scale))
-        assert all(s < 1 for s in scales) == capped and all(s == 1 for s in scales) == (not capped)
-        assert measured == [True] + [capped and reprobe_above is not None] * 3
+            reports.append(opt.last)
+        measured = [r.recomputed for r in reports]
+        assert all(float(r.scale) < 1 for r in reports) == capped
+        if reprobe_above is None or not capped:
+            assert measured == [True] + [False] * 11
+        else:
+            assert measured == expected_measurements(reports, 100)
+            assert 2 < sum(measured) < 12  # re-measured, and backed off

@@ -212,17 +212,21 @@ def radius_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
         for method in ("fd", "jvp"):
             m1, m2 = model(), model()
             candidates[f"RadiusController-{method}"] = train_step(
-                m1, RadiusController(torch.optim.Adam(m1.parameters(), lr=1e-3), m1, method=method), True)
+                m1, RadiusController(torch.optim.Adam(m1.parameters(), lr=1e-3), m1, method=method, every=1), True)
             candidates[f"RadiusAdamW-{method}"] = train_step(
-                m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method), True)
+                m2, RadiusAdamW(m2.parameters(), lr=1e-3, weight_decay=0.0, model=m2, method=method, every=1), True)
         # finite differences on the eval-mode function: f(theta) needs a forward of its own (two in all)
         m3 = model()
         candidates["RadiusAdamW-fd-eval"] = train_step(
-            m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method="fd", probe_mode="eval"),
-            True)
+            m3, RadiusAdamW(m3.parameters(), lr=1e-3, weight_decay=0.0, model=m3, method="fd", probe_mode="eval",
+                            every=1), True)
+        # the defaults: fd every 16th step and after a capped one (bench/radius_cost.py has the other levers)
+        m5 = model()
+        candidates["RadiusAdamW-default"] = train_step(
+            m5, RadiusAdamW(m5.parameters(), lr=1e-3, weight_decay=0.0, model=m5), True)
         if op == "train_step_small_cnn":
             # the knobs that trade measurement for time: a radius every other step, half the batch
-            for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2))):
+            for label, kw in (("every=2", dict(every=2)), (f"samples={batch // 2}", dict(samples=batch // 2, every=1))):
                 m4 = model()
                 candidates[f"RadiusAdamW-jvp-{label}"] = train_step(
                     m4, RadiusAdamW(m4.parameters(), lr=1e-3, weight_decay=0.0, model=m4, method="jvp", **kw), True)
@@ -593,9 +597,11 @@ def hf_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
 
     candidates = {}
     for label, make in (
-            ("RadiusAdamW-jvp", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m)),
-            ("RadiusAdamW-fd", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, method="fd")),
-            ("RadiusAdamW-jvp-head", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, head=m.lm_head)),
+            ("RadiusAdamW-default", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m)),
+            ("RadiusAdamW-jvp", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, method="jvp", every=1)),
+            ("RadiusAdamW-fd", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, method="fd", every=1)),
+            ("RadiusAdamW-jvp-head", lambda m: RadiusAdamW(m.parameters(), lr=1e-4, model=m, head=m.lm_head,
+                                                           every=1)),
             ("SAdam-k8", lambda m: SAdam(m, lr=1e-4)),
             ("SAdam-k2", lambda m: SAdam(m, lr=1e-4, probes=2))):
         m = gpt2()

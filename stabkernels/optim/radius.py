@@ -15,7 +15,9 @@ eta_eff stay 0-d device tensors (no host read in a step).
 Skip flag (SPEC 7.1; ``accepts_skip``): when ``skip_flag`` holds a nonzero 0-d device tensor (set by
 :class:`~stabkernels.optim.SkipStep` around ``step()``), the fused kernels write nothing (no moment, no counter,
 no parameter moves) and the radius is probed as usual (the schedule is the host's, the same on every rank) but
-discarded: the last rho is kept, so the step after a skip is controlled as if the skipped one never happened.
+discarded: the last rho is kept, and the re-measurement flag is set, so the radius is measured again at the
+next step the backed-off gap allows (a skipped measurement resets that gap; with ``reprobe_above=None`` the fixed
+schedule only).
 ``RadiusAdamW(update_clip=True)`` clips each tensor's proposal to lr / max(1, RMS) (SPEC 7.2) before the
 radius is measured along it: the control sees the step that is taken.
 """
@@ -40,10 +42,13 @@ MODES = ("cap", "set")
 # forward's features (no trunk forward); "jvp" and "fd" probe the whole model (stabkernels.tangent)
 METHODS = tangent.METHODS + ("head",)
 # The defaults (issue 26, bench/radius_cost.py): finite differences that reuse the training forward's logits,
-# measured every 8th step; every step is capped with the latest radius. Costs at most ~1.10x a plain step.
-DEFAULT_METHOD, DEFAULT_EVERY = "fd", 8
+# measured every 16th step; every step is capped with the latest radius. Costs at most ~1.10x a plain step.
+DEFAULT_METHOD, DEFAULT_EVERY = "fd", 16
 # ... and measured again on the step after a capped one (tau/rho reached 1: a lagged read, one step late)
 DEFAULT_REPROBE_ABOVE = 1.0
+# a re-measured radius within this relative change of the last one lets the gap between re-measurements of a
+# capped run double (persistent capping, e.g. AdamW at lr 1e-3 on a fresh GPT-2, ratio ~65, pays ~1/every)
+REPROBE_STABLE = 0.25
 
 
 @dataclass
@@ -94,7 +99,7 @@ class RadiusProbe:
             raise ValueError(f"samples must be >= 1 or None, got {samples}")
         probe_mode = default_probe_mode(method) if probe_mode is None else probe_mode
         tangent.check_probe_mode(probe_mode)
-        spread._check_reduce(reduce)
+        spread.check_reduce(reduce)
         if reduce == "none":
             raise ValueError("reduce must aggregate over samples: 'max' or a quantile")
         self.model, self.method, self.samples, self.logits_fn = model, method, samples, logits_fn
@@ -187,8 +192,8 @@ class RadiusProbe:
         """The spread over the global sample set: the max over ranks of the local max (any split), or the
         quantile of every rank's per-sample spreads (equal per-rank counts)."""
         if self.reduce == "max":
-            return distributed.max_(spread._reduce_spreads(spreads, "max"), self.process_group)
-        return spread._reduce_spreads(distributed.gather_rows(spreads, self.process_group), self.reduce)
+            return distributed.max_(spread.reduce_spreads(spreads, "max"), self.process_group)
+        return spread.reduce_spreads(distributed.gather_rows(spreads, self.process_group), self.reduce)
 
     def radius(self, inputs, direction: dict[int, Tensor], scale: Tensor) -> Tensor:
         """rho along the unit direction ``direction * scale`` ({id(param): tensor}); 0-d tensor."""
@@ -262,6 +267,11 @@ def default_probe_mode(method: str) -> str:
     return "train" if method == "fd" else "eval"
 
 
+def _read(flag) -> bool:
+    """A trigger flag: a host bool, or a DeferredRead of a one-element device flag (read one step late)."""
+    return flag if isinstance(flag, bool) else bool(flag.values()[0])
+
+
 def _autocast_on() -> bool:
     return any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
 
@@ -304,6 +314,12 @@ class _RadiusMixin:
         # whether the last step's tau/rho passed reprobe_above * r (or rho was NaN): a DeferredRead of the
         # device flag, read on the next step (one step late, never waiting on the step that computed it)
         self._reprobe: DeferredRead | bool = False
+        # Back-off while capping persists: the step after a capped one re-measures once ``_gap`` steps have
+        # passed since the last measurement; the gap doubles (up to ``every``) each time the new radius is within
+        # REPROBE_STABLE of the one before (the ``_changed`` flag of the last measurement, read one step late)
+        # and falls back to 1 when it moved more, or when a step is not capped.
+        self._gap, self._last_probe = 1, 0
+        self._changed: DeferredRead | bool | None = None
         self.last: RadiusReport | None = None
 
     def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -387,7 +403,7 @@ class _RadiusMixin:
             update.apply_update_(ps, us, lr_eff if c is None else lr_eff * c, self._decoupled_decay(g), skip=skip,
                                  backend=self.backend)
             lrs.append(lr_eff)
-        self._record(rho, unit_norm, tau, scale, lrs, recomputed)
+        self._record(rho, unit_norm, tau, scale, lrs, recomputed, skip)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -413,27 +429,52 @@ class _RadiusMixin:
         host, outside torch.compile's graphs (the counter must not become a guard that recompiles every step),
         from the step counter and the previous step's flag: the same on every rank, whose rho and tau agree."""
         if self._rho is None or self.steps % self.every == 0:
-            return True
-        flag = self._reprobe
-        return flag if isinstance(flag, bool) else bool(flag.values()[0])
+            return self._probing_now()
+        if not _read(self._reprobe):
+            self._gap = 1
+            return False
+        if self.steps - self._last_probe < self._gap:
+            return False
+        return self._probing_now()
+
+    def _probing_now(self) -> bool:
+        if self._changed is not None:  # the last measurement's change sets the next gap
+            self._gap = 1 if _read(self._changed) else min(2 * self._gap, self.every)
+        self._last_probe = self.steps
+        return True
 
     @torch.compiler.disable
-    def _record(self, rho, unit_norm, tau, scale, lrs, recomputed) -> None:
+    def _record(self, rho, unit_norm, tau, scale, lrs, recomputed, skip=None) -> None:
+        previous = self._rho
         self._rho = rho
         ratio = tau / rho
         self.last = RadiusReport(self.steps, rho, unit_norm, tau, ratio, scale, lrs, recomputed)
         if self.reprobe_above is not None and not capturing():  # a captured graph keeps the fixed schedule
-            self._reprobe = DeferredRead((ratio >= self.reprobe_above * self.r) | torch.isnan(rho))
+            reprobe = (ratio >= self.reprobe_above * self.r) | torch.isnan(rho)
+            changed = None
+            if recomputed and previous is not None:
+                changed = ~((rho / previous - 1).abs() <= REPROBE_STABLE)  # NaN: changed
+            if skip is not None:
+                # a skipped step kept the last rho and discarded its own measurement (SPEC 7.1): measure again
+                # on the next step, with the backed-off gap reset (no news is not "rho held")
+                reprobe = reprobe | (skip != 0)
+                if changed is not None:
+                    changed = changed | (skip != 0)
+            self._reprobe = DeferredRead(reprobe)
+            if changed is not None:
+                self._changed = DeferredRead(changed)
 
     def _radius_state(self) -> dict:
-        flag = self._reprobe
         return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu(),
-                "reprobe": flag if isinstance(flag, bool) else bool(flag.values()[0])}
+                "reprobe": _read(self._reprobe), "gap": self._gap, "last_probe": self._last_probe,
+                "changed": None if self._changed is None else _read(self._changed)}
 
     def _load_radius_state(self, state: dict, device) -> None:
         self.steps = state["steps"]
         self._rho = None if state["rho"] is None else state["rho"].to(device)
         self._reprobe = bool(state.get("reprobe", False))
+        self._gap, self._last_probe = state.get("gap", 1), state.get("last_probe", 0)
+        self._changed = state.get("changed")
 
 
 def _adam_proposal(states, group, params, us, decoupled: bool, backend: str, skip: Tensor | None = None,
@@ -489,15 +530,17 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             head's own directional derivative on the training forward's features (needs ``head``; no trunk
             forward, leaves out the trunk's share of the tangent).
         samples: radius from the first ``samples`` rows of the inputs (None: all).
-        every: measure the radius every ``every`` steps (default 8); every step in between is still capped,
+        every: measure the radius every ``every`` steps (default 16); every step in between is still capped,
             with the latest rho against the step's own length, so a learning-rate spike is capped at once.
             ``every=1`` is the paper's full probe. The schedule is the step counter's, the same on every rank;
             see ``reprobe_above`` for the data-dependent trigger.
         reprobe_above: also measure on the step after one whose tau/rho (against the reused rho) reached
             ``reprobe_above * r`` (default 1: after a capped step), so a sustained spike or a too-high learning
-            rate is controlled with a fresh radius at nearly every step, while normal training probes only on
-            the schedule (measured in bench/results/radius-levers.md: with 0.5 the LM demo at its best lr
-            probed on 45% of the steps, with 1 on 17%, at the same learning-rate sensitivity). The flag is
+            rate is controlled with a fresh radius, while normal training probes only on the schedule. While
+            capping persists the re-measurements back off: the gap doubles (up to ``every``) each time the new
+            radius is within 25% of the last, and returns to 1 when it moved more. (A threshold of 0.5 made the
+            LM demo at its best lr 1e-2 probe on 45% of its steps, 1 on 17%, at the same learning-rate
+            sensitivity.) The flag is
             read one step late from pinned memory (``stabkernels._hostread.DeferredRead``: the host never waits
             on the step that computed it; the same flag on every rank). ``None``: the fixed schedule only, no
             read at all (CUDA-graph capture keeps to it by itself).
