@@ -84,9 +84,9 @@ def cases(mods, params, new: bool):
     T = len(params)
     if new:
         adam = lambda: U.adam_step_(params, grads, m, v, [], [], f64(1.0), f64(1e-3), f64(10.0), 0.9, 0.999, 1e-8,  # noqa: E731
-                                    0.1, True, False, False, True, False)
+                                    0.1, True, False, False, True, False, None, False)
         sgd = lambda: U.sgd_step_(params, grads, m, [], f64(1.0), f64(1e-3), 0.9, 0.0, 0.0, False, False, False,  # noqa: E731
-                                  True)
+                                  True, None)
 
         seed_hash = directional.signed64(directional.splitmix64(1))
 

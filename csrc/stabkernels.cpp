@@ -64,15 +64,19 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // device memory: no host round trip, capturable), so Adam's bias corrections bc1 = 1 - beta1^step and
   // sqrt(bc2) = sqrt(1 - beta2^step) are computed by the kernels, in double. eps_raw: eps is added to
   // sqrt(v) before the bias correction, i.e. the eps used is eps / sqrt(bc2) (S-Adam's eps_mode="authors").
+  // skip (SPEC 7.1): an optional 0-d float64 tensor on the params' device, read by the kernels (on CUDA in
+  // device memory); nonzero: nothing is written and the sums are 0 (step is then not checked). clip_stats
+  // (SPEC 7.2, Adam): 1 returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)) per tensor; 2 the same
+  // from a pass that writes nothing (row 0 zero). Adam's lr: one float64 number (0-d) or one per tensor ((T,)).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-      "bool apply, bool eps_raw) -> Tensor");
+      "bool apply, bool eps_raw, Tensor? skip, int clip_stats) -> Tensor");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
       "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first, bool apply) -> Tensor");
+      "bool maximize, bool first, bool apply, Tensor? skip) -> Tensor");
   // directional (SPEC 3.3, 4): keys are the per-tensor 64-bit stream keys (int64 bit patterns, see
   // csrc/philox.h and stabkernels/_stream.py).
   m.def("random_directions(Tensor[] tensors, Tensor keys) -> Tensor[]");
@@ -88,6 +92,8 @@ TORCH_LIBRARY(stabkernels_C, m) {
         "int ignore_index) -> (Tensor, Tensor)");
   m.def("stablemax_cross_entropy(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, "
         "int ignore_index) -> Tensor");
-  // p <- p * (1 - lr * weight_decay) - lr * u, lr a 0-d tensor (kept on the device).
-  m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay) -> ()");
+  // p <- p * (1 - lr_i * weight_decay) - lr_i * step_scale * u, lr one float64 number (0-d) or one per tensor
+  // ((T,), update clipping), step_scale optional (1), both kept on the device; nothing where skip is nonzero.
+  m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, Tensor? step_scale, "
+        "Tensor? skip) -> ()");
 }

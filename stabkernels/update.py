@@ -9,7 +9,15 @@ dtype group on GPU, one parallel region on CPU) and can
   the device (S-Adam's damping), so no host synchronisation is needed.
 
 ``apply_update_`` applies a stored proposal with a device-side learning rate (the radius controller's
-effective lr).
+effective lr), one for all tensors or one per tensor (update clipping, SPEC 7.2).
+
+Every op takes an optional ``skip`` flag (SPEC 7.1): a 0-d tensor on the parameters' device, read by the
+kernels themselves; where it is nonzero the op writes nothing (parameters, moments, ``updates`` keep their
+bits, a NaN gradient cannot leak in) and returns zero sums. ``adam_step_(clip_stats=True)`` also returns, per
+tensor and from the same pass, sum(g^2 / max(v_hat, eps^2)), the square of update clipping's RMS times the
+numel (SPEC 7.2; :func:`clip_lrs` turns it into lr / max(1, RMS)); ``clip_stats="only"`` computes just that,
+reading g and v and writing nothing, and ``adam_step_``'s ``lr`` may hold one learning rate per tensor, so a
+clipped AdamW step is a read of g and v plus one ordinary fused step.
 
 Per-step scalars never make a host round trip: ``step_scale``, ``lr`` and Adam's ``step`` reach the kernels
 as 0-d float64 tensors on the parameters' device (:func:`scalar_tensor` makes them without a host-to-device
@@ -26,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import _launch_plan
 from . import backend as _backend
 from . import distributed
 from ._checks import acc_dtype, as_list, check_tensor_list, grouped_acc_dtype
@@ -42,13 +51,36 @@ def _scale(x) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float64).reshape(())
 
 
-def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale) -> Tensor:
+def _keep(skip) -> Tensor | None:
+    """The references' keep mask of an optional skip flag: None (no flag) or a 0-d bool tensor, True where the
+    step is taken (read on the device by ``torch.where``, never on the host)."""
+    return None if skip is None else skip.reshape(()) == 0
+
+
+def _store(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
+    """``dst <- new``, or, with a keep mask, ``dst`` selected back where the step is skipped (a select, not a
+    multiplication by 0: a NaN in ``new`` cannot leak in)."""
+    dst.copy_(new if keep is None else torch.where(keep, new.to(dst.dtype), dst))
+
+
+def _kept_sum(x: Tensor, keep: Tensor | None) -> Tensor:
+    s = x.double().sum()
+    return s if keep is None else torch.where(keep, s, torch.zeros_like(s))
+
+
+def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale, keep) -> Tensor:
     """The common tail of the reference steps: store u, move p by lr * step_scale * u, return sum(u^2)."""
     if updates:
-        updates[i].copy_(u)
+        _store(updates[i], u, keep)
     if apply:
-        p.copy_(pa - (_scale(lr).to(pa.dtype) * _scale(step_scale).to(pa.dtype)) * u)
-    return u.double().pow(2).sum()
+        _store(p, pa - (_scale(lr).to(pa.dtype) * _scale(step_scale).to(pa.dtype)) * u, keep)
+    return _kept_sum(u.pow(2), keep)
+
+
+def _adam_fake(params, *args):
+    clip_stats = args[-2]  # (..., skip, clip_stats, backend): 0, 1 (also) or 2 (only)
+    shape = (2, len(params)) if clip_stats else (len(params),)
+    return params[0].new_empty(shape, dtype=grouped_acc_dtype(params))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,32 +91,49 @@ _adam_op = define_op(
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "
     "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-    "bool apply, bool eps_raw, str backend) -> Tensor",
-    _sums_fake,
+    "bool apply, bool eps_raw, Tensor? skip, int clip_stats, str backend) -> Tensor",
+    _adam_fake,
 )
+
+
+def _lr_of(lr: Tensor, i: int) -> Tensor:
+    """Tensor ``i``'s learning rate: ``lr`` itself (one number) or ``lr[i]`` (one per tensor), 0-d float64."""
+    lr = torch.as_tensor(lr, dtype=torch.float64)
+    return lr.reshape(()) if lr.numel() == 1 else lr.reshape(-1)[i]
 
 
 @_backend.register("adam_step_", "torch")
 def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step,
-                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw):
+                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip=None,
+                        clip_stats=0):
     """Reference: torch.optim.Adam/AdamW's single-tensor step, per tensor, math in fp32 (fp64).
 
     ``step_scale``, ``lr`` and ``step`` are 0-d tensors (float64 on the params' device from the public
-    wrapper); the bias corrections bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) are computed in
-    float64 from ``step``; ``eps_raw`` uses eps / sqrt(bc2), i.e. eps added to sqrt(v) before the correction."""
-    lr, step = _scale(lr), _scale(step)
+    wrapper; ``lr`` may be (T,), one per tensor); the bias corrections bc1 = 1 - beta1^step and
+    sqrt(bc2) = sqrt(1 - beta2^step) are computed in float64 from ``step``; ``eps_raw`` uses eps / sqrt(bc2),
+    i.e. eps added to sqrt(v) before the correction. ``skip`` (SPEC 7.1): every new value selected back where it
+    is nonzero, sums 0. ``clip_stats`` (SPEC 7.2): 1 returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)),
+    v_hat = (max v or v) / bc2 unrounded, g the gradient that enters the moments, eps the given one (also with
+    ``eps_raw``); 2 the same rows with row 0 zero, nothing written."""
+    step = _scale(step)
+    keep = _keep(skip)
+    only = clip_stats == 2
+    write = keep if not only else torch.zeros((), dtype=torch.bool, device=step.device)  # "only": no write
     bc1 = 1 - beta1 ** step
-    bc2_sqrt = (1 - beta2 ** step).sqrt()
+    bc2 = 1 - beta2 ** step
+    bc2_sqrt = bc2.sqrt()
+    eps_clip = eps
     if eps_raw:  # a true division (a number / a tensor would multiply by the reciprocal)
         eps = torch.full_like(bc2_sqrt, eps) / bc2_sqrt
-    sums = []
+    sums, clips = [], []
     for i, p in enumerate(params):
         A = acc_dtype(p.dtype)
+        lr_i = _lr_of(lr, i)
         g = grads[i].to(A)
         g = -g if maximize else g
         pa, m, v = p.to(A), exp_avgs[i].to(A), exp_avg_sqs[i].to(A)
         if apply and decoupled:
-            pa = pa * (1 - lr * weight_decay)
+            pa = pa * (1 - lr_i * weight_decay)
         if not decoupled and weight_decay != 0:
             g = g + pa * weight_decay
         m = m.lerp(g, 1 - beta1)
@@ -92,12 +141,17 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
         vh = v
         if amsgrad:
             vh = torch.maximum(max_exp_avg_sqs[i].to(A), v)
-            max_exp_avg_sqs[i].copy_(vh)
+            _store(max_exp_avg_sqs[i], vh, write)
         u = (m / bc1) / (vh.sqrt() / bc2_sqrt + eps)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
-    return torch.stack(sums).to(grouped_acc_dtype(params)) if sums else torch.zeros(0)
+        _store(exp_avgs[i], m, write)
+        _store(exp_avg_sqs[i], v, write)
+        sums.append(_finish_reference(p, pa, u, i, updates, apply and not only, lr_i, step_scale, write))
+        if clip_stats:
+            clips.append(_kept_sum(g * g / torch.clamp_min(vh / bc2.to(A), eps_clip * eps_clip), keep))
+    if not sums:
+        return torch.zeros(0)
+    out = torch.stack([torch.stack(sums), torch.stack(clips)]) if clip_stats else torch.stack(sums)
+    return out.to(grouped_acc_dtype(params))
 
 
 _backend.register_kernels("adam_step_", "update")
@@ -110,16 +164,17 @@ _sgd_op = define_op(
     "sgd_step_",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] updates, "
     "Tensor step_scale, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-    "bool maximize, bool first, bool apply, str backend) -> Tensor",
+    "bool maximize, bool first, bool apply, Tensor? skip, str backend) -> Tensor",
     _sums_fake,
 )
 
 
 @_backend.register("sgd_step_", "torch")
 def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr, momentum, dampening,
-                       weight_decay, nesterov, maximize, first, apply):
+                       weight_decay, nesterov, maximize, first, apply, skip=None):
     """Reference: torch.optim.SGD's single-tensor step, per tensor (a first step copies g into the buffer);
-    ``step_scale`` and ``lr`` are 0-d tensors."""
+    ``step_scale`` and ``lr`` are 0-d tensors; ``skip`` as in :func:`adam_step_reference`."""
+    keep = _keep(skip)
     sums = []
     for i, p in enumerate(params):
         A = acc_dtype(p.dtype)
@@ -131,9 +186,9 @@ def sgd_step_reference(params, grads, momentum_buffers, updates, step_scale, lr,
         u = g
         if momentum != 0:
             b = g if first else momentum_buffers[i].to(A) * momentum + g * (1 - dampening)
-            momentum_buffers[i].copy_(b)
+            _store(momentum_buffers[i], b, keep)
             u = g + b * momentum if nesterov else b
-        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale))
+        sums.append(_finish_reference(p, pa, u, i, updates, apply, lr, step_scale, keep))
     return torch.stack(sums).to(grouped_acc_dtype(params)) if sums else torch.zeros(0)
 
 
@@ -145,18 +200,22 @@ _backend.register_kernels("sgd_step_", "update")
 
 _apply_op = define_op(
     "apply_update_",
-    "(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, str backend) -> ()",
-    lambda params, updates, lr, weight_decay, backend: None,
+    "(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, Tensor? step_scale, Tensor? skip, "
+    "str backend) -> ()",
+    lambda params, updates, lr, weight_decay, step_scale, skip, backend: None,
 )
 
 
 @_backend.register("apply_update_", "torch")
-def apply_update_reference(params, updates, lr, weight_decay):
-    """Reference: p <- p * (1 - lr * weight_decay) - lr * u."""
-    for p, u in zip(params, updates):
+def apply_update_reference(params, updates, lr, weight_decay, step_scale=None, skip=None):
+    """Reference: p <- p * (1 - lr_i * weight_decay) - lr_i * step_scale * u, lr_i = lr (one element) or lr[i]
+    (one per tensor); nothing where ``skip`` is nonzero."""
+    keep = _keep(skip)
+    for i, (p, u) in enumerate(zip(params, updates)):
         A = acc_dtype(p.dtype)
-        a = _scale(lr).to(A)
-        p.copy_(p.to(A) * (1 - a * weight_decay) - a * u)
+        a = _lr_of(lr, i).to(A)
+        s = a if step_scale is None else a * _scale(step_scale).to(A)
+        _store(p, p.to(A) * (1 - a * weight_decay) - s * u, keep)
 
 
 _backend.register_kernels("apply_update_", "update")
@@ -256,12 +315,31 @@ def _scale_tensor(step_scale, device) -> Tensor:
     return scalar_tensor(step_scale, "step_scale", device)
 
 
+def skip_tensor(skip, device: torch.device) -> Tensor | None:
+    """The ``skip`` flag of the fused updates (SPEC 7.1) as the kernels read it: None (no flag), or a 0-d float64
+    tensor on ``device``, nonzero meaning "skip this step". Takes None, a bool or number, or a one-element tensor
+    of any dtype (a bool device tensor is converted on the device: no host read)."""
+    if skip is None:
+        return None
+    if isinstance(skip, bool):
+        skip = float(skip)
+    return scalar_tensor(skip, "skip", device)
+
+
+def _sharded_sums(sums: Tensor, params) -> Tensor:
+    """The per-tensor sums of local shards summed over the ranks; (T,) or (2, T) (clip statistics)."""
+    if sums.dim() == 2:
+        return distributed.sum_shards(sums.t(), params).t()
+    return distributed.sum_shards(sums, params)
+
+
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], *, step: int | Tensor, lr: float | Tensor, betas=(0.9, 0.999),
                eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = True, amsgrad: bool = False,
                maximize: bool = False, max_exp_avg_sqs: Sequence[Tensor] | None = None,
                updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
-               apply: bool = True, eps_raw: bool = False, backend: str = "auto") -> Tensor:
+               apply: bool = True, eps_raw: bool = False, skip: Tensor | bool | None = None,
+               clip_stats: bool | str = False, backend: str = "auto") -> Tensor:
     """One Adam (``decoupled=False``) or AdamW step over every parameter, fused.
 
     Moments are advanced once (m, v and, with ``amsgrad``, the running max of v); u = (m / bc1) /
@@ -272,23 +350,32 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     a one-element tensor (a device tensor keeps the step free of host round trips and capturable in a CUDA
     graph; the bias corrections are computed from it by the kernel, in float64). ``lr`` is a number or a
     one-element tensor (the torch.optim way; a device tensor changed in place, e.g. by a scheduler, needs no
-    recompile under torch.compile). ``eps_raw``: eps is added to sqrt(v) before the bias correction
+    recompile under torch.compile), or a (T,) tensor of one learning rate per tensor on the parameters' device
+    (update clipping, SPEC 7.2: the step and the decoupled decay of tensor i use lr[i]). ``eps_raw``: eps is added to sqrt(v) before the bias correction
     (u = (m / bc1) / ((sqrt(v) + eps) / sqrt(bc2)), i.e. eps / sqrt(bc2) in the formula above: S-Adam's
     eps_mode="authors"). A tensor ``step`` below 1 is not checked on CUDA (that would read the device).
+
+    ``skip`` (SPEC 7.1): a one-element tensor (or bool) read by the kernel on the device; nonzero skips the step
+    (nothing written, sums 0; ``step`` is then not checked, so a counter left unadvanced by a skip is fine).
+    ``clip_stats`` (SPEC 7.2): True returns (2, T), row 0 sum(u^2), row 1 sum(g^2 / max(v_hat, eps^2)) per
+    tensor from the same pass (:func:`clip_lrs` makes update clipping's per-tensor learning rates of it);
+    ``"only"``: row 1 alone (row 0 zero) from a pass that reads g and v (max v; p for coupled decay) and writes
+    nothing: the moments, u and p stay as they are, for the clipped step that follows.
+
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
-    all-reduce of T numbers)."""
+    all-reduce of T numbers, 2T with ``clip_stats``)."""
     if distributed.any_sharded(params):  # FSDP2: the step is element-wise, so each rank steps its shards
         L = distributed.locals_
         sums = adam_step_(L(params), L(grads), L(exp_avgs), L(exp_avg_sqs), step=step, lr=lr, betas=betas, eps=eps,
                           weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
                           max_exp_avg_sqs=None if max_exp_avg_sqs is None else L(max_exp_avg_sqs),
                           updates=None if updates is None else L(updates), step_scale=step_scale, apply=apply,
-                          eps_raw=eps_raw, backend=backend)
-        return distributed.sum_shards(sums, params)
+                          eps_raw=eps_raw, skip=skip, clip_stats=clip_stats, backend=backend)
+        return _sharded_sums(sums, params)
     beta1, beta2 = betas
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("adam_step_: amsgrad needs max_exp_avg_sqs")
-    if not isinstance(step, Tensor) and step < 1:
+    if not isinstance(step, Tensor) and step < 1 and skip is None:
         raise ValueError(f"adam_step_: step must be >= 1, got {step}")
     params = as_list(params, "adam_step_: params")
     device = _params_device("adam_step_", params)
@@ -300,11 +387,14 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                                             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
                      acc_lists={"updates": updates} if updates else {})
 
+    if clip_stats not in (False, True, "only"):
+        raise ValueError(f"adam_step_: clip_stats must be False, True or 'only', got {clip_stats!r}")
+    stats = 2 if clip_stats == "only" else int(bool(clip_stats))
     b = _backend.resolve("adam_step_", backend, device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
-            scalar_tensor(lr, "lr", device), scalar_tensor(step, "step", device), float(beta1), float(beta2),
-            float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(apply),
-            bool(eps_raw))
+            _lr_tensor(lr, len(params), device, "adam_step_"), scalar_tensor(step, "step", device), float(beta1),
+            float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+            bool(apply), bool(eps_raw), skip_tensor(skip, device), stats)
     return _run_checked(_adam_op, args, b, check)
 
 
@@ -312,19 +402,19 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
               lr: float | Tensor, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
               nesterov: bool = False, maximize: bool = False, first: bool = False,
               updates: Sequence[Tensor] | None = None, step_scale: Tensor | float | None = None,
-              apply: bool = True, backend: str = "auto") -> Tensor:
+              apply: bool = True, skip: Tensor | bool | None = None, backend: str = "auto") -> Tensor:
     """One SGD step (torch.optim.SGD semantics) over every parameter, fused.
 
     g' = g + wd p; with momentum b = g' on the ``first`` step, else mu b + (1 - dampening) g';
     u = g' + mu b (Nesterov) or b (or g' without momentum). ``updates`` receive u; with ``apply``,
     p <- p - lr * step_scale * u. Returns sum(u^2) per parameter. ``lr`` is a number or a one-element tensor
-    (kept on the device: no host round trip)."""
+    (kept on the device: no host round trip). ``skip``: as in :func:`adam_step_` (SPEC 7.1)."""
     if distributed.any_sharded(params):  # FSDP2: element-wise, each rank steps its shards
         L = distributed.locals_
         sums = sgd_step_(L(params), L(grads), None if momentum_buffers is None else L(momentum_buffers), lr=lr,
                          momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                          maximize=maximize, first=first, updates=None if updates is None else L(updates),
-                         step_scale=step_scale, apply=apply, backend=backend)
+                         step_scale=step_scale, apply=apply, skip=skip, backend=backend)
         return distributed.sum_shards(sums, params)
     if momentum != 0 and momentum_buffers is None:
         raise ValueError("sgd_step_: momentum needs momentum_buffers")
@@ -339,18 +429,54 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     b = _backend.resolve("sgd_step_", backend, device)
     args = (params, grads, bufs, updates, _scale_tensor(step_scale, device), scalar_tensor(lr, "lr", device),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first),
-            bool(apply))
+            bool(apply), skip_tensor(skip, device))
     return _run_checked(_sgd_op, args, b, check)
 
 
+def _lr_tensor(lr, n: int, device: torch.device, op: str) -> Tensor:
+    """The learning rate of adam_step_/apply_update_: a 0-d float64 tensor (one for all), or (n,) float64 on
+    ``device`` (one per tensor, n > 1), converted on the device."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        if lr.numel() != n or lr.dim() != 1:
+            raise ValueError(f"{op}: lr must hold one number or one per tensor ({n}), got a tensor of "
+                             f"shape {tuple(lr.shape)}")
+        if lr.device != device:
+            raise ValueError(f"{op}: per-tensor lr must be on {device}, got {lr.device}")
+        return lr.to(torch.float64).contiguous()
+    return scalar_tensor(lr, "lr", device)
+
+
 def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tensor | float,
-                  weight_decay: float = 0.0, *, backend: str = "auto") -> None:
-    """p <- p (1 - lr * weight_decay) - lr * u for every parameter, fused; ``lr`` may be a 0-d device tensor
-    (the radius controller's effective learning rate), so applying it needs no host synchronisation."""
+                  weight_decay: float = 0.0, *, step_scale: Tensor | float | None = None,
+                  skip: Tensor | bool | None = None, backend: str = "auto") -> None:
+    """p <- p (1 - lr_i * weight_decay) - lr_i * step_scale * u for every parameter, fused. ``lr`` is a number, a
+    one-element tensor (e.g. the radius controller's effective learning rate on the device) or a (T,) tensor
+    of one learning rate per tensor (update clipping, SPEC 7.2); ``step_scale`` (default 1) scales the step but
+    not the decay (S-Adam's damping); ``skip`` as in :func:`adam_step_`. No host synchronisation."""
     if distributed.any_sharded(params):
         params, updates = distributed.locals_(params), distributed.locals_(updates)
     params, updates = as_list(params, "apply_update_: params"), list(updates)
     device = _params_device("apply_update_", params)
     b = _backend.resolve("apply_update_", backend, device)
-    _run_checked(_apply_op, (params, updates, _scale_tensor(lr, device), float(weight_decay)), b,
-                 lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))
+    args = (params, updates, _lr_tensor(lr, len(params), device, "apply_update_"), float(weight_decay),
+            None if step_scale is None else scalar_tensor(step_scale, "step_scale", device),
+            skip_tensor(skip, device))
+    _run_checked(_apply_op, args, b, lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))
+
+
+@torch.compiler.disable  # a cache lookup traced by dynamo would guard on the cache's contents: a recompile
+def _numels(params, device: torch.device) -> Tensor:
+    """The numels of ``params`` (whole tensors: a DTensor's global numel) as float64 on ``device``, cached by
+    the numels (one upload on a miss, none in a steady state)."""
+    numels = tuple(p.numel() for p in params)
+    return _launch_plan.cached(("numels", device, numels),
+                               lambda: _launch_plan.upload(numels, device, torch.float64))
+
+
+def clip_lrs(clip_sums: Tensor, params: Sequence[Tensor], lr) -> Tensor:
+    """Update clipping's per-tensor learning rates (SPEC 7.2): lr / max(1, RMS_i), RMS_i = sqrt(clip_sums[i] /
+    numel_i), with ``clip_sums`` row 1 of ``adam_step_(clip_stats=True)``. A (T,) float64 tensor on the sums'
+    device (device ops only); ``lr`` a number or a one-element tensor."""
+    device = clip_sums.device
+    rms = (clip_sums.to(torch.float64) / _numels(params, device)).sqrt()
+    return scalar_tensor(lr, "lr", device) / rms.clamp_min(1.0)

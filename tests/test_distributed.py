@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabkernels import checkpoint, distributed
-from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, SkipStep
+from stabkernels.optim import (PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, SkipStep,
+                               StableAdamW)
 
 STEPS, BATCH = 5, 32
 # The radius controllers with the full probe (an exact JVP every step) compare to fp32 rounding; at their
@@ -38,6 +39,11 @@ OPTIMIZERS = {
                                               every=1),
     # the rule active from the third step; train() passes a 1000x loss on the last step: skipped on every rank
     "SkipStep(AdamW)": lambda m: SkipStep(torch.optim.AdamW(m.parameters(), lr=1e-2), window=4, warmup=3),
+    # update clipping (SPEC 7.2): the per-tensor RMS over the whole tensor (2T numbers all-reduced under FSDP2)
+    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    "RadiusAdamW-clip": lambda m: RadiusAdamW(m.parameters(), lr=0.5, model=m, update_clip=True, **FULL),
+    # the skip flag folded into the kernels (SPEC 7.1): the spike on the last step skipped on every rank
+    "SkipStep(StableAdamW)": lambda m: SkipStep(StableAdamW(m.parameters(), lr=1e-2), window=4, warmup=3),
 }
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabkernels.optim import PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam
+from stabkernels.optim import (PSS, OrthoGrad, PSSAdamW, RadiusAdamW, RadiusController, RadiusSGD, SAdam, SkipStep,
+                               StableAdamW)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,6 +33,13 @@ OPTIMIZERS = {
     "PSSAdamW": lambda m: PSSAdamW(m, lr=1e-2),
     "PSS(AdamW(fused))": lambda m: PSS(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), m),
     "OrthoGrad(AdamW(fused))": lambda m: OrthoGrad(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)),
+    # update clipping (SPEC 7.2) and the skip flag folded into the kernels (SPEC 7.1); the rule active from step 3
+    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2),
+    "RadiusAdamW(update_clip)": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, update_clip=True),
+    "SAdam(update_clip)": lambda m: SAdam(m, lr=1e-2, seed=3, update_clip=True),
+    "SkipStep(StableAdamW)": lambda m: SkipStep(StableAdamW(m.parameters(), lr=1e-2), window=4, warmup=3),
+    "SkipStep(RadiusAdamW)": lambda m: SkipStep(RadiusAdamW(m.parameters(), lr=1e-2, model=m), window=4, warmup=3),
+    "SkipStep(PSSAdamW)": lambda m: SkipStep(PSSAdamW(m, lr=1e-2), window=4, warmup=3),
 }
 
 
@@ -41,6 +49,8 @@ def backward_and_step(model, opt, x, y):
     loss.backward()
     if isinstance(opt, SAdam):
         return lambda: opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)
+    if isinstance(opt, SkipStep):
+        return lambda: opt.step(loss=loss)
     return opt.step
 
 
@@ -66,6 +76,7 @@ CAPTURED = {
     "RadiusSGD": OPTIMIZERS["RadiusSGD"],
     "SAdam-update": lambda m: SAdam(m, lr=1e-2, probes=0),
     "PSSAdamW-untriggered": lambda m: PSSAdamW(m, lr=1e-2, trigger=None),
+    "StableAdamW": OPTIMIZERS["StableAdamW"],
 }
 
 

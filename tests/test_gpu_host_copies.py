@@ -277,7 +277,18 @@ OPTIMIZERS = {
     "SkipStep(AdamW(fused))": lambda m: SkipStep(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), window=4,
                                                  warmup=3),
     "SkipStep(RadiusAdamW)": lambda m: SkipStep(RadiusAdamW(m.parameters(), lr=1e-2, model=m, **T), window=4, warmup=3),
-    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2),
+    "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2, **T),
+    # the skip flag folded into our kernels (SPEC 7.1) and update clipping (SPEC 7.2), on the Triton path
+    "SkipStep(StableAdamW)": lambda m: SkipStep(StableAdamW(m.parameters(), lr=1e-2, **T), window=4, warmup=3),
+    "SkipStep(RadiusSGD)": lambda m: SkipStep(RadiusSGD(m.parameters(), lr=0.1, momentum=0.9, model=m, **T),
+                                              window=4, warmup=3),
+    "SkipStep(SAdam)": lambda m: SkipStep(SAdam(m, lr=1e-2, probes=3, seed=3,
+                                                loss_fn=lambda out, *a: out.square().mean(), **T), window=4, warmup=3),
+    "SkipStep(PSSAdamW(update_clip))": lambda m: SkipStep(PSSAdamW(m, lr=1e-2, trigger=None, update_clip=True, **T),
+                                                          window=4, warmup=3),
+    "RadiusAdamW(update_clip)": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, update_clip=True, **T),
+    "SAdam(update_clip)": lambda m: SAdam(m, lr=1e-2, probes=3, seed=3, update_clip=True, **T),
+    "StableAdamW(lr=tensor)": lambda m: StableAdamW(m.parameters(), lr=torch.tensor(1e-2), **T),
 }
 
 

@@ -56,6 +56,20 @@ OPTIMIZERS = {
                                                  warmup=3),
     "SkipStep(RadiusAdamW)": lambda m: SkipStep(RadiusAdamW(m.parameters(), lr=1e-2, model=m), window=4, warmup=3),
     "StableAdamW": lambda m: StableAdamW(m.parameters(), lr=1e-2),
+    # the skip flag folded into our kernels (SPEC 7.1) and update clipping (SPEC 7.2)
+    "SkipStep(StableAdamW)": lambda m: SkipStep(StableAdamW(m.parameters(), lr=1e-2), window=4, warmup=3),
+    "SkipStep(RadiusSGD)": lambda m: SkipStep(RadiusSGD(m.parameters(), lr=0.1, momentum=0.9, model=m), window=4,
+                                              warmup=3),
+    "SkipStep(RadiusController(Adam))": lambda m: SkipStep(
+        RadiusController(torch.optim.Adam(m.parameters(), lr=1e-2), m), window=4, warmup=3),
+    "SkipStep(SAdam)": lambda m: SkipStep(SAdam(m, lr=1e-2, loss_fn=lambda out, *a: out.square().mean()),
+                                          window=4, warmup=3),
+    "SkipStep(PSSAdamW)": lambda m: SkipStep(PSSAdamW(m, lr=1e-2), window=4, warmup=3),
+    "SkipStep(PSSAdamW(update_clip))": lambda m: SkipStep(PSSAdamW(m, lr=1e-2, update_clip=True), window=4,
+                                                          warmup=3),
+    "RadiusAdamW(update_clip)": lambda m: RadiusAdamW(m.parameters(), lr=1e-2, model=m, update_clip=True),
+    "SAdam(update_clip)": lambda m: SAdam(m, lr=1e-2, update_clip=True),
+    "PSSAdamW(update_clip)": lambda m: PSSAdamW(m, lr=1e-2, update_clip=True),
 }
 
 

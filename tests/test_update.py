@@ -244,7 +244,7 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
     before = [t.clone() for t in p + z]
     one, lr = f64(1), f64(0.1)
     adam = lambda ps, gs, ms, vs, vm=(), us=(), ams=False: C.adam_step_(  # noqa: E731
-        ps, gs, ms, vs, list(vm), list(us), one, lr, one, 0.9, 0.999, 1e-8, 0.0, True, ams, False, True, False)
+        ps, gs, ms, vs, list(vm), list(us), one, lr, one, 0.9, 0.999, 1e-8, 0.0, True, ams, False, True, False, None, 0)
     cases = [
         (lambda: adam(p, g[:3], z, z), r"adam_step_: grads has 3 tensors for 4 params"),
         (lambda: adam(p, g, z, z[:1] + [torch.zeros(7)] + z[2:]), r"exp_avg_sqs\[1\] must have the shape of params\[1\]"),
@@ -252,11 +252,11 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
         (lambda: adam(p, g, z, z, us=[u.half() for u in z]), r"updates\[0\] must be a contiguous Float"),
         (lambda: adam(p[:1] + [p[1].t()] + p[2:], g, z, z), r"params\[1\] must be contiguous"),
         (lambda: adam([], [], [], []), r"params is empty"),
-        (lambda: C.sgd_step_(p, g, z[:2], [], one, lr, 0.9, 0.0, 0.0, False, False, False, True),
+        (lambda: C.sgd_step_(p, g, z[:2], [], one, lr, 0.9, 0.0, 0.0, False, False, False, True, None),
          r"sgd_step_: momentum_buffers has 2 tensors"),
         (lambda: C.sgd_step_([p[0], torch.ones(3, dtype=torch.long)], g[:1] + [torch.ones(3)], [], [], one, lr,
-                             0.0, 0.0, 0.0, False, False, False, True), r"params\[1\] must be a dense float32"),
-        (lambda: C.apply_update_(p, z[:3], one, 0.0), r"apply_update_: updates has 3 tensors"),
+                             0.0, 0.0, 0.0, False, False, False, True, None), r"params\[1\] must be a dense float32"),
+        (lambda: C.apply_update_(p, z[:3], one, 0.0, None, None), r"apply_update_: updates has 3 tensors"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -264,7 +264,7 @@ def test_compiled_update_kernels_refuse_mismatched_lists_before_writing():
     for a, b in zip(p + z, before):
         assert torch.equal(a, b)
     # lists the options leave unused may be empty; every optional list is checked when given
-    C.sgd_step_(p, g, [], [], one, lr, 0.0, 0.0, 0.0, False, False, False, False)
+    C.sgd_step_(p, g, [], [], one, lr, 0.0, 0.0, 0.0, False, False, False, False, None)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -277,10 +277,23 @@ def test_opcheck(backend):
     z = lambda: [torch.zeros_like(x) for x in p]  # noqa: E731
     torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
                           (p, g, z(), z(), z(), z(), f64(1.0), f64(0.1), f64(2), 0.9, 0.999, 1e-8, 0.01, True, True,
-                           False, True, False, backend))
+                           False, True, False, None, 0, backend))
     torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
-                          (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, backend))
-    torch.library.opcheck(torch.ops.stabkernels.apply_update_.default, (p, z(), torch.tensor(0.5), 0.1, backend))
+                          (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, None, backend))
+    torch.library.opcheck(torch.ops.stabkernels.apply_update_.default,
+                          (p, z(), torch.tensor(0.5), 0.1, None, None, backend))
+    # the new arguments: a skip flag (kept and skipped), clip statistics (also, only), per-tensor lr, step scale
+    lrs = torch.rand(len(p), dtype=torch.float64)
+    for flag in (0.0, 1.0):
+        for stats in (1, 2):
+            torch.library.opcheck(torch.ops.stabkernels.adam_step_.default,
+                                  (p, g, z(), z(), [], z(), f64(1.0), lrs, f64(2), 0.9, 0.999, 1e-8, 0.01, True,
+                                   False, False, True, False, f64(flag), stats, backend))
+        torch.library.opcheck(torch.ops.stabkernels.sgd_step_.default,
+                              (p, g, z(), z(), f64(1.0), f64(0.1), 0.9, 0.0, 0.0, True, False, False, True, f64(flag),
+                               backend))
+        torch.library.opcheck(torch.ops.stabkernels.apply_update_.default,
+                              (p, z(), torch.rand(len(p), dtype=torch.float64), 0.1, f64(0.5), f64(flag), backend))
 
 
 @pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
@@ -375,3 +388,217 @@ def test_adam_step_below_one_is_refused(backend):
     if backend == "cpp":  # the CPU kernel reads a tensor step (free on CPU); a CUDA kernel cannot
         with pytest.raises(ValueError, match="step must be >= 1"):
             update.adam_step_(p, grads_for(p, 1), z, z, step=torch.tensor(0), lr=0.1, backend=backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# the skip flag (SPEC 7.1) and update clipping's statistics and per-tensor learning rates (SPEC 7.2)
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nan_grads(params, step):
+    gs = grads_for(params, step)
+    gs[0].view(-1)[0] = float("nan")
+    gs[-1].view(-1)[-1] = float("inf")
+    return gs
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_skip_leaves_everything_bit_identical(backend, device, dtype, amsgrad):
+    """A skipped step writes nothing: params, moments, max v and u keep their bits (NaN/inf gradients too), the
+    sums are 0, and a counter the skip left at 0 is accepted; a flag of 0 is the step without a flag."""
+    ps = make_params(device, dtype)
+    state = [[torch.zeros_like(p) for p in ps] for _ in range(3)]
+    us = [torch.full_like(p, 7.0, dtype=_acc(dtype)) for p in ps]
+    kw = dict(lr=0.01, weight_decay=0.1, amsgrad=amsgrad, max_exp_avg_sqs=state[2], updates=us, backend=backend)
+    skip1 = torch.ones((), dtype=torch.bool, device=device)
+    for clip in (False, True):  # a skipped first step: the counter stays at 0
+        s = update.adam_step_([p.clone() for p in ps], _nan_grads(ps, 1), *[[x.clone() for x in st] for st in state[:2]],
+                              step=torch.zeros((), device=device), skip=skip1, clip_stats=clip,
+                              **{**kw, "max_exp_avg_sqs": [x.clone() for x in state[2]]})
+        assert s.shape == ((2, len(ps)) if clip else (len(ps),)) and not s.any()
+    update.adam_step_(ps, grads_for(ps, 1), state[0], state[1], step=1, **kw)
+    before = [t.clone() for t in ps + sum(state, []) + us]
+    for skip in (skip1, torch.tensor(1.0, dtype=torch.float64, device=device), True):
+        for clip in (False, True):
+            s = update.adam_step_(ps, _nan_grads(ps, 2), state[0], state[1], step=2, skip=skip, clip_stats=clip,
+                                  **kw)
+            assert not s.any()
+            for a, b in zip(before, ps + sum(state, []) + us):
+                assert torch.equal(a, b)
+    # skip = 0: the step without a flag, bit for bit
+    runs = []
+    for skip in (None, torch.zeros((), device=device)):
+        p2, st2, u2 = [p.clone() for p in ps], [[x.clone() for x in st] for st in state], [u.clone() for u in us]
+        s = update.adam_step_(p2, grads_for(ps, 2), st2[0], st2[1], step=2, skip=skip,
+                              **{**kw, "max_exp_avg_sqs": st2[2], "updates": u2})
+        runs.append(p2 + sum(st2, []) + u2 + [s])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", SGD_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgd_skip_leaves_everything_bit_identical(backend, device, dtype):
+    ps = make_params(device, dtype)
+    bufs = [torch.zeros_like(p) for p in ps]
+    us = [torch.full_like(p, 7.0, dtype=_acc(dtype)) for p in ps]
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True, updates=us, backend=backend)
+    update.sgd_step_(ps, grads_for(ps, 1), bufs, first=True, **kw)
+    before = [t.clone() for t in ps + bufs + us]
+    for first in (False, True):
+        s = update.sgd_step_(ps, _nan_grads(ps, 2), bufs, first=first, skip=torch.ones((), device=device), **kw)
+        assert not s.any()
+        for a, b in zip(before, ps + bufs + us):
+            assert torch.equal(a, b)
+    runs = []
+    for skip in (None, torch.zeros((), dtype=torch.bool, device=device)):
+        p2, b2, u2 = [p.clone() for p in ps], [b.clone() for b in bufs], [u.clone() for u in us]
+        s = update.sgd_step_(p2, grads_for(ps, 2), b2, skip=skip, **{**kw, "updates": u2})
+        runs.append(p2 + b2 + u2 + [s])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", APPLY_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_apply_update_skip_per_tensor_lr_and_step_scale(backend, device, dtype):
+    """One lr per tensor and a step scale against the float64 reference; a skip flag writes nothing (NaN u
+    too); one lr equals the same lr repeated per tensor; a step scale of 1 equals none, bit for bit."""
+    ours = make_params(device, dtype)
+    ref = [p.double().clone() for p in ours]
+    g = torch.Generator().manual_seed(5)
+    u = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(device) for p in ours]
+    ua = [x.to(_acc(dtype)) for x in u]
+    lrs = torch.tensor([0.3, 0.01, 1.5, 0.2], dtype=torch.float64, device=device)
+    scale = torch.tensor(0.6, dtype=torch.float64, device=device)
+    update.apply_update_(ours, ua, lrs, weight_decay=0.1, step_scale=scale, backend=backend)
+    apply_update_reference(ref, u, lrs, 0.1, scale)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=DTYPE_TOL.get(dtype, 1e-6), atol=DTYPE_TOL.get(dtype, 1e-6))
+    before = [p.clone() for p in ours]
+    nan_u = [x.clone() for x in ua]
+    nan_u[1].view(-1)[0] = float("nan")
+    update.apply_update_(ours, nan_u, lrs, weight_decay=0.1, skip=torch.ones((), device=device), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(before, ours))
+    runs = []
+    for lr, kw in ((0.3, {}), (torch.full((4,), 0.3, dtype=torch.float64, device=device), {}),
+                   (0.3, dict(step_scale=1.0, skip=False))):
+        ps = [p.clone() for p in before]
+        update.apply_update_(ps, ua, lr, weight_decay=0.1, backend=backend, **kw)
+        runs.append(ps)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    with pytest.raises(ValueError, match="lr must hold one number or one per tensor"):
+        update.apply_update_(ours, ua, lrs[:3], backend=backend)
+
+
+CLIP_SHAPES = [(37,), (5, 9), (3, 4, 5), (1,), (129, 33)]
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", [dict(), dict(amsgrad=True, eps_raw=True), dict(decoupled=False, maximize=True)],
+                         ids=["adamw", "amsgrad-eps_raw", "adam-l2-maximize"])
+def test_adam_clip_stats_against_the_formula(backend, device, dtype, cfg):
+    """Row 1 of clip_stats: sum(g^2 / max(v_hat, eps^2)) per tensor, v_hat = (max v or v) / bc2 of this step,
+    g the gradient entering the moments, in float64 here from the same inputs (the kernel's v is unrounded);
+    row 0 is sum(u^2), the sums without clip_stats; the step itself is unchanged by clip_stats."""
+    g0 = torch.Generator().manual_seed(3)
+    ps = [torch.randn(s, generator=g0, dtype=torch.float64).to(device=device, dtype=dtype) for s in CLIP_SHAPES]
+    eps, b2, wd = 1e-3, 0.99, 0.05
+    amsgrad, maximize, decoupled = cfg.get("amsgrad", False), cfg.get("maximize", False), cfg.get("decoupled", True)
+    state = [[torch.zeros_like(p) for p in ps] for _ in range(3)]
+    for step in (1, 2, 3):
+        gs = [(x * (1 + 20 * (step == 3))).to(dtype) for x in grads_for(ps, step)]
+        before = [t.double() for t in ps + sum(state, [])]
+        runs = []
+        for clip in (True, False):
+            p2, st = [p.clone() for p in ps], [[x.clone() for x in s] for s in state]
+            s = update.adam_step_(p2, gs, st[0], st[1], step=step, lr=0.01, betas=(0.9, b2), eps=eps,
+                                  weight_decay=wd, amsgrad=amsgrad, max_exp_avg_sqs=st[2], maximize=maximize,
+                                  decoupled=decoupled, eps_raw=cfg.get("eps_raw", False), clip_stats=clip,
+                                  backend=backend)
+            runs.append((p2, st, s))
+        (p2, st, s), (p3, st3, s3) = runs
+        assert s.shape == (2, len(ps)) and torch.equal(s[0], s3)
+        assert all(torch.equal(a, b) for a, b in zip(p2 + sum(st, []), p3 + sum(st3, [])))
+        want = []
+        for i in range(len(ps)):
+            p0, v0, vm0 = before[i], before[2 * len(ps) + i], before[3 * len(ps) + i]
+            g = gs[i].double() * (-1 if maximize else 1)
+            if not decoupled:
+                g = g + wd * p0
+            v = v0 * b2 + g * (1 - b2) * g
+            vh = torch.maximum(vm0, v) if amsgrad else v
+            want.append((g * g / torch.clamp_min(vh / (1 - b2 ** step), eps * eps)).sum())
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+        torch.testing.assert_close(s[1].double(), torch.stack(want), rtol=tol, atol=0)
+        ps, state = p2, st
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+def test_clip_lrs_and_the_two_pass_clipped_step_equal_stable_adamw_reference_float64(backend, device):
+    """adam_step_(clip_stats) + clip_lrs + apply_update_ with per-tensor lrs is StableAdamW, against the
+    plain-torch reference, float64, odd shapes, clipping active on some tensors."""
+    from stabkernels.optim.skipstep import stable_adamw_reference
+    g0 = torch.Generator().manual_seed(4)
+    ps = [torch.randn(s, generator=g0, dtype=torch.float64).to(device) for s in CLIP_SHAPES]
+    ref = [p.clone() for p in ps]
+    m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    mr, vr = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    us = [torch.empty_like(p) for p in ps]
+    clipped = 0
+    for step in range(1, 6):
+        gs = [x * (1 + 30 * (step == 3) * (i % 2)) for i, x in enumerate(grads_for(ps, step))]
+        sums = update.adam_step_(ps, gs, m, v, step=step, lr=1.0, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                                 updates=us, apply=False, clip_stats=True, backend=backend)
+        lrs = update.clip_lrs(sums[1], ps, 0.05)
+        clipped += int((lrs < 0.05).sum())
+        update.apply_update_(ps, us, lrs, 0.1, backend=backend)
+        for i in range(len(ps)):
+            stable_adamw_reference(ref[i], gs[i], mr[i], vr[i], step, 0.05, (0.9, 0.99), 1e-8, 0.1)
+        for a, b in zip(ps, ref):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert clipped > 0
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_adam_clip_stats_only_writes_nothing_and_per_tensor_lr(backend, device, dtype):
+    """clip_stats="only" returns row 1 of clip_stats=True (row 0 zero) and leaves every tensor as it was (u
+    too); one lr per tensor steps each tensor exactly as a call with that tensor's lr alone would."""
+    ps = make_params(device, dtype)
+    state = [[torch.zeros_like(p) for p in ps] for _ in range(3)]
+    update.adam_step_(ps, grads_for(ps, 1), state[0], state[1], step=1, lr=0.01, weight_decay=0.1, amsgrad=True,
+                      max_exp_avg_sqs=state[2], backend=backend)
+    gs = [x * (1 + 30 * (i % 2)) for i, x in enumerate(grads_for(ps, 2))]
+    us = [torch.full_like(p, 7.0, dtype=_acc(dtype)) for p in ps]
+    kw = dict(step=2, weight_decay=0.1, amsgrad=True, backend=backend)
+    before = [t.clone() for t in ps + sum(state, []) + us]
+    only = update.adam_step_(ps, gs, state[0], state[1], lr=0.01, max_exp_avg_sqs=state[2], updates=us,
+                             clip_stats="only", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + sum(state, []) + us))
+    st = [[x.clone() for x in s] for s in state]
+    full = update.adam_step_([p.clone() for p in ps], gs, st[0], st[1], lr=0.01, max_exp_avg_sqs=st[2],
+                             clip_stats=True, **kw)
+    assert only.shape == full.shape == (2, len(ps)) and not only[0].any()
+    assert torch.equal(only[1], full[1])
+    lrs = torch.tensor([0.01, 0.002, 0.03, 0.0], dtype=torch.float64, device=device)
+    p_all, st_all = [p.clone() for p in ps], [[x.clone() for x in s] for s in state]
+    s_all = update.adam_step_(p_all, gs, st_all[0], st_all[1], lr=lrs, max_exp_avg_sqs=st_all[2], **kw)
+    for i in range(len(ps)):
+        p1, st1 = [ps[i].clone()], [[s[i].clone()] for s in state]
+        s1 = update.adam_step_(p1, gs[i:i + 1], st1[0], st1[1], lr=lrs[i], max_exp_avg_sqs=st1[2], **kw)
+        assert torch.equal(p1[0], p_all[i]) and all(torch.equal(a[0], b[i]) for a, b in zip(st1, st_all))
+        assert torch.equal(s1[0].to(s_all.dtype), s_all[i])
+    with pytest.raises(ValueError, match="lr must hold one number or one per tensor"):
+        update.adam_step_(ps, gs, state[0], state[1], lr=lrs[:2], max_exp_avg_sqs=state[2], **kw)
+    with pytest.raises(ValueError, match="clip_stats must be"):
+        update.adam_step_(ps, gs, state[0], state[1], lr=0.01, max_exp_avg_sqs=state[2], clip_stats=2, **kw)

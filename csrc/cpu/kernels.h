@@ -28,11 +28,13 @@ struct CpuKernels {
   Tensor (*adam_step_)(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                        TensorList max_exp_avg_sqs, TensorList updates, const Tensor& step_scale, const Tensor& lr,
                        const Tensor& step, double beta1, double beta2, double eps, double weight_decay,
-                       bool decoupled, bool amsgrad, bool maximize, bool apply, bool eps_raw) = nullptr;
+                       bool decoupled, bool amsgrad, bool maximize, bool apply, bool eps_raw,
+                       const std::optional<Tensor>& skip, int64_t clip_stats) = nullptr;
   Tensor (*sgd_step_)(TensorList params, TensorList grads, TensorList bufs, TensorList updates,
                       const Tensor& step_scale, const Tensor& lr, double momentum, double dampening, double weight_decay,
-                      bool nesterov, bool maximize, bool first, bool apply) = nullptr;
-  void (*apply_update_)(TensorList params, TensorList updates, const Tensor& lr, double weight_decay) = nullptr;
+                      bool nesterov, bool maximize, bool first, bool apply, const std::optional<Tensor>& skip) = nullptr;
+  void (*apply_update_)(TensorList params, TensorList updates, const Tensor& lr, double weight_decay,
+                        const std::optional<Tensor>& step_scale, const std::optional<Tensor>& skip) = nullptr;
   std::vector<Tensor> (*random_directions)(TensorList like, const Tensor& keys) = nullptr;
   void (*perturb)(TensorList params, const Tensor& keys, double sigma, TensorList out) = nullptr;
   Tensor (*directional_dots)(TensorList grads, const Tensor& keys) = nullptr;

@@ -5,8 +5,16 @@
 // The arithmetic follows torch.optim's single-tensor implementations step by step (lerp for the first
 // moment, v*b2 + (1-b2)*g*g, denom = sqrt(v)/sqrt(bc2) + eps, u = (m / bc1) / denom), so results agree with
 // torch to fp32 rounding. One math template serves scalars and ATen Vectorized<> alike.
+//
+// skip (SPEC 7.1): a 0-d tensor read here (free on CPU); nonzero returns before any memory is written (the
+// lists are still checked), with zero sums. clip_stats (SPEC 7.2): 1, the Adam pass also sums
+// g^2 / max(v_hat / bc2, eps^2) per tensor (update clipping's RMS^2 * numel), returned as a second row; 2, a
+// pass that reads g and v (max v; p for coupled decay), writes nothing and returns those sums alone. lr: one
+// number or one per tensor.
 
+#include <array>
 #include <cmath>
+#include <optional>
 
 #include "common.h"
 #include "../list_checks.h"
@@ -22,8 +30,8 @@ inline float vmaximum(float a, float b) { return std::max(a, b); }
 inline double vmaximum(double a, double b) { return std::max(a, b); }
 
 struct AdamConsts {
-  double lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt;
-  bool decoupled, amsgrad, maximize, apply;
+  double beta1, beta2, eps, weight_decay, bc1, bc2_sqrt, bc2, eps_clip;
+  bool decoupled, amsgrad, maximize, apply, clip;
 };
 
 // A chunk's own copy of the constants, in its math type A (each rounded from double once, as before the
@@ -33,23 +41,42 @@ struct AdamConsts {
 // in every vector iteration; from a private copy the compiler keeps them in registers.
 template <typename A>
 struct AdamArgs {
-  A one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bc1, bc2_sqrt, step_lr, decay;
-  bool decoupled, l2, amsgrad, maximize, apply;  // l2: Adam's weight decay on g (tested in double)
-  AdamArgs(const AdamConsts& c, double scale)
+  A one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bc1, bc2_sqrt, step_lr, decay, inv_bc2, eps2;
+  bool decoupled, l2, amsgrad, maximize, apply, clip;  // l2: Adam's weight decay on g (tested in double)
+  AdamArgs(const AdamConsts& c, double lr, double scale)
       : one_minus_beta1(A(1 - c.beta1)), beta2(A(c.beta2)), one_minus_beta2(A(1 - c.beta2)), eps(A(c.eps)),
-        weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(c.lr * scale)),
-        decay(A(1 - c.lr * c.weight_decay)), decoupled(c.decoupled), l2(!c.decoupled && c.weight_decay != 0),
-        amsgrad(c.amsgrad), maximize(c.maximize), apply(c.apply) {}
+        weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(lr * scale)),
+        decay(A(1 - lr * c.weight_decay)), inv_bc2(A(1 / c.bc2)), eps2(A(c.eps_clip * c.eps_clip)),
+        decoupled(c.decoupled), l2(!c.decoupled && c.weight_decay != 0), amsgrad(c.amsgrad), maximize(c.maximize),
+        apply(c.apply), clip(c.clip) {}
 };
 
-// One element (or one SIMD vector) of an Adam step. p, m, v, vmax are updated in place; returns u.
+// The parts of an Adam step that update clipping's statistic needs too (the "only" pass and the step compute
+// v the same way, so the RMS is that of the v the step then stores).
 template <typename V, typename A>
-inline V adam_math(V& p, V g, V& m, V& v, V& vmax, const AdamArgs<A>& c) {
+inline V adam_grad(V p, V g, const AdamArgs<A>& c) {
   if (c.maximize) g = V(A(0)) - g;
-  if (c.apply && c.decoupled) p = p * V(c.decay);  // torch: param.mul_(1 - lr * wd) before the moments
   if (c.l2) g = g + p * V(c.weight_decay);
+  return g;
+}
+template <typename V, typename A>
+inline V adam_next_v(V v, V g, const AdamArgs<A>& c) {
+  return v * V(c.beta2) + g * V(c.one_minus_beta2) * g;
+}
+// g^2 / max(v_hat / bc2, eps^2), v_hat unrounded in the math type (1 / bc2 formed in double, rounded once).
+template <typename V, typename A>
+inline V clip_stat(V g, V vh, const AdamArgs<A>& c) {
+  return g * g / vmaximum(vh * V(c.inv_bc2), V(c.eps2));
+}
+
+// One element (or one SIMD vector) of an Adam step. p, m, v, vmax are updated in place; returns u. With
+// c.clip, stat receives clip_stat.
+template <typename V, typename A>
+inline V adam_math(V& p, V g, V& m, V& v, V& vmax, V& stat, const AdamArgs<A>& c) {
+  if (c.apply && c.decoupled) p = p * V(c.decay);  // torch: param.mul_(1 - lr * wd) before the moments
+  g = adam_grad(p, g, c);  // p is decayed only when decoupled, and l2 only when not: the order is immaterial
   m = m + (g - m) * V(c.one_minus_beta1);  // lerp(m, g, 1 - beta1), weight < 0.5
-  v = v * V(c.beta2) + g * V(c.one_minus_beta2) * g;
+  v = adam_next_v(v, g, c);
   V vh = v;
   if (c.amsgrad) {
     vmax = vmaximum(vmax, v);
@@ -57,6 +84,7 @@ inline V adam_math(V& p, V g, V& m, V& v, V& vmax, const AdamArgs<A>& c) {
   }
   const V denom = vsqrt(vh) / V(c.bc2_sqrt) + V(c.eps);
   const V u = (m / V(c.bc1)) / denom;
+  if (c.clip) stat = clip_stat(g, vh, c);
   if (c.apply) p = p - V(c.step_lr) * u;
   return u;
 }
@@ -112,31 +140,37 @@ inline void store(T* p, const V& v) {
   }
 }
 
-// Runs body(j, V()) over [begin, end): whole SIMD vectors when T is the math type, then scalars (the tail, or
-// every element of fp16/bf16 tensors). body updates its block in place and returns the unit proposal u,
-// which is stored into u_out when given; returns sum(u^2). Each kernel's arithmetic is written once.
-template <typename T, typename Body>
-double run_chunk(int64_t begin, int64_t end, acc_t<T>* u_out, Body&& body) {
+// Runs body(j, stat) over [begin, end): whole SIMD vectors when T is the math type, then scalars (the tail, or
+// every element of fp16/bf16 tensors); stat is a V (or A) zero the body may set. body updates its block in
+// place and returns the unit proposal u, which is stored into u_out when given; returns {sum(u^2), sum(stat)}
+// (the second only with kStat). Each kernel's arithmetic is written once.
+template <typename T, bool kStat = false, typename Body>
+std::array<double, 2> run_chunk(int64_t begin, int64_t end, acc_t<T>* u_out, Body&& body) {
   using A = acc_t<T>;
-  double sum = 0;
+  double sum = 0, stat_sum = 0;
   int64_t j = begin;
   if constexpr (kSimd<T>) {
     using V = Vectorized<A>;
     constexpr int64_t L = V::size();
-    V acc(A(0));
+    V acc(A(0)), acc_stat(A(0));
     for (; j + L <= end; j += L) {
-      const V u = body(j, V());
+      V stat(A(0));
+      const V u = body(j, stat);
       if (u_out) u.store(u_out + j);
       acc = at::vec::fmadd(u, u, acc);
+      if constexpr (kStat) acc_stat = acc_stat + stat;
     }
     sum = lane_sum(acc);
+    if constexpr (kStat) stat_sum = lane_sum(acc_stat);
   }
   for (; j < end; ++j) {
-    const A u = body(j, A());
+    A stat(0);
+    const A u = body(j, stat);
     if (u_out) u_out[j] = u;
     sum += static_cast<double>(u) * u;
+    if constexpr (kStat) stat_sum += static_cast<double>(stat);
   }
-  return sum;
+  return {sum, stat_sum};
 }
 
 double read_number(const at::Tensor& t, const char* name) {
@@ -146,83 +180,137 @@ double read_number(const at::Tensor& t, const char* name) {
 
 double read_scale(const at::Tensor& scale) { return read_number(scale, "step_scale"); }
 
-// Calls fn(chunk) -> double for chunks of ~32K elements across all parameters in one parallel region and
-// returns the per-tensor totals (float64 if a parameter is float64, else float32).
+// Whether the optional skip flag says "skip this step" (SPEC 7.1; read on the host: free on CPU).
+bool skipped(const std::optional<at::Tensor>& skip) { return skip.has_value() && read_number(*skip, "skip") != 0; }
+
+// Calls fn(chunk) -> {double, double} for chunks of ~32K elements across all parameters in one parallel region
+// and returns the per-tensor totals of the first (rows == 1: shape (T,)) or of both (rows == 2: (2, T)), float64
+// if a parameter is float64, else float32.
 template <typename F>
-at::Tensor chunked_sums(at::TensorList params, F&& fn) {
+at::Tensor chunked_sums(at::TensorList params, int64_t rows, F&& fn) {
   std::vector<int64_t> sizes;
   for (const auto& p : params) sizes.push_back(p.numel());
   const auto chunks = make_chunks(sizes, int64_t{1} << 15);
-  std::vector<double> partial(chunks.size(), 0.0);
+  std::vector<std::array<double, 2>> partial(chunks.size(), {0.0, 0.0});
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t ci = b0; ci < b1; ++ci) partial[ci] = fn(chunks[ci]);
   });
-  std::vector<double> total(params.size(), 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) total[chunks[c].index] += partial[c];
-  at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<double> total(rows * n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    for (int64_t r = 0; r < rows; ++r) total[r * n + chunks[c].index] += partial[c][r];
+  at::Tensor out = rows == 1 ? at::empty({n}, at::TensorOptions().dtype(at::kDouble))
+                             : at::empty({rows, n}, at::TensorOptions().dtype(at::kDouble));
   std::copy(total.begin(), total.end(), out.mutable_data_ptr<double>());
   return out.to(grouped_acc_dtype(params));
+}
+
+// The sums of a skipped step: zeros of chunked_sums' shape and dtype.
+at::Tensor zero_sums(at::TensorList params, int64_t rows) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  const auto options = at::TensorOptions().dtype(grouped_acc_dtype(params));
+  return rows == 1 ? at::zeros({n}, options) : at::zeros({rows, n}, options);
+}
+
+// lr as one number or one per tensor (read from a CPU tensor; ValueError otherwise).
+struct Lrs {
+  at::Tensor t;
+  const double* v;
+  bool per_tensor;
+  double operator[](int64_t i) const { return v[per_tensor ? i : 0]; }
+};
+Lrs read_lrs(const at::Tensor& lr_t, at::TensorList params, const char* op) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(lr_t.numel() == 1 || (lr_t.dim() == 1 && lr_t.numel() == n), op,
+                    ": lr must hold one number or one per tensor (", n, "), got shape ", lr_t.sizes());
+  at::Tensor t = lr_t.to(at::kDouble).contiguous();
+  const double* v = t.const_data_ptr<double>();
+  return {std::move(t), v, lr_t.numel() != 1};
 }
 
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                          const at::Tensor& step_scale, const at::Tensor& lr_t, const at::Tensor& step_t,
                          double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                         bool maximize, bool apply, bool eps_raw) {
-  // lr and step arrive as 0-d (float64) CPU tensors: reading them is free on CPU.
+                         bool maximize, bool apply, bool eps_raw, const std::optional<at::Tensor>& skip,
+                         int64_t clip_stats) {
+  // lr, step and skip arrive as float64 CPU tensors: reading them is free on CPU.
+  const bool skip_now = skipped(skip);
   const double step = read_number(step_t, "step");
-  TORCH_CHECK_VALUE(step >= 1, "adam_step_: step must be >= 1, got ", step);
-  const double lr = read_number(lr_t, "lr");
+  // a skipped step may come with a counter that it left at 0 (its bias corrections are never used)
+  TORCH_CHECK_VALUE(skip_now || step >= 1, "adam_step_: step must be >= 1, got ", step);
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  const Lrs lrs = read_lrs(lr_t, params, "adam_step_");
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
                      at::kCPU);
-  const double bc2_sqrt = std::sqrt(1 - std::pow(beta2, step));
-  const AdamConsts c{lr, beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
-                     bc2_sqrt, decoupled, amsgrad, maximize, apply};
+  const int64_t rows = clip_stats ? 2 : 1;
+  if (skip_now) return zero_sums(params, rows);
+  const bool only = clip_stats == 2;
+  const double bc2 = 1 - std::pow(beta2, step), bc2_sqrt = std::sqrt(bc2);
+  const AdamConsts c{beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
+                     bc2_sqrt, bc2, eps, decoupled, amsgrad, maximize, apply && !only, clip_stats != 0};
   const double scale = read_scale(step_scale);
-  return chunked_sums(params, [&](const Chunk& ch) {
+  // p is read only when the step needs it: applied, or Adam's L2 decay on g
+  const bool read_p = c.apply || (!decoupled && weight_decay != 0);
+  return chunked_sums(params, rows, [&](const Chunk& ch) {
     const int64_t i = ch.index;
-    double sum = 0;
+    std::array<double, 2> sums{0.0, 0.0};
     STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
-      const AdamArgs<A> k(c, scale);
+      const AdamArgs<A> k(c, lrs[i], scale);
       T* p = params[i].mutable_data_ptr<T>();
       const T* g = grads[i].const_data_ptr<T>();
       T* m = exp_avgs[i].mutable_data_ptr<T>();
       T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
       T* vm = k.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
-      sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
-                         [&](int64_t j, auto zero) {
-                           using V = decltype(zero);
-                           V vp = load<V>(p + j), vmm = load<V>(m + j), vv = load<V>(v + j);
-                           V vmax = vm ? load<V>(vm + j) : V(A(0));
-                           const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, k);
-                           if (k.apply) store(p + j, vp);
-                           store(m + j, vmm);
-                           store(v + j, vv);
-                           if (vm) store(vm + j, vmax);
-                           return u;
-                         });
+      if (only) {  // update clipping's statistic alone: g, v (and max v, p) read, nothing written
+        sums = run_chunk<T, true>(ch.begin, ch.end, nullptr, [&](int64_t j, auto& stat) {
+          using V = std::remove_reference_t<decltype(stat)>;
+          const V gj = adam_grad(read_p ? load<V>(p + j) : V(A(0)), load<V>(g + j), k);
+          const V vj = adam_next_v(load<V>(v + j), gj, k);
+          stat = clip_stat(gj, vm ? vmaximum(load<V>(vm + j), vj) : vj, k);
+          return V(A(0));
+        });
+        return;
+      }
+      A* u_out = updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>();
+      auto body = [&](int64_t j, auto& stat) {
+        using V = std::remove_reference_t<decltype(stat)>;
+        V vp = read_p ? load<V>(p + j) : V(A(0)), vmm = load<V>(m + j), vv = load<V>(v + j);
+        V vmax = vm ? load<V>(vm + j) : V(A(0));
+        const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, stat, k);
+        if (k.apply) store(p + j, vp);
+        store(m + j, vmm);
+        store(v + j, vv);
+        if (vm) store(vm + j, vmax);
+        return u;
+      };
+      sums = k.clip ? run_chunk<T, true>(ch.begin, ch.end, u_out, body)
+                    : run_chunk<T, false>(ch.begin, ch.end, u_out, body);
     });
-    return sum;
+    return sums;
   });
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
                         const at::Tensor& step_scale, const at::Tensor& lr_t, double momentum, double dampening,
-                        double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
+                        double weight_decay, bool nesterov, bool maximize, bool first, bool apply,
+                        const std::optional<at::Tensor>& skip) {
+  const bool skip_now = skipped(skip);
   const double lr = read_number(lr_t, "lr");
   check_update_lists("sgd_step_", params,
                      {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
                       {"updates", updates, true, false}},
                      at::kCPU);
+  if (skip_now) return zero_sums(params, 1);
   const SgdConsts c{lr, momentum, dampening, weight_decay, nesterov, maximize, first, apply};
   const double scale = read_scale(step_scale);
-  return chunked_sums(params, [&](const Chunk& ch) {
+  return chunked_sums(params, 1, [&](const Chunk& ch) {
     const int64_t i = ch.index;
-    double sum = 0;
+    std::array<double, 2> sums{0.0, 0.0};
     STABKERNELS_DISPATCH_FLOAT(params[i], "sgd_step_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
@@ -230,39 +318,44 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       T* p = params[i].mutable_data_ptr<T>();
       const T* g = grads[i].const_data_ptr<T>();
       T* b = c.momentum != 0 ? bufs[i].mutable_data_ptr<T>() : nullptr;
-      sum = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
-                         [&](int64_t j, auto zero) {
-                           using V = decltype(zero);
-                           V vp = load<V>(p + j), vb = b ? load<V>(b + j) : V(A(0));
-                           const V u = sgd_math(vp, load<V>(g + j), vb, k, b != nullptr);
-                           if (k.apply) store(p + j, vp);
-                           if (b) store(b + j, vb);
-                           return u;
-                         });
+      sums = run_chunk<T>(ch.begin, ch.end, updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>(),
+                          [&](int64_t j, auto& stat) {
+                            using V = std::remove_reference_t<decltype(stat)>;
+                            V vp = load<V>(p + j), vb = b ? load<V>(b + j) : V(A(0));
+                            const V u = sgd_math(vp, load<V>(g + j), vb, k, b != nullptr);
+                            if (k.apply) store(p + j, vp);
+                            if (b) store(b + j, vb);
+                            return u;
+                          });
     });
-    return sum;
+    return sums;
   });
 }
 
-// p <- p * (1 - lr * weight_decay) - lr * u, with lr read from a 0-d tensor.
-void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr_t, double weight_decay) {
+// p <- p * (1 - lr_i * weight_decay) - lr_i * step_scale * u, lr_i = lr (one number) or lr[i] (one per
+// tensor, update clipping), read from CPU tensors; nothing when skip is nonzero.
+void apply_update_cpu(at::TensorList params, at::TensorList updates, const at::Tensor& lr_t, double weight_decay,
+                      const std::optional<at::Tensor>& step_scale, const std::optional<at::Tensor>& skip) {
   check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCPU);
-  const double lr = read_scale(lr_t);
-  chunked_sums(params, [&](const Chunk& ch) {
+  const Lrs lrs = read_lrs(lr_t, params, "apply_update_");
+  if (skipped(skip)) return;
+  const double scale = step_scale.has_value() ? read_scale(*step_scale) : 1.0;
+  chunked_sums(params, 1, [&](const Chunk& ch) {
     const int64_t i = ch.index;
+    const double lr = lrs[i];
     STABKERNELS_DISPATCH_FLOAT(params[i], "apply_update_cpu", [&] {
       using T = scalar_t;
       using A = acc_t<T>;
       T* p = params[i].mutable_data_ptr<T>();
       const A* u = updates[i].const_data_ptr<A>();
-      const A a_lr = static_cast<A>(lr), decay = static_cast<A>(1 - lr * weight_decay);
-      run_chunk<T>(ch.begin, ch.end, nullptr, [&](int64_t j, auto zero) {
-        using V = decltype(zero);
-        store(p + j, load<V>(p + j) * V(decay) - V(a_lr) * load<V>(u + j));
+      const A a_step = static_cast<A>(lr * scale), decay = static_cast<A>(1 - lr * weight_decay);
+      run_chunk<T>(ch.begin, ch.end, nullptr, [&](int64_t j, auto& stat) {
+        using V = std::remove_reference_t<decltype(stat)>;
+        store(p + j, load<V>(p + j) * V(decay) - V(a_step) * load<V>(u + j));
         return V(A(0));
       });
     });
-    return 0.0;
+    return std::array<double, 2>{0.0, 0.0};
   });
 }
 

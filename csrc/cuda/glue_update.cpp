@@ -42,11 +42,28 @@ UpdatePlan update_plan(const std::array<at::TensorList, 6>& lists) {
 
 namespace {
 
+// The optional skip flag (SPEC 7.1) as a float64 device scalar whose address the kernels read; null when absent.
+at::Tensor skip_flag(const std::optional<at::Tensor>& skip, const at::Device& device, const char* op) {
+  return skip.has_value() ? device_scalar(*skip, device, at::kDouble, op, "skip") : at::Tensor();
+}
+const double* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<double>() : nullptr; }
+
+// A learning rate as the kernels read it: one float64 number, or one per tensor ((T,), update clipping) read
+// at the tensor's list position; on the device (no host copy).
+at::Tensor device_lrs(const at::Tensor& lr, at::TensorList params, const at::Device& device, const char* op) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (!lr.defined() || lr.numel() == 1) return device_scalar(lr, device, at::kDouble, op, "lr");
+  TORCH_CHECK_VALUE(lr.dim() == 1 && lr.numel() == n && lr.device() == device, op,
+                    ": lr must hold one number or one per tensor (", n, ") on ", device, ", got shape ", lr.sizes(),
+                    " on ", lr.device());
+  return converted(lr, at::kDouble).contiguous();
+}
+
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                           const at::Tensor& step_scale, const at::Tensor& lr, const at::Tensor& step, double beta1,
                           double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                          bool apply, bool eps_raw) {
+                          bool apply, bool eps_raw, const std::optional<at::Tensor>& skip, int64_t clip_stats) {
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, false, amsgrad}, {"updates", updates, true, false}},
@@ -56,17 +73,23 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   // step is not checked (>= 1) here: that would read the device. The kernels compute the bias corrections.
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "adam_step_", "step_scale");
-  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "adam_step_", "lr");
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  const at::Tensor lr_d = device_lrs(lr, params, device, "adam_step_");
   const at::Tensor step_d = device_scalar(step, device, at::kDouble, "adam_step_", "step");
-  at::Tensor sums = at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
+  const at::Tensor skip_d = skip_flag(skip, device, "adam_step_");
+  const int64_t n = static_cast<int64_t>(params.size()), rows = clip_stats ? 2 : 1;
+  at::Tensor sums = clip_stats ? at::empty({rows, n}, params[0].options().dtype(at::kDouble))
+                               : at::empty({n}, params[0].options().dtype(at::kDouble));
   const at::TensorList vm = amsgrad ? max_exp_avg_sqs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, exp_avgs, exp_avg_sqs, vm, updates});
   for (const auto& g : plan.groups) {
-    at::Tensor partials = at::empty({g.chunks}, sums.options());
+    at::Tensor partials = at::empty({rows * g.chunks}, sums.options());
     check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
                     lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
-                    partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(),
-                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty(), eps_raw}, stream),
+                    ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), n,
+                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty() && clip_stats != 2, eps_raw,
+                              clip_stats != 0, clip_stats == 2, lr.numel() != 1},
+                    stream),
           "adam_step_");
   }
   return converted(sums, grouped_acc(params));
@@ -74,7 +97,8 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
 
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,
                          const at::Tensor& step_scale, const at::Tensor& lr, double momentum, double dampening,
-                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply) {
+                         double weight_decay, bool nesterov, bool maximize, bool first, bool apply,
+                         const std::optional<at::Tensor>& skip) {
   check_update_lists("sgd_step_", params,
                      {{"grads", grads}, {"momentum_buffers", bufs, false, momentum != 0},
                       {"updates", updates, true, false}},
@@ -84,29 +108,37 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "sgd_step_", "step_scale");
   const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "sgd_step_", "lr");
+  const at::Tensor skip_d = skip_flag(skip, device, "sgd_step_");
   at::Tensor sums = at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kDouble));
   const at::TensorList b = momentum != 0 ? bufs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, b, {}, {}, updates});
   for (const auto& g : plan.groups) {
     at::Tensor partials = at::empty({g.chunks}, sums.options());
     check(sgd_step(dtype_of(g.dtype), g.t, g.chunks, SgdHyper{momentum, dampening, weight_decay},
-                   lr_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(), partials.mutable_data_ptr<double>(),
-                   sums.mutable_data_ptr<double>(),
+                   lr_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(), ptr_or_null(skip_d),
+                   partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(),
                    SgdFlags{momentum != 0, nesterov, maximize, first, apply, !updates.empty()}, stream),
           "sgd_step_");
   }
   return converted(sums, grouped_acc(params));
 }
 
-void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr, double weight_decay) {
+void apply_update_cuda(at::TensorList params, at::TensorList updates, const at::Tensor& lr, double weight_decay,
+                       const std::optional<at::Tensor>& step_scale, const std::optional<at::Tensor>& skip) {
   check_update_lists("apply_update_", params, {{"updates", updates, true}}, at::kCUDA);
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor lr_d = device_scalar(lr, device, at::kDouble, "apply_update_", "lr");
+  const bool per_tensor = lr.defined() && lr.numel() != 1;
+  const at::Tensor lr_d = device_lrs(lr, params, device, "apply_update_");
+  const at::Tensor scale_d = step_scale.has_value()
+                                 ? device_scalar(*step_scale, device, at::kDouble, "apply_update_", "step_scale")
+                                 : at::Tensor();
+  const at::Tensor skip_d = skip_flag(skip, device, "apply_update_");
   const UpdatePlan plan = update_plan({params, {}, {}, {}, {}, updates});
   for (const auto& g : plan.groups)
-    check(apply_update(dtype_of(g.dtype), g.t, g.chunks, lr_d.const_data_ptr<double>(), weight_decay, stream),
+    check(apply_update(dtype_of(g.dtype), g.t, g.chunks, lr_d.const_data_ptr<double>(), per_tensor,
+                       ptr_or_null(scale_d), ptr_or_null(skip_d), weight_decay, stream),
           "apply_update_");
 }
 

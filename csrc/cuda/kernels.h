@@ -92,6 +92,9 @@ constexpr int64_t kUpdateChunk = 1 << 14;
 
 struct AdamFlags {
   bool decoupled, amsgrad, maximize, apply, write_u, eps_raw;
+  bool clip;           // update clipping's statistic too (SPEC 7.2)
+  bool only;           // with clip: the statistic alone, from g and v (max v; p for coupled decay), no write
+  bool lr_per_tensor;  // lr[index[i]] (one per tensor) rather than *lr
 };
 struct SgdFlags {
   bool momentum, nesterov, maximize, first, apply, write_u;
@@ -106,18 +109,25 @@ struct SgdHyper {
 
 // Per-step scalars are read from device memory (0-d float64 tensors on the params' device), so a step
 // makes no host round trip and can be captured in a CUDA graph:
-//   lr, scale (the step scale) and, for Adam, step (the step number after this step, >= 1): the kernel
-//   computes bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) in double (eps_raw: eps / sqrt(bc2)).
-// sums (float64, one per tensor of the op's list): sum of u^2 per tensor, written at index[i] by a
-// fixed-order second pass over one partial per chunk (partials: num_chunks float64 of scratch).
+//   lr (Adam: one, or one per tensor with flags.lr_per_tensor), scale (the step scale) and, for Adam, step
+//   (the step number after this step, >= 1): the kernel
+//   computes bc1 = 1 - beta1^step and sqrt(bc2) = sqrt(1 - beta2^step) in double (eps_raw: eps / sqrt(bc2));
+//   skip (SPEC 7.1; may be null): where *skip != 0 every block writes zero partials and returns before
+//   touching the tensors (no multiplication by 0: a NaN gradient cannot leak in).
+// sums (float64): sum of u^2 per tensor of the op's list, written at index[i] by a fixed-order second pass
+// over one partial per chunk (partials: num_chunks float64 of scratch); with flags.clip (SPEC 7.2) also
+// sum(g^2 / max(v_hat / bc2, eps^2)) per tensor at sums_stride + index[i] (partials: 2 * num_chunks).
 cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
-                      const double* step, const double* scale, double* partials, double* sums, AdamFlags flags,
-                      cudaStream_t stream);
+                      const double* step, const double* scale, const double* skip, double* partials, double* sums,
+                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream);
 cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
-                     const double* scale, double* partials, double* sums, SgdFlags flags, cudaStream_t stream);
-// p <- p * (1 - lr * weight_decay) - lr * u, lr = *scale.
-cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
-                         double weight_decay, cudaStream_t stream);
+                     const double* scale, const double* skip, double* partials, double* sums, SgdFlags flags,
+                     cudaStream_t stream);
+// p <- p * (1 - lr_i * weight_decay) - lr_i * scale * u, lr_i = lr[index[i]] (lr_per_tensor) or *lr; scale
+// and skip may be null (1; never skipped).
+cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* lr,
+                         bool lr_per_tensor, const double* scale, const double* skip, double weight_decay,
+                         cudaStream_t stream);
 
 // Fused losses, one block per row. grad may be null (no gradient) or alias logits; grad_scale points to
 // one acc-type value; per-row outputs (acc type) are written for every row (0 for ignored ones).

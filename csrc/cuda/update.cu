@@ -4,6 +4,9 @@
 // and a captured CUDA graph replays the right corrections; the other hyper-parameters are kernel arguments.
 // Arithmetic as in csrc/cpu/update.cpp (torch.optim's order of operations; constants rounded from double
 // to the math type once, step_lr = lr * scale and 1 - lr * wd formed in double as there).
+// The optional skip flag (SPEC 7.1) is read by every block from device memory; a skipped step's blocks
+// write zero partials and return, uniformly (before any barrier). Update clipping's statistic (SPEC 7.2) is
+// a second row of partials.
 #include "common.cuh"
 
 namespace stabkernels::cuda {
@@ -31,49 +34,78 @@ __device__ __forceinline__ void finish_chunk(A acc, double* partials) {
   if (threadIdx.x == 0) partials[blockIdx.x] = static_cast<double>(acc);
 }
 
+// Whether this step is skipped (SPEC 7.1): the same value for every thread of every block.
+__device__ __forceinline__ bool skipped(const double* skip) { return skip != nullptr && *skip != 0.0; }
+
 template <typename T>
 __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, const double* step_p,
-                            const double* scale_p, double* partials, AdamFlags f) {
+                            const double* scale_p, const double* skip_p, double* partials, AdamFlags f) {
   using A = typename Acc<T>::type;
+  if (skipped(skip_p)) {
+    if (threadIdx.x == 0) {
+      partials[blockIdx.x] = 0;
+      if (f.clip) partials[gridDim.x + blockIdx.x] = 0;
+    }
+    return;
+  }
   const auto [i, begin, end] = chunk_range(t);
   // The bias corrections, from the device step counter, in double as the CPU kernel computes them.
-  const double lr_d = *lr_p, step_d = *step_p;
-  const double bc1_d = 1.0 - pow(h.beta1, step_d), bc2s_d = sqrt(1.0 - pow(h.beta2, step_d));
+  const double lr_d = f.lr_per_tensor ? lr_p[t.index[i]] : *lr_p, step_d = *step_p;
+  const double bc1_d = 1.0 - pow(h.beta1, step_d), bc2_d = 1.0 - pow(h.beta2, step_d), bc2s_d = sqrt(bc2_d);
   const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2), wd = static_cast<A>(h.weight_decay);
   const A eps = static_cast<A>(f.eps_raw ? h.eps / bc2s_d : h.eps);
   const A bc1 = static_cast<A>(bc1_d), bc2s = static_cast<A>(bc2s_d);
+  // update clipping: 1 / bc2 formed in double, rounded once; eps^2 of the eps given
+  const A inv_bc2 = static_cast<A>(1.0 / bc2_d), eps2 = static_cast<A>(h.eps * h.eps);
   const A step_lr = static_cast<A>(lr_d * *scale_p), decay = static_cast<A>(1.0 - lr_d * h.weight_decay);
+  const bool apply = f.apply && !f.only;
+  // p is read only when the step needs it: applied, or Adam's L2 decay on g
+  const bool read_p = apply || (!f.decoupled && h.weight_decay != 0);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const T* g = reinterpret_cast<const T*>(t.g[i]);
   T* m = reinterpret_cast<T*>(t.m[i]);
   T* v = reinterpret_cast<T*>(t.v[i]);
   T* vm = reinterpret_cast<T*>(t.vm[i]);
   A* u_out = reinterpret_cast<A*>(t.u[i]);
-  A acc = 0;
+  A acc = 0, acc_clip = 0;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-    A pj = to_acc(p[j]), gj = to_acc(g[j]), mj = to_acc(m[j]), vj = to_acc(v[j]);
+    A pj = 0, gj = to_acc(g[j]), vj = to_acc(v[j]);
     if (f.maximize) gj = -gj;
-    if (f.apply && f.decoupled) pj = pj * decay;
-    if (!f.decoupled) gj = gj + pj * wd;
-    mj = mj + (gj - mj) * (A(1) - b1);
+    if (read_p) {
+      pj = to_acc(p[j]);
+      if (apply && f.decoupled) pj = pj * decay;
+      if (!f.decoupled) gj = gj + pj * wd;
+    }
     vj = vj * b2 + gj * (A(1) - b2) * gj;
     A vh = vj;
     if (f.amsgrad) {
       vh = max(to_acc(vm[j]), vj);
-      vm[j] = from_acc<T>(vh);
+      if (!f.only) vm[j] = from_acc<T>(vh);
     }
+    if (f.clip) {
+      const A vc = vh * inv_bc2;
+      acc_clip += gj * gj / (vc > eps2 || vc != vc ? vc : eps2);  // max(v_hat, eps^2), NaN kept
+    }
+    if (f.only) continue;
+    A mj = to_acc(m[j]);
+    mj = mj + (gj - mj) * (A(1) - b1);
     const A u = (mj / bc1) / (sqrt(vh) / bc2s + eps);
     m[j] = from_acc<T>(mj);
     v[j] = from_acc<T>(vj);
-    finish_element(j, u, pj, step_lr, f.write_u, f.apply, u_out, p, acc);
+    finish_element(j, u, pj, step_lr, f.write_u, apply, u_out, p, acc);
   }
   finish_chunk(acc, partials);
+  if (f.clip) finish_chunk(acc_clip, partials + gridDim.x);
 }
 
 template <typename T>
 __global__ void sgd_kernel(UpdateTables t, SgdHyper h, const double* lr_p, const double* scale_p,
-                           double* partials, SgdFlags f) {
+                           const double* skip_p, double* partials, SgdFlags f) {
   using A = typename Acc<T>::type;
+  if (skipped(skip_p)) {
+    if (threadIdx.x == 0) partials[blockIdx.x] = 0;
+    return;
+  }
   const auto [i, begin, end] = chunk_range(t);
   const A mu = static_cast<A>(h.momentum), wd = static_cast<A>(h.weight_decay);
   const A one_minus_damp = static_cast<A>(1.0 - h.dampening);
@@ -100,14 +132,18 @@ __global__ void sgd_kernel(UpdateTables t, SgdHyper h, const double* lr_p, const
 }
 
 template <typename T>
-__global__ void apply_kernel(UpdateTables t, const double* scale, double weight_decay) {
+__global__ void apply_kernel(UpdateTables t, const double* lr_p, bool lr_per_tensor, const double* scale_p,
+                             const double* skip_p, double weight_decay) {
   using A = typename Acc<T>::type;
+  if (skipped(skip_p)) return;
   const auto [i, begin, end] = chunk_range(t);
-  const double lr_d = *scale;
-  const A lr = static_cast<A>(lr_d), decay = static_cast<A>(1.0 - lr_d * weight_decay);
+  const double lr_d = lr_per_tensor ? lr_p[t.index[i]] : *lr_p;
+  const A step_lr = static_cast<A>(scale_p != nullptr ? lr_d * *scale_p : lr_d);
+  const A decay = static_cast<A>(1.0 - lr_d * weight_decay);
   T* p = reinterpret_cast<T*>(t.p[i]);
   const A* u = reinterpret_cast<const A*>(t.u[i]);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) p[j] = from_acc<T>(to_acc(p[j]) * decay - lr * u[j]);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
+    p[j] = from_acc<T>(to_acc(p[j]) * decay - step_lr * u[j]);
 }
 
 }  // namespace
@@ -122,33 +158,37 @@ __global__ void apply_kernel(UpdateTables t, const double* scale, double weight_
   })
 
 cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
-                      const double* step, const double* scale, double* partials, double* sums, AdamFlags flags,
-                      cudaStream_t stream) {
+                      const double* step, const double* scale, const double* skip, double* partials, double* sums,
+                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream) {
   if (num_chunks > 0) {
     const unsigned blocks = static_cast<unsigned>(num_chunks);
     const cudaError_t err = STABKERNELS_LAUNCH_TYPED(
-        dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, step, scale, partials, flags));
+        dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, step, scale, skip, partials, flags));
     if (err != cudaSuccess) return err;
   }
-  return segmented_sums(partials, num_chunks, 1, t.chunk_first, t.index, t.num_tensors, sums, 0, stream);
+  return segmented_sums(partials, num_chunks, flags.clip ? 2 : 1, t.chunk_first, t.index, t.num_tensors, sums,
+                        sums_stride, stream);
 }
 
 cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
-                     const double* scale, double* partials, double* sums, SgdFlags flags, cudaStream_t stream) {
+                     const double* scale, const double* skip, double* partials, double* sums, SgdFlags flags,
+                     cudaStream_t stream) {
   if (num_chunks > 0) {
     const unsigned blocks = static_cast<unsigned>(num_chunks);
     const cudaError_t err = STABKERNELS_LAUNCH_TYPED(
-        dtype, sgd_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, scale, partials, flags));
+        dtype, sgd_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, scale, skip, partials, flags));
     if (err != cudaSuccess) return err;
   }
   return segmented_sums(partials, num_chunks, 1, t.chunk_first, t.index, t.num_tensors, sums, 0, stream);
 }
 
-cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* scale,
-                         double weight_decay, cudaStream_t stream) {
+cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* lr,
+                         bool lr_per_tensor, const double* scale, const double* skip, double weight_decay,
+                         cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(num_chunks);
-  return STABKERNELS_LAUNCH_TYPED(dtype, apply_kernel<T><<<blocks, kThreads, 0, stream>>>(t, scale, weight_decay));
+  return STABKERNELS_LAUNCH_TYPED(
+      dtype, apply_kernel<T><<<blocks, kThreads, 0, stream>>>(t, lr, lr_per_tensor, scale, skip, weight_decay));
 }
 
 }  // namespace stabkernels::cuda

@@ -23,6 +23,18 @@ def adam_states(state, params, amsgrad: bool) -> list:
     return states
 
 
+def advance_steps(states, skip=None) -> None:
+    """Advances the step counters of ``states`` by one on their device, or by 0 where the skip flag ``skip`` (a
+    0-d device tensor, SPEC 7.1) is nonzero: a skipped step leaves the counters, and so the next step's bias
+    corrections, as they were. No host read."""
+    steps = [s["step"] for s in states]
+    if skip is None:
+        torch._foreach_add_(steps, 1)
+    else:  # a list of 0-d tensors: the tensor-scalar overload reads its scalar on the host (measured on CPU)
+        keep = (skip == 0).to(steps[0].dtype)
+        torch._foreach_add_(steps, [keep] * len(steps))
+
+
 def sgd_buffers(state, params, momentum: float) -> tuple[list | None, bool]:
     """(momentum buffers, whether this is their first step) in torch.optim.SGD's layout: without momentum
     (None, False); on the first step buffers are created (the step then copies the gradient in, as torch's)."""
@@ -32,7 +44,7 @@ def sgd_buffers(state, params, momentum: float) -> tuple[list | None, bool]:
     if any(have) and not all(have):
         raise RuntimeError("some SGD momentum buffers exist and others do not (a partial optimizer state)")
     first = not any(have)
-    if first:
+    if first:  # zeros, not empty: a skipped first step (SPEC 7.1) leaves them as they were made
         for p in params:
-            state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return [state[p]["momentum_buffer"] for p in params], first

@@ -16,6 +16,7 @@ from .. import distributed, spectral
 from .._checks import acc_dtype
 from .._hostread import DeferredRead, capturing
 from ._wrapper import OptimizerWrapper
+from .skipstep import StableAdamW
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], backend: str = "auto") -> torch.Tensor:
@@ -81,6 +82,13 @@ class PSS(OptimizerWrapper):
     default) skip on a device-side flag, as under GradScaler; any other wrapped optimizer needs one host read
     per step for the skip (``skip_nonfinite=False`` avoids it). Under CUDA graph capture the step records
     only device work; a smoothing it decides waits for the next eager ``step()`` or :meth:`flush`.
+
+    Skip flag (SPEC 7.1): where the wrapped optimizer skips on the device (torch's fused ones, or one of ours
+    with ``accepts_skip``: StableAdamW, PSSAdamW(update_clip=True)), PSS takes a skip flag too
+    (``accepts_skip``; :class:`~stabkernels.optim.SkipStep` sets ``skip_flag``): on a skipped step the
+    wrapped optimizer's step is skipped on the device (with a non-finite norm's skip, whichever says so),
+    the gradient-norm EMA is left as it was and no smoothing is decided (neither by the ratio test nor by
+    ``every``), so a step SkipStep drops leaves PSS's state as it was; only the step count advances (host).
 
     Args:
         optimizer: any torch optimizer (its param_groups and state are shared, so LR schedulers and
@@ -178,6 +186,18 @@ class PSS(OptimizerWrapper):
         return (isinstance(self.optimizer, _FOUND_INF_OPTIMIZERS)
                 and all(g.get("fused") for g in self.optimizer.param_groups))
 
+    def _inner_accepts_skip(self) -> bool:
+        """Whether the wrapped optimizer takes the skip flag of this package's optimizers (SPEC 7.1)."""
+        return bool(getattr(self.optimizer, "accepts_skip", False))
+
+    @property
+    def accepts_skip(self) -> bool:
+        """Whether this PSS takes a skip flag (``skip_flag``, SPEC 7.1): when its wrapped optimizer can skip on
+        the device."""
+        return self._device_skip() or self._inner_accepts_skip()
+
+    skip_flag: torch.Tensor | None = None
+
     def _norm(self, grad_norm) -> torch.Tensor:
         params = self.params()
         g = global_grad_norm(params, self.backend) if grad_norm is None else torch.as_tensor(grad_norm)
@@ -201,13 +221,21 @@ class PSS(OptimizerWrapper):
             self._ema = self._ema.to(g.device)
         finite = torch.isfinite(g)
         ema_before = self._ema.clone()
-        if not self.skip_nonfinite:
+        keep = None if self.skip_flag is None else self.skip_flag.reshape(()).to(g.device) == 0
+        skip = None  # what skips the wrapped optimizer's step: a non-finite norm and/or the skip flag
+        if self.skip_nonfinite:
+            skip = ~finite
+        if keep is not None:
+            skip = ~keep if skip is None else skip | ~keep
+        if skip is None:
             self.optimizer.step()
         elif self._device_skip():
-            self._step_unless((~finite).to(torch.float32))
-        elif bool(finite):  # a wrapped optimizer that cannot skip on the device: one host read
+            self._step_unless(skip.to(torch.float32))
+        elif self._inner_accepts_skip():
+            self._step_flagged(skip.to(torch.float64))
+        elif not bool(skip):  # a wrapped optimizer that cannot skip on the device: one host read
             self.optimizer.step()
-        self._end_step(g, ema_before, finite)
+        self._end_step(g, ema_before, finite, keep)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -224,6 +252,16 @@ class PSS(OptimizerWrapper):
         finally:
             self.optimizer.found_inf = saved
 
+    @torch.compiler.disable  # an attribute set on the wrapped optimizer inside a graph
+    def _step_flagged(self, skip: torch.Tensor) -> None:
+        """The wrapped optimizer's step with its skip flag (SPEC 7.1) set to ``skip``, put back afterwards."""
+        saved = self.optimizer.skip_flag
+        self.optimizer.skip_flag = skip
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.skip_flag = saved
+
     @torch.compiler.disable
     def _begin_step(self) -> None:
         """Applies a pending smoothing and counts the step."""
@@ -232,7 +270,7 @@ class PSS(OptimizerWrapper):
         self.steps += 1
 
     @torch.compiler.disable  # host flags (armed, every) decide tensor ops here, never guards of a graph
-    def _end_step(self, g, ema_before, finite) -> None:
+    def _end_step(self, g, ema_before, finite, keep=None) -> None:
         armed = self.trigger is not None and self.steps > self.warmup
         every = self.every is not None and self.steps % self.every == 0
         have_ema = ~torch.isnan(self._ema)
@@ -240,10 +278,13 @@ class PSS(OptimizerWrapper):
             fired = finite & have_ema & (g > self.trigger * self._ema)
         else:
             fired = torch.zeros_like(finite)
+        # a skipped step (skip flag) neither fires nor smooths nor moves the average
+        counts = finite if keep is None else finite & keep
+        fired = fired & counts
         # a spike stays out of the average, and so does a non-finite norm
         blended = torch.where(have_ema, (1 - self.ema_alpha) * self._ema + self.ema_alpha * g, g)
-        self._ema.copy_(torch.where(finite & ~fired, blended, self._ema))
-        decision = torch.stack([fired | (finite & every), fired])
+        self._ema.copy_(torch.where(counts & ~fired, blended, self._ema))
+        decision = torch.stack([fired | (counts & every), fired])
         self.last = report = PSSReport(step=self.steps, grad_norm=g, ema=ema_before, skipped_nonfinite=~finite)
         if capturing():  # a captured step cannot hand its decision to the host: it never smooths (README)
             return
@@ -380,18 +421,31 @@ class PSSAdamW(PSS):
     else to :class:`PSS`. AdamW is fused (``fused=True``) unless ``fused`` or ``foreach`` is given or a
     parameter is on a device or of a dtype torch's fused AdamW does not take: the fused step skips itself on a
     non-finite gradient norm without a host read.
+
+    ``update_clip=True``: the wrapped optimizer is :class:`~stabkernels.optim.StableAdamW` (AdamW with update
+    clipping, SPEC 7.2, on this package's fused kernels; ``backend`` picks them too), which takes lr, betas,
+    eps and weight_decay only, and skips on the device through the skip flag (SPEC 7.1).
     """
 
     _ADAMW_ARGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
                    "differentiable", "fused")
+    _STABLE_ARGS = ("betas", "eps", "weight_decay")
 
-    def __init__(self, params, lr: float = 1e-3, **kwargs):
+    def __init__(self, params, lr: float = 1e-3, *, update_clip: bool = False, **kwargs):
         adamw_kwargs = {k: kwargs.pop(k) for k in self._ADAMW_ARGS if k in kwargs}
         select = kwargs.pop("select", None)
         if isinstance(params, nn.Module):
             select = params if select is None else select
             params = params.parameters()
         params = list(params)
+        if update_clip:
+            other = sorted(set(adamw_kwargs) - set(self._STABLE_ARGS))
+            if other:
+                raise ValueError(f"PSSAdamW(update_clip=True) steps StableAdamW, which takes lr, betas, eps and "
+                                 f"weight_decay only; got {other}")
+            inner = StableAdamW(params, lr=lr, backend=kwargs.get("backend", "auto"), **adamw_kwargs)
+            super().__init__(inner, select, **kwargs)
+            return
         if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs and _fused_adamw_takes(params):
             adamw_kwargs["fused"] = True
             # step counters on the device, so the step can be captured in a CUDA graph (torch allows it there)

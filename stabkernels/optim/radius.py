@@ -11,6 +11,15 @@ The moments advance once; only the step length changes.
 - :class:`RadiusAdamW` and :class:`RadiusSGD` are the same as self-contained optimizers.
 Both: one pass advances the moments and writes u with its norm, a second applies the step; rho, ||u|| and
 eta_eff stay 0-d device tensors (no host read in a step).
+
+Skip flag (SPEC 7.1; ``accepts_skip``): when ``skip_flag`` holds a nonzero 0-d device tensor (set by
+:class:`~stabkernels.optim.SkipStep` around ``step()``), the fused kernels write nothing (no moment, no counter,
+no parameter moves) and the radius is probed as usual (the schedule is the host's, the same on every rank) but
+discarded: the last rho is kept, and the re-measurement flag is set, so the radius is measured again at the
+next step the backed-off gap allows (a skipped measurement resets that gap; with ``reprobe_above=None`` the fixed
+schedule only).
+``RadiusAdamW(update_clip=True)`` clips each tensor's proposal to lr / max(1, RMS) (SPEC 7.2) before the
+radius is measured along it: the control sees the step that is taken.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .. import distributed, spread, tangent, update
 from .._checks import acc_dtype
 from .._hostread import DeferredRead, capturing
 from ._scratch import ScratchBuffers
-from ._state import adam_states, sgd_buffers
+from ._state import adam_states, advance_steps, sgd_buffers
 from ._wrapper import ExtraStateMixin, OptimizerWrapper
 
 MODES = ("cap", "set")
@@ -314,19 +323,20 @@ class _RadiusMixin:
         self._recomputed = False  # whether the step being taken measured rho (set in _radius_along)
         self.last: RadiusReport | None = None
 
-    def _measure(self, inputs, proposals, group_lrs, sums) -> tuple[Tensor, Tensor, Tensor]:
-        """(rho, tau, unit_norm) for per-group proposals {id: u}, lrs and sum(u^2) per group."""
+    def _measure(self, inputs, proposals, group_lrs, sums, skip=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(rho, tau, unit_norm) for per-group proposals (ids, us, clip factors or None), lrs and sum(u^2) per
+        group (of the clipped proposals); a skipped step (``skip`` != 0) keeps the last rho."""
         sq = torch.stack([s.sum().double() for s in sums])
         lrs = torch.stack([update.scalar_tensor(lr, "lr", sq.device) for lr in group_lrs])
         tau = (lrs.square() * sq).sum().sqrt()
         unit_norm = sq.sum().sqrt()
-        return self._radius_along(inputs, proposals, group_lrs, lrs, tau), tau, unit_norm
+        return self._radius_along(inputs, proposals, group_lrs, lrs, tau, skip), tau, unit_norm
 
     # Outside torch.compile's graphs: whether this step measures is a host decision, and a host bool inside the
     # compiled step would make dynamo compile one variant of the step per outcome (measured with torch 2.11: the
     # first reused-rho step compiled new graphs). Here the compiled step sees one tensor, rho, either way.
     @torch.compiler.disable
-    def _radius_along(self, inputs, proposals, group_lrs, lrs, tau) -> Tensor:
+    def _radius_along(self, inputs, proposals, group_lrs, lrs, tau, skip) -> Tensor:
         """rho along this step's proposal: measured when ``_probe_now`` says so (``self._recomputed``), else the
         last one."""
         self._recomputed = self._probe_now()
@@ -336,14 +346,18 @@ class _RadiusMixin:
         same_lr = all(lr is group_lrs[0] or (not isinstance(lr, Tensor) and lr == group_lrs[0])
                       for lr in group_lrs)
         direction = {}
-        for (ids, us), lr in zip(proposals, group_lrs):
-            for i, u in zip(ids, us):
-                direction[i] = u if same_lr else u * lr
+        for (ids, us, clip), lr in zip(proposals, group_lrs):
+            for k, (i, u) in enumerate(zip(ids, us)):
+                d = u if clip is None else u * clip[k].to(u.dtype)  # update clipping: the step's direction
+                direction[i] = d if same_lr else d * lr
         scale = (lrs[0] if same_lr else torch.ones((), dtype=torch.float64, device=tau.device)) / tau
         scale = torch.where(tau > 0, scale, torch.zeros_like(scale))
         with torch.no_grad():
             rho = self.probe.radius(self.probe.sample_set(inputs), direction, scale.float())
-        return torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
+        rho = torch.where(tau > 0, rho.double(), torch.full_like(rho.double(), math.inf))
+        if skip is not None and self._rho is not None:  # a skipped step's radius is discarded
+            rho = torch.where(skip != 0, self._rho.to(rho.dtype), rho)
+        return rho
 
     def _setup_state(self, group, params):
         """Creates the optimizer state of ``params`` (one group) on first use; returns what ``_propose`` needs."""
@@ -351,14 +365,22 @@ class _RadiusMixin:
 
     def _propose(self, group, params, us, state) -> Tensor:
         """Advances the optimizer state of ``params`` (one group) as its step would, writes the unit proposal
-        (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor."""
+        (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor; with update
+        clipping (2, T), the second row the clip statistics (SPEC 7.2). Nothing advances where
+        ``self._step_skip`` (this step's skip flag, a 0-d device tensor or None) is nonzero."""
         raise NotImplementedError
+
+    # the skip-flag protocol (SPEC 7.1): SkipStep sets skip_flag around step(); _step_skip is it on the device
+    accepts_skip = True
+    skip_flag: Tensor | None = None
+    _step_skip: Tensor | None = None
 
     def _decoupled_decay(self, group) -> float:
         return 0.0
 
     def _control_step(self, inputs, closure):
-        """The controlled step: proposal, radius along it, the step at eta_eff (a device tensor)."""
+        """The controlled step: proposal, radius along it, the step at eta_eff (a device tensor). With a skip
+        flag set, the kernels write nothing and the measured radius is discarded (the last one is kept)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -366,16 +388,32 @@ class _RadiusMixin:
         live = self._prepare()
         if not live:
             return loss
-        sums = [self._propose(g, ps, us, state) for g, ps, us, state in live]
+        skip = update.skip_tensor(self.skip_flag, live[0][1][0].device)
+        self._step_skip = skip
+        try:
+            raw = [self._propose(g, ps, us, state) for g, ps, us, state in live]
+        finally:
+            self._step_skip = None
+        sums, clips = [], []
+        for (_, ps, _, _), s in zip(live, raw):
+            if s.dim() == 2:  # update clipping: u_i scaled by 1 / max(1, RMS_i), so sum(u_i^2) by its square
+                c = update.clip_lrs(s[1], ps, 1.0)
+                s = s[0] * c.square().to(s.dtype)  # in the sums' dtype: c = 1 leaves them (and tau) bit for bit
+            else:
+                c = None
+            sums.append(s)
+            clips.append(c)
         rho, tau, unit_norm = self._measure(
-            inputs, [([id(p) for p in ps], us) for _, ps, us, _ in live], [g["lr"] for g, *_ in live], sums)
+            inputs, [([id(p) for p in ps], us, c) for (_, ps, us, _), c in zip(live, clips)],
+            [g["lr"] for g, *_ in live], sums, skip)
         scale = _control_scale(rho, tau, self.r, self.mode)
         lrs = []
-        for g, ps, us, _ in live:
+        for (g, ps, us, _), c in zip(live, clips):
             lr_eff = scale * update.scalar_tensor(g["lr"], "lr", scale.device)
-            update.apply_update_(ps, us, lr_eff, self._decoupled_decay(g), backend=self.backend)
+            update.apply_update_(ps, us, lr_eff if c is None else lr_eff * c, self._decoupled_decay(g), skip=skip,
+                                 backend=self.backend)
             lrs.append(lr_eff)
-        self._record(rho, unit_norm, tau, scale, lrs)
+        self._record(rho, unit_norm, tau, scale, lrs, skip)
         return loss
 
     # Host bookkeeping runs outside torch.compile's graphs: dynamo dropped these attribute updates of the
@@ -416,15 +454,25 @@ class _RadiusMixin:
         return True
 
     @torch.compiler.disable
-    def _record(self, rho, unit_norm, tau, scale, lrs) -> None:
+    def _record(self, rho, unit_norm, tau, scale, lrs, skip=None) -> None:
         previous, recomputed = self._rho, self._recomputed
         self._rho = rho
         ratio = tau / rho
         self.last = RadiusReport(self.steps, rho, unit_norm, tau, ratio, scale, lrs, recomputed)
         if self.reprobe_above is not None and not capturing():  # a captured graph keeps the fixed schedule
-            self._reprobe = DeferredRead((ratio >= self.reprobe_above * self.r) | torch.isnan(rho))
+            reprobe = (ratio >= self.reprobe_above * self.r) | torch.isnan(rho)
+            changed = None
             if recomputed and previous is not None:
-                self._changed = DeferredRead(~((rho / previous - 1).abs() <= REPROBE_STABLE))  # NaN: changed
+                changed = ~((rho / previous - 1).abs() <= REPROBE_STABLE)  # NaN: changed
+            if skip is not None:
+                # a skipped step kept the last rho and discarded its own measurement (SPEC 7.1): measure again
+                # on the next step, with the backed-off gap reset (no news is not "rho held")
+                reprobe = reprobe | (skip != 0)
+                if changed is not None:
+                    changed = changed | (skip != 0)
+            self._reprobe = DeferredRead(reprobe)
+            if changed is not None:
+                self._changed = DeferredRead(changed)
 
     def _radius_state(self) -> dict:
         return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu(),
@@ -439,28 +487,32 @@ class _RadiusMixin:
         self._changed = state.get("changed")
 
 
-def _adam_proposal(states, group, params, us, decoupled: bool, backend: str) -> Tensor:
+def _adam_proposal(states, group, params, us, decoupled: bool, backend: str, skip: Tensor | None = None,
+                   clip: bool = False) -> Tensor:
     """Adam/AdamW's step for one group in torch's state layout (:func:`adam_states`): the moments advance in
-    ``states``, the unit proposal goes to ``us``; returns sum(u^2) per tensor. The step counters live on the
-    parameters' device (as torch's with capturable=True) and the kernels compute the bias corrections from them,
-    so a step reads nothing back and a captured graph steps on."""
-    torch._foreach_add_([s["step"] for s in states], 1)
+    ``states``, the unit proposal goes to ``us``; returns sum(u^2) per tensor ((2, T) with ``clip``: and the
+    clip statistics). The step counters live on the parameters' device (as torch's with capturable=True) and
+    the kernels compute the bias corrections from them, so a step reads nothing back and a captured graph
+    steps on. A nonzero ``skip`` advances nothing, counters included."""
+    advance_steps(states, skip)
     return update.adam_step_(
         params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
         step=states[0]["step"], lr=1.0, betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], decoupled=decoupled, amsgrad=group["amsgrad"],
         maximize=group["maximize"], max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
-        else None, updates=us, apply=False, backend=backend)
+        else None, updates=us, apply=False, skip=skip, clip_stats=clip, backend=backend)
 
 
-def _sgd_proposal(buffers, group, params, us, backend: str) -> Tensor:
+def _sgd_proposal(buffers, group, params, us, backend: str, skip: Tensor | None = None) -> Tensor:
     """SGD's step for one group in torch's state layout (:func:`sgd_buffers`): the momentum buffers advance, the
-    unit proposal goes to ``us``; returns sum(u^2) per tensor."""
+    unit proposal goes to ``us``; returns sum(u^2) per tensor. A nonzero ``skip`` advances nothing (a skipped
+    first step leaves the new buffers at 0: the next step is then mu * 0 + (1 - dampening) g, which is torch's
+    first step g exactly when dampening is 0)."""
     bufs, first = buffers
     return update.sgd_step_(params, [p.grad for p in params], bufs, lr=1.0, momentum=group["momentum"],
                             dampening=group["dampening"], weight_decay=group["weight_decay"],
                             nesterov=group["nesterov"], maximize=group["maximize"], first=first, updates=us,
-                            apply=False, backend=backend)
+                            apply=False, skip=skip, backend=backend)
 
 
 class RadiusController(_RadiusMixin, OptimizerWrapper):
@@ -562,8 +614,8 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
 
     def _propose(self, group, params, us, state) -> Tensor:
         if self.kind == "adam":
-            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend)
-        return _sgd_proposal(state, group, params, us, self.backend)
+            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend, self._step_skip)
+        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"] if self.kind == "adam" and self._decoupled(group) else 0.0
@@ -618,24 +670,30 @@ class RadiusAdamW(_FusedRadiusOptimizer):
     ``RadiusController(torch.optim.AdamW(...))`` to fp32 rounding; its state dict has AdamW's layout.
 
     ``model``, ``r``, ``mode``, ``method``, ``samples``, ``every``, ``logits_fn`` and the keyword options are
-    :class:`RadiusController`'s. Memory: one fp32 buffer per parameter for u (scratch, not checkpointed)."""
+    :class:`RadiusController`'s. Memory: one fp32 buffer per parameter for u (scratch, not checkpointed).
+
+    ``update_clip=True``: StableAdamW's update clipping (SPEC 7.2): each tensor's u is scaled by
+    1 / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))), computed in the pass that advances the moments;
+    the radius is measured along the clipped proposal and the clipped learning rate also scales the decay, so
+    with the control inactive (rho large) the step is StableAdamW's."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, model: nn.Module, r: float = 1.0, mode: str = "cap", method: str | None = None,
                  samples: int | None = None, every: int = DEFAULT_EVERY, logits_fn: Callable | None = None, maximize: bool = False,
-                 **probe_kwargs):
+                 update_clip: bool = False, **probe_kwargs):
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
+        self.update_clip = bool(update_clip)
         super().__init__(params, defaults, model, r, mode, method, samples, every, logits_fn, probe_kwargs)
 
     def _setup_state(self, group, params):
         return adam_states(self.state, params, group["amsgrad"])
 
     def _propose(self, group, params, us, state):
-        return _adam_proposal(state, group, params, us, True, self.backend)
+        return _adam_proposal(state, group, params, us, True, self.backend, self._step_skip, self.update_clip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"]
@@ -661,4 +719,4 @@ class RadiusSGD(_FusedRadiusOptimizer):
         return sgd_buffers(self.state, params, group["momentum"])
 
     def _propose(self, group, params, us, state):
-        return _sgd_proposal(state, group, params, us, self.backend)
+        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)

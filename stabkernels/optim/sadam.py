@@ -14,7 +14,8 @@ from .. import directional, distributed, update
 from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
 from ._scratch import ScratchBuffers
-from ._state import adam_states
+from ._state import adam_states, advance_steps
+from .skipstep import clipped_lrs
 from ._wrapper import ExtraStateMixin
 
 EPS_MODES = ("torch", "authors")
@@ -108,13 +109,25 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             points are written into the shards and copied back afterwards.
         warn_nonfinite: warn when probes are dropped; the count is read back without a synchronisation, so the
             warning comes from the next ``step()`` (``last.dropped`` holds it at once, on the device).
+        update_clip: StableAdamW's update clipping (SPEC 7.2): each tensor's learning rate is
+            lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) (eps as given, in both eps modes), from
+            a pass that reads g and v before the step; the damping alpha then scales the step, not the decay
+            (as without clipping). Costs a read of g and v.
+
+    Skip flag (SPEC 7.1; ``accepts_skip``): a nonzero 0-d device tensor in ``skip_flag`` (set by
+    :class:`~stabkernels.optim.SkipStep` around ``step()``) makes the fused kernels write nothing: no moment, no
+    step counter, no parameter moves. The probes still run (their counter advances, so the directions of the
+    later steps are those of a run without the skip's decision: resumes stay bit-identical).
     """
+
+    accepts_skip = True
+    skip_flag: Tensor | None = None
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  probes: int = 8, sigma: float = 0.01, damping: float = 2.0, probe_mode: str = "eval",
                  seed: int | None = None, *, model: nn.Module | None = None, eps_mode: str = "torch",
                  loss_fn: Callable | None = None, capture_inputs: bool = True, warn_nonfinite: bool = True,
-                 process_group=None, backend: str = "auto"):
+                 process_group=None, backend: str = "auto", update_clip: bool = False):
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
@@ -152,6 +165,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self._step_count = 0
         self._dropped: tuple[int, DeferredRead] | None = None  # the last probing step's dropped count
         self._scratch = ScratchBuffers()
+        self.update_clip = bool(update_clip)
         self.last: SAdamReport | None = None
 
     def _probing(self) -> bool:
@@ -275,13 +289,14 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         if not groups:
             return train_loss if closure is not None else loss
         device = groups[0][1][0].device
+        skip = update.skip_tensor(self.skip_flag, device)
         report = SAdamReport(loss=torch.full((), math.nan, device=device), rho=[], alpha=[], D=[], dropped=[])
         alphas = [torch.ones((), dtype=torch.float64, device=device) for _ in groups]
         if probing:
             self._run_probes(groups, alphas, report, loss, probe_fn, device)
         for (g, params), alpha, states in zip(groups, alphas, self._adam_states(groups)):
             report.alpha.append(alpha)
-            self._adamw(g, params, alpha, states)
+            self._adamw(g, params, alpha, states, skip)
         self._record(report)
         if closure is not None:
             return train_loss
@@ -359,12 +374,15 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
     def _adam_states(self, groups) -> list:
         return [adam_states(self.state, params, amsgrad=False) for _, params in groups]
 
-    def _adamw(self, group, params, alpha: Tensor, states) -> None:
-        torch._foreach_add_([s["step"] for s in states], 1)
+    def _adamw(self, group, params, alpha: Tensor, states, skip: Tensor | None = None) -> None:
+        advance_steps(states, skip)
+        lr = group["lr"]
+        if self.update_clip:  # lr / max(1, RMS) per tensor, from a pass that reads g and v (SPEC 7.2)
+            lr = clipped_lrs(params, states, group, skip, self.backend, eps_raw=self.eps_mode == "authors")
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],
-                          betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True,
-                          step_scale=alpha, eps_raw=self.eps_mode == "authors", backend=self.backend)
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=lr, betas=group["betas"],
+                          eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True, step_scale=alpha,
+                          eps_raw=self.eps_mode == "authors", skip=skip, backend=self.backend)
 
     # ----------------------------------------------------------------------------------------------
     extra_state_key = "sadam"

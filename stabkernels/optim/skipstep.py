@@ -7,11 +7,30 @@ sigma_factor``, unbiased std, the current value kept in the window afterwards, t
 ``warmup`` values, including the current one, were seen; a NaN/inf loss or norm is a skip). The decision is a
 0-d 0/1 ``keep`` tensor. How it is applied without a host read:
 
+* an optimizer of this package that takes the skip flag (``accepts_skip``: RadiusAdamW, RadiusSGD,
+  RadiusController, SAdam, StableAdamW, and PSS/PSSAdamW around an optimizer that skips on the device): the
+  flag ``1 - keep`` is handed to its ``step()`` through ``skip_flag`` and folded into the fused kernels
+  (SPEC 7.1), which read it on the device and, on a skipped step, write nothing: parameters, moments and step
+  counters keep their bits, a NaN gradient cannot leak in, and nothing is copied;
 * a torch optimizer with ``fused=True`` (Adam, AdamW, SGD, Adagrad): through its ``found_inf`` input, the way
   ``torch.amp.GradScaler`` skips on the device (weights, moments and step counters stay as they were);
 * any other optimizer: the parameters and every tensor of its state are copied before the step and the old
   values selected back where ``keep`` is 0 (``torch.where``, so a NaN gradient cannot leak in). Bit-identical
   to the wrapped optimizer's own step when not skipping; costs one copy of parameters and state per step.
+
+The skip-flag protocol, for any optimizer that wants the first path: a true ``accepts_skip`` attribute, and a
+``skip_flag`` attribute (None, or a 0-d tensor on the parameters' device, nonzero meaning "skip") that its
+``step()`` reads and passes to the fused updates' ``skip=`` (its step counters advancing by ``skip == 0``). SkipStep sets it for the duration of one ``step()`` and puts the previous value back.
+
+Order with the radius controller and PSS: SkipStep goes outside, ``SkipStep(RadiusAdamW(...))``,
+``SkipStep(RadiusController(...))``, ``SkipStep(PSSAdamW(...))``. Its decision comes from the loss and the raw
+gradients, before any inner step; passed in as the skip flag, it reaches everything the inner step would
+change: the radius controller still probes on its host schedule (the same on every rank, so a resumed run
+probes on the same steps) but discards the skipped step's radius and keeps the last one, advances no moment
+or counter and applies nothing; PSS neither updates its gradient-norm EMA nor smooths on a skipped step
+(a spike SkipStep drops does not trigger a smoothing either) and skips its inner optimizer's step on the
+device. The other order does not work: the radius controller and PSS step their inner optimizer themselves,
+and a SkipStep inside them would never see the loss (and, inside PSS, PSS's EMA would absorb the spike).
 
 Under DDP/FSDP2 the loss is averaged over ranks and the gradient norm is the global one (``sq_norms`` sums the
 shards), so every rank reaches the same decision from the same bits.
@@ -23,13 +42,13 @@ import math
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, update
 from ..spectral import sq_norms
-from ..update import adam_step_
-from ._state import adam_states
+from ._state import adam_states, advance_steps
 from ._wrapper import OptimizerWrapper
 
-__all__ = ["SkipStep", "SkipStepReport", "StableAdamW", "skip_decision_reference", "stable_adamw_reference"]
+__all__ = ["SkipStep", "SkipStepReport", "StableAdamW", "clipped_lrs", "skip_decision_reference",
+           "stable_adamw_reference"]
 
 
 def skip_decision_reference(history: list[float], x: float, sigma_factor: float) -> bool:
@@ -160,6 +179,9 @@ class SkipStep(OptimizerWrapper):
             raise ValueError("SkipStep.step needs this step's loss: step(loss=loss) or step(closure)")
         keep = self.decide(loss, grad_norm)
         o = self.optimizer
+        if getattr(o, "accepts_skip", False):  # the flag folded into the inner optimizer's fused kernels
+            self._step_with_flag((~keep).to(torch.float64))
+            return loss
         if self._fused():
             skip = (~keep).to(torch.float32)
             prior = getattr(o, "found_inf", None)  # a GradScaler's own found_inf: skip on either
@@ -179,6 +201,18 @@ class SkipStep(OptimizerWrapper):
         o.step()
         self._restore(saved, keep)
         return loss
+
+    @torch.compiler.disable  # an attribute set on the wrapped optimizer inside a graph
+    def _step_with_flag(self, skip: Tensor) -> None:
+        """The inner optimizer's step with its ``skip_flag`` set to ``skip`` (or to the larger of ``skip`` and a
+        flag already set there, e.g. by an outer SkipStep), put back afterwards."""
+        o = self.optimizer
+        prior = o.skip_flag
+        o.skip_flag = skip if prior is None else torch.maximum(prior.reshape(()).to(skip), skip)
+        try:
+            o.step()
+        finally:
+            o.skip_flag = prior
 
     def _wrapper_state(self) -> dict:
         self._ensure(self._device())
@@ -214,13 +248,23 @@ def stable_adamw_reference(p, g, m, v, step: int, lr, betas, eps, weight_decay) 
 
 
 class StableAdamW(torch.optim.Optimizer):
-    """AdamW with update clipping (StableAdamW): per tensor the learning rate is lr / max(1, RMS), with
-    RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) of this step. Moments advance in the fused ``adam_step_`` (which
-    also writes the unit proposal u); the RMS and the clipped apply run on the device (no host read), in
-    torch ops per tensor. State in torch's Adam layout (step, exp_avg, exp_avg_sq)."""
+    """AdamW with update clipping (StableAdamW, SPEC 7.2): per tensor the learning rate is lr / max(1, RMS), with
+    RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) of this step (v_hat the bias-corrected v, unrounded), the
+    clipped learning rate also scaling the decoupled decay. Two fused passes, no host read:
+    ``adam_step_(clip_stats="only")`` reads g and v and returns each tensor's sum(g^2 / max(v_hat, eps^2))
+    (writing nothing), then one ordinary fused AdamW step for all tensors with the (T,) learning rates
+    lr / max(1, RMS) (device ops on T numbers in between). Bytes (fp32): g and v read once more than AdamW's
+    own step: 9 element-passes against 7, no extra buffer. State in torch's Adam layout (step, exp_avg,
+    exp_avg_sq).
+
+    Takes the skip flag (SPEC 7.1, ``accepts_skip``/``skip_flag``; :class:`SkipStep` sets it): a skipped step
+    writes nothing, counters included. ``backend`` picks the fused kernels' backend (default: the best here)."""
+
+    accepts_skip = True
+    skip_flag: Tensor | None = None
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, *, backend: str = "auto"):
         if not (isinstance(lr, Tensor) or lr >= 0):
             raise ValueError(f"StableAdamW: lr must be >= 0, got {lr}")
         if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
@@ -230,6 +274,7 @@ class StableAdamW(torch.optim.Optimizer):
         if not weight_decay >= 0:
             raise ValueError(f"StableAdamW: weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.backend = backend
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -252,29 +297,20 @@ class StableAdamW(torch.optim.Optimizer):
 
     def _step_group(self, group, params) -> None:
         states = self._states(params)
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        b1, b2 = group["betas"]
-        eps, wd = group["eps"], group["weight_decay"]
-        grads = [p.grad for p in params]
-        lr = group["lr"]
-        # Pass 1 (before the moments move): v of this step in the math type, as the kernel forms it
-        # (v * b2 + g * (1 - b2) * g), so the RMS sees the unrounded v (fp16/bf16 storage would round small
-        # v to 0 and blow the RMS up); reads g and v.
-        bc2 = 1 - torch.pow(b2, steps[0].double())
-        lrs = []
-        for p, g, s in zip(params, grads, states):
-            A = torch.float64 if p.dtype == torch.float64 else torch.float32
-            ga = g.to(A)
-            v = s["exp_avg_sq"].to(A) * b2 + ga * (1 - b2) * ga
-            rms = (ga * ga / torch.clamp_min(v / bc2.to(A), eps * eps)).mean().sqrt()
-            lrs.append(lr / torch.clamp_min(rms, 1.0).double())
-        # Pass 2: the fused Adam step writes u (moments advanced once), then p <- p (1 - lr_t wd) - lr_t u.
-        us = [torch.empty(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                          device=p.device) for p in params]
-        adam_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                   step=steps[0], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, updates=us, apply=False)
-        for p, u, lr_t in zip(params, us, lrs):
-            A = u.dtype
-            lr_t = lr_t.to(A)
-            p.copy_(p.to(A) * (1 - lr_t * wd) - lr_t * u)
+        skip = update.skip_tensor(self.skip_flag, params[0].device)
+        advance_steps(states, skip)
+        lrs = clipped_lrs(params, states, group, skip, self.backend)
+        # one fused AdamW step for all tensors, tensor i at lr_i = lr / max(1, RMS_i) (its decay too)
+        update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=lrs, betas=group["betas"],
+                          eps=group["eps"], weight_decay=group["weight_decay"], skip=skip, backend=self.backend)
+
+
+def clipped_lrs(params, states, group, skip, backend: str, eps_raw: bool = False) -> Tensor:
+    """Update clipping's per-tensor learning rates of an AdamW group (SPEC 7.2), lr / max(1, RMS) as a (T,)
+    device tensor: one pass that reads g and v (the step counters already advanced) and writes nothing."""
+    sums = update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=1.0, betas=group["betas"],
+                             eps=group["eps"], weight_decay=group["weight_decay"], apply=False, eps_raw=eps_raw,
+                             skip=skip, clip_stats="only", backend=backend)
+    return update.clip_lrs(sums[1], params, group["lr"])

@@ -3,7 +3,12 @@ every parameter in chunks through the cached launch plan (stabkernels/_launch_pl
 the host in a step: lr, the step counter and the step scale are read from 0-d device tensors, Adam's bias
 corrections are computed from the step counter in the kernel (so a replayed CUDA graph steps on), and the
 rarely changing hyper-parameters come from a cached float64 device tensor (Triton passes a Python float as
-float32, too coarse for float64 parameters). Per-tensor sum(u^2) is reduced in a fixed order."""
+float32, too coarse for float64 parameters). Per-tensor sum(u^2) is reduced in a fixed order.
+
+The optional skip flag (SPEC 7.1) is read by every program from device memory: a program of a skipped step
+writes its zero partials and returns before touching the tensors. Update clipping's statistic (SPEC 7.2) is a
+second per-program partial of the Adam pass; apply_update_ takes one lr or one per tensor (indexed by the
+tensor's position in the list, the group's cached index table)."""
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +19,9 @@ from ._common import TL_STORAGE, chunk_range, div_ieee, in_order, segment_sums, 
 
 CHUNK = 4096
 BLOCK = 1024
+# The Adam kernel's block for float64 tensors: at 1024 its widest variant (amsgrad, apply, u and update clipping's
+# second accumulator) needed 255 registers and spilled 144-168 bytes on sm_90 (tools/gpu_static_check.py)
+BLOCK_FP64 = 512
 
 
 @triton.jit
@@ -28,20 +36,37 @@ def _bias_correction(beta, step):
 
 
 @triton.jit
-def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr,
-                 step_ptr, scale_ptr, partials, DTYPE: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr,
-                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr,
-                 EPS_RAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, index, consts, lr_ptr,
+                 step_ptr, scale_ptr, skip_ptr, partials, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr,
+                 WRITE_U: tl.constexpr, EPS_RAW: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr,
+                 ONLY: tl.constexpr, READ_P: tl.constexpr, LR_PER_TENSOR: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # partials: (programs,) sum(u^2), or with CLIP (programs, 2): sum(u^2), sum(g^2 / max(v_hat, eps^2)); ONLY
+    # (with CLIP): the second alone, from g and v (max v, p for coupled decay) read, nothing written
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:  # a skipped step: zero partials, nothing else written
+            if CLIP:
+                tl.store(partials + tl.program_id(0) * 2 + tl.arange(0, 2), tl.zeros([2], ACC))
+            else:
+                tl.store(partials + tl.program_id(0), tl.zeros([1], ACC).sum())
+            return
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     # the constants in float64, each rounded once to the math type (as the CPU kernel does)
     beta1 = tl.load(consts + 0)
     beta2 = tl.load(consts + 1)
     eps = tl.load(consts + 2)
     wd = tl.load(consts + 3)
-    lr = tl.load(lr_ptr).to(tl.float64)
+    if LR_PER_TENSOR:  # lr[position of the tensor in the list]
+        lr = tl.load(lr_ptr + tl.load(index + i)).to(tl.float64)
+    else:
+        lr = tl.load(lr_ptr).to(tl.float64)
     step = tl.load(step_ptr).to(tl.float64)
     bc1 = _bias_correction(beta1, step)
-    bc2_sqrt = tl.sqrt(_bias_correction(beta2, step))
+    bc2 = _bias_correction(beta2, step)
+    bc2_sqrt = tl.sqrt(bc2)
+    eps2 = (eps * eps).to(ACC)  # update clipping's eps^2, of the eps given (also with EPS_RAW)
+    inv_bc2 = (1 / bc2).to(ACC)
     if EPS_RAW:  # eps on the uncorrected sqrt(v)
         eps = eps / bc2_sqrt
     one_minus_beta1 = (1 - beta1).to(ACC)
@@ -58,42 +83,58 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
     m_ptr = _ptr(m_tab, i, DTYPE)
     v_ptr = _ptr(v_tab, i, DTYPE)
     acc = tl.zeros([BLOCK], ACC)
+    acc_clip = tl.zeros([BLOCK], ACC)
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < n
-        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(ACC)
         if MAXIMIZE:
             g = -g
-        if APPLY and DECOUPLED:
-            p = p * decay
-        if not DECOUPLED:
-            g = g + p * w
-        m = m + (g - m) * one_minus_beta1
+        if READ_P:  # p is read only when the step needs it: applied, or Adam's L2 decay on g
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
+            if APPLY and DECOUPLED:
+                p = p * decay
+            if not DECOUPLED:
+                g = g + p * w
         v = v * b2 + g * one_minus_beta2 * g
         vh = v
         if AMSGRAD:
             vm_ptr = _ptr(vm_tab, i, DTYPE)
             vh = tl.maximum(tl.load(vm_ptr + idx, mask=mask, other=0.0).to(ACC), v)
-            tl.store(vm_ptr + idx, vh.to(DTYPE), mask=mask)
-        u = div_ieee(div_ieee(m, c1, ACC), div_ieee(sqrt_ieee(vh, ACC), c2, ACC) + e, ACC)
-        tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
-        if WRITE_U:
-            tl.store(_ptr(u_tab, i, ACC) + idx, u, mask=mask)
-        if APPLY:
-            tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
-        acc += tl.where(mask, u * u, 0.0)
-    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
+            if not ONLY:
+                tl.store(vm_ptr + idx, vh.to(DTYPE), mask=mask)
+        if not ONLY:
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(ACC)
+            m = m + (g - m) * one_minus_beta1
+            u = div_ieee(div_ieee(m, c1, ACC), div_ieee(sqrt_ieee(vh, ACC), c2, ACC) + e, ACC)
+            tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
+            tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
+            if WRITE_U:
+                tl.store(_ptr(u_tab, i, ACC) + idx, u, mask=mask)
+            if APPLY:
+                tl.store(p_ptr + idx, (p - step_lr * u).to(DTYPE), mask=mask)
+            acc += tl.where(mask, u * u, 0.0)
+        if CLIP:
+            vc = tl.maximum(vh * inv_bc2, eps2, propagate_nan=tl.PropagateNan.ALL)
+            acc_clip += tl.where(mask, div_ieee(g * g, vc, ACC), 0.0)
+    if CLIP:
+        two = tl.arange(0, 2)
+        tl.store(partials + tl.program_id(0) * 2 + two,
+                 tl.where(two == 0, tl.sum(acc, axis=0), tl.sum(acc_clip, axis=0)))
+    else:
+        tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr, scale_ptr, partials,
-                DTYPE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, consts, lr_ptr, scale_ptr, skip_ptr,
+                partials, DTYPE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, APPLY: tl.constexpr, WRITE_U: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_SKIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:  # a skipped step: a zero partial, nothing else written
+            tl.store(partials + tl.program_id(0), tl.zeros([1], ACC).sum())
+            return
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     mu = tl.load(consts + 0).to(ACC)
     one_minus_damp = (1 - tl.load(consts + 1)).to(ACC)
@@ -131,11 +172,21 @@ def _sgd_kernel(p_tab, g_tab, b_tab, u_tab, numels, chunk_tensor, chunk_start, c
 
 
 @triton.jit
-def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, consts, DTYPE: tl.constexpr,
-                  ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, index, lr_ptr, scale_ptr, skip_ptr, consts,
+                  DTYPE: tl.constexpr, ACC: tl.constexpr, LR_PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_SKIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
-    lr64 = tl.load(lr_ptr).to(tl.float64)
-    lr = lr64.to(ACC)
+    if LR_PER_TENSOR:  # lr[position of the tensor in the list]
+        lr64 = tl.load(lr_ptr + tl.load(index + i)).to(tl.float64)
+    else:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    if HAS_SCALE:
+        step_lr = (lr64 * tl.load(scale_ptr).to(tl.float64)).to(ACC)
+    else:
+        step_lr = lr64.to(ACC)
     decay = (1 - lr64 * tl.load(consts)).to(ACC)
     p_ptr = _ptr(p_tab, i, DTYPE)
     u_ptr = _ptr(u_tab, i, ACC)
@@ -144,57 +195,71 @@ def _apply_kernel(p_tab, u_tab, numels, chunk_tensor, chunk_start, lr_ptr, const
         mask = idx < n
         p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
         u = tl.load(u_ptr + idx, mask=mask, other=0.0)
-        tl.store(p_ptr + idx, (p * decay - lr * u).to(DTYPE), mask=mask)
+        tl.store(p_ptr + idx, (p * decay - step_lr * u).to(DTYPE), mask=mask)
 
 
-def _grouped(params, launch):
+def _grouped(params, launch, width: int = 1):
     """Runs ``launch(group, tables, partials)`` per dtype group (``tables(list)``: the list's address table for
-    the group) and returns the per-tensor sums of the programs' partials, in the order of ``params``."""
+    the group; partials (programs,) or (programs, width)) and returns the per-tensor sums of the programs'
+    partials in the order of ``params``: (T,), or (width, T)."""
     device = params[0].device
     out_dtype = grouped_acc_dtype(params)
     groups = plan.layout(params, CHUNK)
+    shape = () if width == 1 else (width,)
     with plan.device_guard(device):
         sums = []
         for g in groups:
-            partials = torch.empty(g.num_chunks, dtype=acc_dtype(g.dtype), device=device)
+            partials = torch.empty((g.num_chunks,) + shape, dtype=acc_dtype(g.dtype), device=device)
             launch(g, lambda ts: plan.addresses(ts, g) if ts else g.numels, partials)
             sums.append(segment_sums(partials, g).to(out_dtype))
-        return in_order(groups, sums)
+        out = in_order(groups, sums)
+        return out if width == 1 else out.t().contiguous()
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step, beta1, beta2,
-               eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw):
+               eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip, clip_stats):
     consts = plan.constants((beta1, beta2, eps, weight_decay), params[0].device)
+    only = clip_stats == 2
+    apply = apply and not only
+    read_p = apply or (not decoupled and weight_decay != 0)
 
     def launch(g, tab, partials):
         _adam_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(exp_avgs), tab(exp_avg_sqs), tab(max_exp_avg_sqs),
-                                      tab(updates), g.numels, g.chunk_tensor, g.chunk_start, consts, lr, step,
-                                      step_scale, partials, DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype),
-                                      DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply,
-                                      WRITE_U=bool(updates), EPS_RAW=eps_raw, CHUNK=CHUNK, BLOCK=BLOCK)
+                                      tab(updates), g.numels, g.chunk_tensor, g.chunk_start, g.index, consts, lr,
+                                      step, step_scale, lr if skip is None else skip, partials,
+                                      DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), DECOUPLED=decoupled,
+                                      AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply,
+                                      WRITE_U=bool(updates) and not only, EPS_RAW=eps_raw,
+                                      HAS_SKIP=skip is not None, CLIP=clip_stats != 0, ONLY=only, READ_P=read_p,
+                                      LR_PER_TENSOR=lr.numel() != 1, CHUNK=CHUNK,
+                                      BLOCK=BLOCK_FP64 if g.dtype == torch.float64 else BLOCK)
 
-    return _grouped(params, launch)
+    return _grouped(params, launch, 2 if clip_stats else 1)
 
 
 def sgd_step_(params, grads, momentum_buffers, updates, step_scale, lr, momentum, dampening, weight_decay,
-              nesterov, maximize, first, apply):
+              nesterov, maximize, first, apply, skip):
     consts = plan.constants((momentum, dampening, weight_decay), params[0].device)
 
     def launch(g, tab, partials):
         _sgd_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(momentum_buffers), tab(updates), g.numels,
-                                     g.chunk_tensor, g.chunk_start, consts, lr, step_scale, partials,
-                                     DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), MOMENTUM=momentum != 0,
-                                     NESTEROV=nesterov, MAXIMIZE=maximize, FIRST=first, APPLY=apply,
-                                     WRITE_U=bool(updates), CHUNK=CHUNK, BLOCK=BLOCK)
+                                     g.chunk_tensor, g.chunk_start, consts, lr, step_scale,
+                                     lr if skip is None else skip, partials, DTYPE=TL_STORAGE[g.dtype],
+                                     ACC=tl_acc(g.dtype), MOMENTUM=momentum != 0, NESTEROV=nesterov,
+                                     MAXIMIZE=maximize, FIRST=first, APPLY=apply, WRITE_U=bool(updates),
+                                     HAS_SKIP=skip is not None, CHUNK=CHUNK, BLOCK=BLOCK)
 
     return _grouped(params, launch)
 
 
-def apply_update_(params, updates, lr, weight_decay):
+def apply_update_(params, updates, lr, weight_decay, step_scale, skip):
     device = params[0].device
     consts = plan.constants((weight_decay,), device)
     with plan.device_guard(device):
         for g in plan.layout(params, CHUNK):
             _apply_kernel[(g.num_chunks,)](plan.addresses(params, g), plan.addresses(updates, g), g.numels,
-                                           g.chunk_tensor, g.chunk_start, lr, consts, DTYPE=TL_STORAGE[g.dtype],
-                                           ACC=tl_acc(g.dtype), CHUNK=CHUNK, BLOCK=BLOCK)
+                                           g.chunk_tensor, g.chunk_start, g.index, lr,
+                                           lr if step_scale is None else step_scale, lr if skip is None else skip,
+                                           consts, DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype),
+                                           LR_PER_TENSOR=lr.numel() != 1, HAS_SCALE=step_scale is not None,
+                                           HAS_SKIP=skip is not None, CHUNK=CHUNK, BLOCK=BLOCK)
