@@ -87,11 +87,12 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // (a DTensor shard's slice); returns their sums of squares (float64). CPU only (Triton serves CUDA).
   m.def("shard_normals(Tensor(a!)[] out, Tensor keys, int[] offsets) -> Tensor");
   // losses (SPEC 4): per-row losses (float32; 0 for ignored rows) and, when grad is non-empty, the row
-  // gradients scaled by grad_scale written into grad (which may alias logits).
+  // gradients scaled by grad_scale written into grad (which may alias logits). SPEC 4.5's options: class_weight
+  // (V,) in the math dtype or None, label_smoothing in [0, 1], softcap (0: off).
   m.def("cross_entropy_z_loss(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, float z_coef, "
-        "int ignore_index) -> (Tensor, Tensor)");
+        "int ignore_index, Tensor? class_weight, float label_smoothing, float softcap) -> (Tensor, Tensor)");
   m.def("stablemax_cross_entropy(Tensor logits, Tensor target, Tensor(a!) grad, Tensor grad_scale, "
-        "int ignore_index) -> Tensor");
+        "int ignore_index, Tensor? class_weight, float label_smoothing, float softcap) -> Tensor");
   // p <- p * (1 - lr_i * weight_decay) - lr_i * step_scale * u, lr one float64 number (0-d) or one per tensor
   // ((T,), update clipping), step_scale optional (1), both kept on the device; nothing where skip is nonzero.
   m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, Tensor? step_scale, "

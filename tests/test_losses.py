@@ -160,9 +160,9 @@ def test_opcheck(backend):
     z, y = data(6, 11, dtype=torch.float32)
     scale = torch.tensor(0.5)
     torch.library.opcheck(torch.ops.stabkernels.cross_entropy_z_loss.default,
-                          (z, y, torch.empty_like(z), scale, 1e-4, -100, backend))
+                          (z, y, torch.empty_like(z), scale, 1e-4, -100, None, 0.0, 0.0, backend))
     torch.library.opcheck(torch.ops.stabkernels.stablemax_cross_entropy.default,
-                          (z, y, torch.empty_like(z), scale, -100, backend))
+                          (z, y, torch.empty_like(z), scale, -100, None, 0.0, 0.0, backend))
 
 
 def test_fused_loss_allocates_no_extra_n_by_v_buffer():

@@ -106,7 +106,7 @@ def test_softmax_cross_entropy_does_not_collapse(backend, device, dtype, shape, 
     assert collapsed(z, y, lambda x: torch.softmax(x, 1)).float().mean() > 0.5  # the regime: most rows collapse
     grad = torch.empty_like(z, device=device)
     one = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
-    ce, zl = torch.ops.stabkernels.cross_entropy_z_loss(z.to(device), y.to(device), grad, one, c, -100, backend)
+    ce, zl = torch.ops.stabkernels.cross_entropy_z_loss(z.to(device), y.to(device), grad, one, c, -100, None, 0.0, 0.0, backend)
     want_ce, want_zl, want_grad = softmax_reference(z, y, c)
     assert rel_err(ce.cpu(), want_ce) < rtol(dtype)
     if c:
@@ -124,7 +124,7 @@ def test_stablemax_cross_entropy_does_not_collapse(backend, device, dtype, shape
     assert collapsed(z, y, p).float().mean() > 0.5
     grad = torch.empty_like(z, device=device)
     one = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
-    loss = torch.ops.stabkernels.stablemax_cross_entropy(z.to(device), y.to(device), grad, one, -100, backend)
+    loss = torch.ops.stabkernels.stablemax_cross_entropy(z.to(device), y.to(device), grad, one, -100, None, 0.0, 0.0, backend)
     want, want_grad = stablemax_reference(z, y)
     assert rel_err(loss.cpu(), want) < rtol(dtype)
     check_grad(grad.cpu(), want_grad, dtype)

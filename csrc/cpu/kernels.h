@@ -42,9 +42,12 @@ struct CpuKernels {
   Tensor (*shard_normals)(TensorList out, const Tensor& keys, at::IntArrayRef offsets) = nullptr;
   std::tuple<Tensor, Tensor> (*cross_entropy_z_loss)(const Tensor& logits, const Tensor& target, Tensor grad,
                                                      const Tensor& grad_scale, double z_coef,
-                                                     int64_t ignore_index) = nullptr;
+                                                     int64_t ignore_index, const std::optional<Tensor>& class_weight,
+                                                     double label_smoothing, double softcap) = nullptr;
   Tensor (*stablemax_cross_entropy)(const Tensor& logits, const Tensor& target, Tensor grad,
-                                    const Tensor& grad_scale, int64_t ignore_index) = nullptr;
+                                    const Tensor& grad_scale, int64_t ignore_index,
+                                    const std::optional<Tensor>& class_weight, double label_smoothing,
+                                    double softcap) = nullptr;
 };
 
 }  // namespace stabkernels::cpu

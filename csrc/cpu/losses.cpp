@@ -81,23 +81,84 @@ bool skip_ignored_row(const char* op, int64_t y, int64_t ignore_index, int64_t V
 
 double read_scalar(const at::Tensor& t) { return t.to(at::kDouble).item<double>(); }
 
-void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad) {
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad,
+                  const std::optional<at::Tensor>& weight, double label_smoothing, double softcap) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, op, ": logits must be (N, V) with contiguous rows");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong, op,
               ": target must be an int64 (N,) tensor");
   TORCH_CHECK(grad.numel() == 0 || (grad.sizes() == logits.sizes() && grad.stride(1) == 1 &&
                                     grad.scalar_type() == logits.scalar_type()),
               op, ": grad must be empty or shaped like logits with contiguous rows");
+  TORCH_CHECK(!weight || (weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous() &&
+                          weight->scalar_type() == acc_dtype(logits.scalar_type())),
+              op, ": class_weight must be a contiguous (V,) tensor in the math dtype");
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing must be in [0, 1]");
+  TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0 (0: off)");
 }
 
-// Per row (math in fp32, fp64 for fp64): lse = log sum exp(z); ce = lse - z_y; zl = c lse^2; grad = scale (softmax (1 + 2 c lse) - onehot).
+// The options of SPEC 4.5 for one call, in the math dtype A: softcap (cap = 0: off), label smoothing eps, class
+// weights w (null: all 1) and their sum W, the gradient's scale.
+template <typename A>
+struct RowOpts {
+  using VA = Vectorized<A>;
+  A cap, eps, scale;
+  const A* w;
+  A W;
+  int64_t V;
+  // softcap(x) = cap tanh(x / cap) on a vector / a scalar
+  VA capped(const VA& x) const { return cap > 0 ? VA(cap) * (x / VA(cap)).tanh() : x; }
+  A capped(A x) const { return cap > 0 ? cap * std::tanh(x / cap) : x; }
+  // (softcap(x), d softcap / dx = 1 - tanh^2)
+  std::pair<VA, VA> capped_d(const VA& x) const {
+    if (!(cap > 0)) return {x, VA(A(1))};
+    const VA t = (x / VA(cap)).tanh();
+    return {VA(cap) * t, VA(A(1)) - t * t};
+  }
+  std::pair<A, A> capped_d(A x) const {
+    if (!(cap > 0)) return {x, A(1)};
+    const A t = std::tanh(x / cap);
+    return {cap * t, A(1) - t * t};
+  }
+  A weight(int64_t j) const { return w ? w[j] : A(1); }
+  VA weights(int64_t j) const { return w ? VA::loadu(w + j) : VA(A(1)); }
+  // sum_j w_j f(softcap(z_j)) over the whole row (the smoothing term's sweep)
+  template <typename T, typename FV, typename FS>
+  A weighted_sum(const T* z, FV fv, FS fs) const {
+    constexpr int64_t L = VA::size();
+    VA s(A(0));
+    int64_t j = 0;
+    for (; j + L <= V; j += L) s = s + weights(j) * fv(capped(load_acc(z + j)));
+    A out = lane_sum(s);
+    for (; j < V; ++j) out += weight(j) * fs(capped(static_cast<A>(z[j])));
+    return out;
+  }
+};
+
+template <typename A>
+RowOpts<A> row_opts(const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
+                    const at::Tensor& grad_scale, int64_t V) {
+  const A* w = weight ? weight->const_data_ptr<A>() : nullptr;
+  A W = static_cast<A>(V);
+  if (w) {
+    W = A(0);
+    for (int64_t j = 0; j < V; ++j) W += w[j];
+  }
+  return RowOpts<A>{static_cast<A>(softcap), static_cast<A>(label_smoothing), static_cast<A>(read_scalar(grad_scale)),
+                    w, W, V};
+}
+
+// Per row (math in fp32, fp64 for fp64; SPEC 4.1, 4.5), on z = softcap(logits): lse = log sum exp(z);
+// ce = (1 - eps) w_y (lse - z_y) + eps / V sum_j w_j (lse - z_j); zl = c w_y lse^2;
+// grad_j = scale (p_j a - eps w_j / V) dz_j, a = (1 - eps) w_y + eps W / V + 2 c w_y lse, less b_y = (1 - eps + eps / V) w_y at y.
 // Without softmax collapse (stabkernels/losses.py, cross_entropy_z_loss_reference): with m = max z,
-// s_y = exp(z_y - m) and S_rest the other columns' sum, log S = log1p(S_rest) where z_y = m, ce = (m - z_y) + log S,
-// and the target's gradient scale (2 c lse s_y - S_rest) / S.
+// s_y = exp(z_y - m) and S_rest the other columns' sum, log S = log1p(S_rest) where z_y = m, lse - z_y = (m - z_y) + log S,
+// the smoothing sum is sum_j w_j (m - z_j) + W log S, and the target's gradient scale (s_y (a - b_y) - b_y S_rest) / S.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                             at::Tensor grad, const at::Tensor& grad_scale,
-                                                            double z_coef, int64_t ignore_index) {
-  check_inputs("cross_entropy_z_loss", logits, target, grad);
+                                                            double z_coef, int64_t ignore_index,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            double label_smoothing, double softcap) {
+  check_inputs("cross_entropy_z_loss", logits, target, grad, weight, label_smoothing, softcap);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor ce = at::zeros({N}, logits.options().dtype(acc)), zl = at::zeros_like(ce);
@@ -107,41 +168,58 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
     using T = scalar_t;
     using A = acc_t<T>;
     using VA = Vectorized<A>;
-    const A scale = static_cast<A>(read_scalar(grad_scale)), c = static_cast<A>(z_coef);
+    const RowOpts<A> o = row_opts<A>(weight, label_smoothing, softcap, grad_scale, V);
+    const A c = static_cast<A>(z_coef), eps = o.eps, scale = o.scale;
     at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{1} << 14) / V), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const T* z = logits.const_data_ptr<T>() + i * logits.stride(0);
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
         if (skip_ignored_row("cross_entropy_z_loss", y[i], ignore_index, V, g)) continue;
-        const A m = row_max(z, V);
+        const A m = o.capped(row_max(z, V));  // tanh is increasing: the maximum's softcap is the softcap's maximum
         const VA vm(m);
-        const A rest = row_sum_except(z, V, y[i], [&](const VA& x) { return vexp(x - vm); },
-                                      [&](A x) { return std::exp(x - m); });
-        const A zy = static_cast<A>(z[y[i]]);
+        const A rest = row_sum_except(z, V, y[i], [&](const VA& x) { return vexp(o.capped(x) - vm); },
+                                      [&](A x) { return std::exp(o.capped(x) - m); });
+        const auto [zy, dy] = o.capped_d(static_cast<A>(z[y[i]]));
         const A sy = zy == m ? A(1) : std::exp(zy - m);
         const A S = sy + rest;
         const A log_S = zy == m ? std::log1p(rest) : std::log(S);
-        const A lse = m + log_S;
-        ce.mutable_data_ptr<A>()[i] = (m - zy) + log_S;
-        zl.mutable_data_ptr<A>()[i] = c * lse * lse;
+        const A lse = m + log_S, wy = o.weight(y[i]);
+        A row = (A(1) - eps) * wy * ((m - zy) + log_S);
+        if (eps > 0)
+          row += eps / A(V) * (o.weighted_sum(z, [&](const VA& x) { return vm - x; }, [&](A x) { return m - x; }) +
+                               o.W * log_S);
+        ce.mutable_data_ptr<A>()[i] = row;
+        zl.mutable_data_ptr<A>()[i] = c * wy * lse * lse;
         if (!g) continue;
-        const A a = scale * (A(1) + A(2) * c * lse) / S;
-        const VA va(a);
+        const A a = (A(1) - eps) * wy + eps * o.W / A(V) + A(2) * c * wy * lse;
+        const A by = (A(1) - eps + eps / A(V)) * wy;
+        const A gy = scale * ((sy * (a - by) - by * rest) / S) * dy;
+        const A pa = scale * a / S, pe = scale * eps / A(V);
+        const VA va(pa), ve(pe);
         constexpr int64_t L = VA::size();
         int64_t j = 0;
-        for (; j + L <= V; j += L) store_row(g, j, vexp(load_acc(z + j) - vm) * va);
-        for (; j < V; ++j) g[j] = static_cast<T>(std::exp(static_cast<A>(z[j]) - m) * a);
-        g[y[i]] = static_cast<T>(scale * (A(2) * c * lse * sy - rest) / S);
+        for (; j + L <= V; j += L) {
+          const auto [x, d] = o.capped_d(load_acc(z + j));
+          store_row(g, j, (vexp(x - vm) * va - ve * o.weights(j)) * d);
+        }
+        for (; j < V; ++j) {
+          const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
+          g[j] = static_cast<T>((std::exp(x - m) * pa - pe * o.weight(j)) * d);
+        }
+        g[y[i]] = static_cast<T>(gy);
       }
     });
   });
   return {ce, zl};
 }
 
-// StableMax (SPEC 4): s(x) = x + 1 for x >= 0, 1 / (1 - x) below; p = s(z) / S, S = sum s(z);
-// loss = log S - log s(z_y); d loss / d z_j = s'(z_j) / S - [j = y] s'(z_y) / s(z_y), s'(x) = 1 or 1 / (1 - x)^2.
+// StableMax (SPEC 4.2, 4.5): s(x) = x + 1 for x >= 0, 1 / (1 - x) below; on z = softcap(logits), p = s(z) / S,
+// S = sum s(z); loss = (1 - eps) w_y (log S - log s(z_y)) + eps / V sum_j w_j (log S - log s(z_j));
+// d loss / d z_j = s'(z_j) a / S - eps w_j s'(z_j) / (V s(z_j)), a = (1 - eps) w_y + eps W / V, and at y
+// s'(z_y) (a / S - b_y / s_y), b_y = (1 - eps + eps / V) w_y; s'(x) = 1 or 1 / (1 - x)^2.
 // Without softmax collapse (stabkernels/losses.py, stablemax_cross_entropy_reference): with s_y = s(z_y) and S_rest
-// the other columns' sum, loss = log1p(S_rest / s_y) and the target's gradient -scale (s'(z_y) / s_y) (S_rest / S).
+// the other columns' sum, log S - log s_y = log1p(S_rest / s_y) and the target's gradient
+// scale s'(z_y) (s_y (a - b_y) - b_y S_rest) / (S s_y).
 template <typename A>
 Vectorized<A> stable_s(const Vectorized<A>& x) {
   const Vectorized<A> one(A(1));
@@ -152,14 +230,24 @@ Vectorized<A> stable_ds(const Vectorized<A>& x) {
   const Vectorized<A> one(A(1)), r = one / (one - x);
   return Vectorized<A>::blendv(r * r, one, x >= Vectorized<A>(A(0)));
 }
+// log s(x) = log1p(x) for x >= 0, -log1p(-x) below
+template <typename A>
+Vectorized<A> stable_log_s(const Vectorized<A>& x) {
+  const Vectorized<A> l = x.abs().log1p();
+  return Vectorized<A>::blendv(-l, l, x >= Vectorized<A>(A(0)));
+}
 inline float stable_s(float x) { return x >= 0 ? x + 1.f : 1.f / (1.f - x); }
 inline float stable_ds(float x) { return x >= 0 ? 1.f : 1.f / ((1.f - x) * (1.f - x)); }
 inline double stable_s(double x) { return x >= 0 ? x + 1.0 : 1.0 / (1.0 - x); }
 inline double stable_ds(double x) { return x >= 0 ? 1.0 : 1.0 / ((1.0 - x) * (1.0 - x)); }
+template <typename A>
+A stable_log_s(A x) { return x >= 0 ? std::log1p(x) : -std::log1p(-x); }
 
 at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target, at::Tensor grad,
-                                       const at::Tensor& grad_scale, int64_t ignore_index) {
-  check_inputs("stablemax_cross_entropy", logits, target, grad);
+                                       const at::Tensor& grad_scale, int64_t ignore_index,
+                                       const std::optional<at::Tensor>& weight, double label_smoothing,
+                                       double softcap) {
+  check_inputs("stablemax_cross_entropy", logits, target, grad, weight, label_smoothing, softcap);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor loss = at::zeros({N}, logits.options().dtype(acc));
@@ -169,24 +257,41 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
     using T = scalar_t;
     using A = acc_t<T>;
     using VA = Vectorized<A>;
-    const A scale = static_cast<A>(read_scalar(grad_scale));
+    const RowOpts<A> o = row_opts<A>(weight, label_smoothing, softcap, grad_scale, V);
+    const A eps = o.eps, scale = o.scale;
     at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{1} << 14) / V), [&](int64_t b, int64_t e) {
       constexpr int64_t L = VA::size();
       for (int64_t i = b; i < e; ++i) {
         const T* z = logits.const_data_ptr<T>() + i * logits.stride(0);
         T* g = with_grad ? grad.mutable_data_ptr<T>() + i * grad.stride(0) : nullptr;
         if (skip_ignored_row("stablemax_cross_entropy", y[i], ignore_index, V, g)) continue;
-        const A rest = row_sum_except(z, V, y[i], [](const VA& x) { return stable_s(x); },
-                                      [](A x) { return stable_s(x); });
-        const A zy = static_cast<A>(z[y[i]]), sy = stable_s(zy), S = sy + rest, r = rest / sy;
-        loss.mutable_data_ptr<A>()[i] = std::isinf(r) ? std::log(rest) - std::log(sy) : std::log1p(r);
+        const A rest = row_sum_except(z, V, y[i], [&](const VA& x) { return stable_s(o.capped(x)); },
+                                      [&](A x) { return stable_s(o.capped(x)); });
+        const auto [zy, dy] = o.capped_d(static_cast<A>(z[y[i]]));
+        const A sy = stable_s(zy), S = sy + rest, r = rest / sy, wy = o.weight(y[i]);
+        A row = (A(1) - eps) * wy * (std::isinf(r) ? std::log(rest) - std::log(sy) : std::log1p(r));
+        if (eps > 0)
+          row += eps / A(V) * (o.W * std::log(S) - o.weighted_sum(z, [](const VA& x) { return stable_log_s(x); },
+                                                                  [](A x) { return stable_log_s(x); }));
+        loss.mutable_data_ptr<A>()[i] = row;
         if (!g) continue;
-        const A inv = scale / S;
-        const VA vinv(inv);
+        const A a = (A(1) - eps) * wy + eps * o.W / A(V);
+        const A by = (A(1) - eps + eps / A(V)) * wy;
+        const A pa = scale * a / S, pe = scale * eps / A(V);
+        const A gy = scale * stable_ds(zy) * ((sy * (a - by) - by * rest) / (S * sy)) * dy;
+        const VA va(pa), ve(pe);
         int64_t j = 0;
-        for (; j + L <= V; j += L) store_row(g, j, stable_ds(load_acc(z + j)) * vinv);
-        for (; j < V; ++j) g[j] = static_cast<T>(stable_ds(static_cast<A>(z[j])) * inv);
-        g[y[i]] = static_cast<T>(-scale * (stable_ds(zy) / sy) * (rest / S));
+        for (; j + L <= V; j += L) {
+          const auto [x, d] = o.capped_d(load_acc(z + j));
+          const VA ds = stable_ds(x);
+          store_row(g, j, (ds * va - ve * o.weights(j) * ds / stable_s(x)) * d);
+        }
+        for (; j < V; ++j) {
+          const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
+          const A ds = stable_ds(x);
+          g[j] = static_cast<T>((ds * pa - pe * o.weight(j) * ds / stable_s(x)) * d);
+        }
+        g[y[i]] = static_cast<T>(gy);
       }
     });
   });

@@ -130,7 +130,8 @@ cudaError_t apply_update(DType dtype, const UpdateTables& t, int64_t num_chunks,
                          cudaStream_t stream);
 
 // Fused losses, one block per row. grad may be null (no gradient) or alias logits; grad_scale points to
-// one acc-type value; per-row outputs (acc type) are written for every row (0 for ignored ones).
+// one acc-type value; per-row outputs (acc type) are written for every row (0 for ignored ones). SPEC 4.5's
+// options: weight (V acc-type class weights) or null, label_smoothing in [0, 1], softcap (0: off).
 struct LossArgs {
   const void* logits;
   int64_t rows, cols, stride_logits;
@@ -139,6 +140,8 @@ struct LossArgs {
   int64_t stride_grad;
   const void* grad_scale;
   int64_t ignore_index;
+  const void* weight;
+  double label_smoothing, softcap;
 };
 cudaError_t cross_entropy_z_loss(DType dtype, const LossArgs& a, double z_coef, void* ce, void* zl, cudaStream_t stream);
 cudaError_t stablemax_cross_entropy(DType dtype, const LossArgs& a, void* loss, cudaStream_t stream);

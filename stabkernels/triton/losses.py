@@ -43,40 +43,97 @@ def _log1p(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, V, stride_z, stride_g, coef_ptr, ignore_index,
-                 ACC: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _tanh(x):
+    """tanh without libdevice: the odd series to x^13 below |x| = 1/16 (truncation < 2e-19 relative), and
+    (1 - e) / (1 + e), e = exp(-2 |x|), above (1 - e > 0.11 there, so a few ulp)."""
+    ax = tl.abs(x)
+    a = tl.minimum(ax, 0.0625)
+    a2 = a * a
+    series = a * (1 - a2 * (1 / 3 - a2 * (2 / 15 - a2 * (17 / 315 - a2 * (62 / 2835 - a2 * (1382 / 155925 - a2 * (
+        21844 / 6081075)))))))
+    e = tl.exp(-2 * ax)
+    t = tl.where(ax < 0.0625, series, (1 - e) / (1 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(x, cap, CAP: tl.constexpr):
+    """(softcap(x) = cap tanh(x / cap), its derivative 1 - tanh^2) (SPEC 4.5); (x, 1) without a softcap."""
+    if CAP:
+        t = _tanh(x / cap)
+        out, d = cap * t, 1 - t * t
+    else:
+        out, d = x, tl.full(x.shape, 1.0, x.dtype)
+    return out, d
+
+
+@triton.jit
+def _weights(w_ptr, cols, V, ACC: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """The class weights of a block of columns (1 without weights; 0 past the row's end)."""
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cols < V, other=0.0).to(ACC)
+    else:
+        w = tl.where(cols < V, 1.0, 0.0).to(ACC)
+    return w
+
+
+@triton.jit
+def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, w_ptr, wsum_ptr, V, stride_z, stride_g, par_ptr,
+                 ignore_index, ACC: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_W: tl.constexpr,
+                 SMOOTH: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     row, y, z, g = _row(z_ptr, y_ptr, g_ptr, stride_z, stride_g)
     if y == ignore_index:
         if WITH_GRAD:
             _zero_row(g, V, ACC, BLOCK)
     else:
+        # from a tensor: Triton would pass Python floats as fp32
+        c = tl.load(par_ptr).to(ACC)
+        eps = tl.load(par_ptr + 1).to(ACC)
+        cap = tl.load(par_ptr + 2).to(ACC)
         m = tl.full([BLOCK], float("-inf"), ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             m = tl.maximum(m, tl.load(z + cols, mask=cols < V, other=float("-inf")).to(ACC))
-        mx = tl.max(m, axis=0)
+        mx, _ = _capped(tl.max(m, axis=0), cap, CAP)  # tanh is increasing: softcap of the max is the max
         s = tl.zeros([BLOCK], ACC)
+        sw = tl.zeros([BLOCK], ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            x = tl.load(z + cols, mask=cols < V, other=float("-inf")).to(ACC)
+            x, _ = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
             s += tl.where((cols < V) & (cols != y), tl.exp(x - mx), 0.0)
+            if SMOOTH:  # sum_j w_j (m - z_j): no term negative
+                sw += _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK) * tl.where(cols < V, mx - x, 0.0)
         rest = tl.sum(s, axis=0)
-        zy = tl.load(z + y).to(ACC)
+        zy, dy = _capped(tl.load(z + y).to(ACC), cap, CAP)
         sy = tl.where(zy == mx, 1.0, tl.exp(zy - mx))
         S = sy + rest
         log_S = tl.where(zy == mx, _log1p(rest, ACC), tl.log(S))
         lse = mx + log_S
-        c = tl.load(coef_ptr).to(ACC)  # from a tensor: Triton would pass a Python float as fp32
-        tl.store(ce_ptr + row, (mx - zy) + log_S)
-        tl.store(zl_ptr + row, c * lse * lse)
+        if HAS_W:
+            wy = tl.load(w_ptr + y).to(ACC)
+            W = tl.load(wsum_ptr).to(ACC)
+        else:
+            wy = tl.full([], 1.0, ACC)
+            W = V.to(ACC)
+        ce = (1 - eps) * wy * ((mx - zy) + log_S)
+        if SMOOTH:
+            ce += eps / V * (tl.sum(sw, axis=0) + W * log_S)
+        tl.store(ce_ptr + row, ce)
+        tl.store(zl_ptr + row, c * wy * lse * lse)
         if WITH_GRAD:
             scale = tl.load(scale_ptr).to(ACC)
-            a = scale * (1 + 2 * c * lse) / S
-            gy = scale * (2 * c * lse * sy - rest) / S
+            a = (1 - eps) * wy + eps * W / V + 2 * c * wy * lse
+            by = (1 - eps + eps / V) * wy
+            gy = scale * ((sy * (a - by) - by * rest) / S) * dy
+            pa = scale * a / S
+            pe = scale * eps / V
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
-                x = tl.load(z + cols, mask=cols < V, other=float("-inf")).to(ACC)  # 0 past the row's end
-                gr = tl.where(cols == y, gy, tl.exp(x - mx) * a)
+                x, d = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
+                gr = tl.exp(x - mx) * pa
+                if SMOOTH:
+                    gr -= pe * _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK)
+                gr = tl.where(cols == y, gy, gr * d)
                 tl.store(g + cols, gr.to(g.dtype.element_ty), mask=cols < V)
 
 
@@ -92,33 +149,56 @@ def _stable_ds(x):
 
 
 @triton.jit
-def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, V, stride_z, stride_g, ignore_index,
-                      ACC: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, w_ptr, wsum_ptr, V, stride_z, stride_g, par_ptr,
+                      ignore_index, ACC: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_W: tl.constexpr,
+                      SMOOTH: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     row, y, z, g = _row(z_ptr, y_ptr, g_ptr, stride_z, stride_g)
     if y == ignore_index:
         if WITH_GRAD:
             _zero_row(g, V, ACC, BLOCK)
     else:
+        eps = tl.load(par_ptr + 1).to(ACC)
+        cap = tl.load(par_ptr + 2).to(ACC)
         s = tl.zeros([BLOCK], ACC)
+        sl = tl.zeros([BLOCK], ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            x = tl.load(z + cols, mask=cols < V, other=0.0).to(ACC)
+            x, _ = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
             s += tl.where((cols < V) & (cols != y), _stable_s(x), 0.0)
+            if SMOOTH:  # sum_j w_j log s(z_j), log s(x) = sign(x) log1p(|x|)
+                ls = _log1p(tl.abs(x), ACC)
+                sl += _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK) * tl.where(x < 0, -ls, ls)
         rest = tl.sum(s, axis=0)
-        zy = tl.load(z + y).to(ACC)
+        zy, dy = _capped(tl.load(z + y).to(ACC), cap, CAP)
         sy = _stable_s(zy)
         S = sy + rest
         r = rest / sy
+        if HAS_W:
+            wy = tl.load(w_ptr + y).to(ACC)
+            W = tl.load(wsum_ptr).to(ACC)
+        else:
+            wy = tl.full([], 1.0, ACC)
+            W = V.to(ACC)
         # where r overflows, rest > sy (the maximum only keeps log(0) out of the branch not taken when rest = 0)
-        tl.store(loss_ptr + row, tl.where(r == float("inf"), tl.log(tl.maximum(rest, sy)) - tl.log(sy), _log1p(r, ACC)))
+        loss = (1 - eps) * wy * tl.where(r == float("inf"), tl.log(tl.maximum(rest, sy)) - tl.log(sy), _log1p(r, ACC))
+        if SMOOTH:
+            loss += eps / V * (W * tl.log(S) - tl.sum(sl, axis=0))
+        tl.store(loss_ptr + row, loss)
         if WITH_GRAD:
             scale = tl.load(scale_ptr).to(ACC)
-            inv = scale / S
-            gy = -scale * (_stable_ds(zy) / sy) * (rest / S)
+            a = (1 - eps) * wy + eps * W / V
+            by = (1 - eps + eps / V) * wy
+            gy = scale * _stable_ds(zy) * ((sy * (a - by) - by * rest) / (S * sy)) * dy
+            pa = scale * a / S
+            pe = scale * eps / V
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
-                x = tl.load(z + cols, mask=cols < V, other=0.0).to(ACC)
-                gr = tl.where(cols == y, gy, _stable_ds(x) * inv)
+                x, d = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
+                ds = _stable_ds(x)
+                gr = ds * pa
+                if SMOOTH:
+                    gr -= pe * _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK) * ds / _stable_s(x)
+                gr = tl.where(cols == y, gy, gr * d)
                 tl.store(g + cols, gr.to(g.dtype.element_ty), mask=cols < V)
 
 
@@ -126,29 +206,38 @@ def _block(V):
     return min(1024, triton.next_power_of_2(max(V, 16)))
 
 
-def cross_entropy_z_loss(logits, target, grad, grad_scale, z_coef, ignore_index):
+def _launch(kernel, logits, target, grad, grad_scale, outs, z_coef, ignore_index, class_weight, label_smoothing,
+            softcap):
+    """One program per row; the scalars (z_coef, label smoothing, softcap) from a cached device tensor, the class
+    weights' sum computed on the device (no host read)."""
     N, V = logits.shape
     acc = acc_dtype(logits.dtype)
-    ce = torch.zeros(N, dtype=acc, device=logits.device)
-    zl = torch.zeros_like(ce)
     with_grad = grad.numel() > 0
-    if N:
-        with plan.device_guard(logits.device):  # z_coef from a cached device tensor: Triton passes floats as fp32
-            _ce_z_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1), ce, zl,
-                               V, logits.stride(0), grad.stride(0) if with_grad else 0,
-                               plan.constants((z_coef,), logits.device, acc), ignore_index, ACC=tl_acc(logits.dtype),
-                               WITH_GRAD=with_grad, BLOCK=_block(V))
+    has_w = class_weight is not None
+    w = class_weight.to(acc).contiguous() if has_w else logits
+    wsum = w.sum().reshape(1) if has_w else logits
+    with plan.device_guard(logits.device):
+        kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1), *outs, w, wsum,
+                     V, logits.stride(0), grad.stride(0) if with_grad else 0,
+                     plan.constants((z_coef, label_smoothing, softcap), logits.device, acc), ignore_index,
+                     ACC=tl_acc(logits.dtype), WITH_GRAD=with_grad, HAS_W=has_w, SMOOTH=label_smoothing > 0,
+                     CAP=softcap > 0, BLOCK=_block(V))
+
+
+def cross_entropy_z_loss(logits, target, grad, grad_scale, z_coef, ignore_index, class_weight, label_smoothing,
+                         softcap):
+    acc = acc_dtype(logits.dtype)
+    ce = torch.zeros(logits.shape[0], dtype=acc, device=logits.device)
+    zl = torch.zeros_like(ce)
+    if logits.shape[0]:
+        _launch(_ce_z_kernel, logits, target, grad, grad_scale, (ce, zl), z_coef, ignore_index, class_weight,
+                label_smoothing, softcap)
     return ce, zl
 
 
-def stablemax_cross_entropy(logits, target, grad, grad_scale, ignore_index):
-    N, V = logits.shape
-    acc = acc_dtype(logits.dtype)
-    loss = torch.zeros(N, dtype=acc, device=logits.device)
-    with_grad = grad.numel() > 0
-    if N:
-        with plan.device_guard(logits.device):
-            _stablemax_kernel[(N,)](logits, target, grad if with_grad else logits, grad_scale.to(acc).reshape(1),
-                                    loss, V, logits.stride(0), grad.stride(0) if with_grad else 0, ignore_index,
-                                    ACC=tl_acc(logits.dtype), WITH_GRAD=with_grad, BLOCK=_block(V))
+def stablemax_cross_entropy(logits, target, grad, grad_scale, ignore_index, class_weight, label_smoothing, softcap):
+    loss = torch.zeros(logits.shape[0], dtype=acc_dtype(logits.dtype), device=logits.device)
+    if logits.shape[0]:
+        _launch(_stablemax_kernel, logits, target, grad, grad_scale, (loss,), 0.0, ignore_index, class_weight,
+                label_smoothing, softcap)
     return loss
