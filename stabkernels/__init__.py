@@ -6,7 +6,8 @@ Families (see the README and docs/spec.md, which the code cites as "SPEC x.y"):
   * spectral: :func:`power_iteration_`, :func:`stable_rank`, :func:`top_singular`, :func:`spectral_smooth_`,
     :func:`sq_norms`
   * directional: :func:`random_directions`, :func:`perturb`, :func:`directional_dots`, :func:`orthograd_`
-  * losses: :func:`cross_entropy_z_loss`, :func:`stablemax_cross_entropy`; :class:`nn.QKLayerNorm`
+  * losses: :func:`cross_entropy_z_loss`, :func:`stablemax_cross_entropy`, :func:`linear_cross_entropy`;
+    :class:`nn.QKLayerNorm`
   * fused optimizer updates: :func:`adam_step_`, :func:`sgd_step_`, :func:`apply_update_`
 
 Every op takes ``backend="auto" | "torch" | "cpp" | "triton" | "cuda"``; :func:`info` reports which
@@ -19,7 +20,7 @@ from .backend import BackendUnavailable
 from .spectral import (init_power_vectors, power_iteration_, spectral_smooth_, sq_norms, stable_rank,
                        top_singular)
 from .directional import directional_dots, orthograd_, perturb, random_directions
-from .losses import cross_entropy_z_loss, stablemax_cross_entropy
+from .losses import cross_entropy_z_loss, linear_cross_entropy, stablemax_cross_entropy
 from .spread import row_spread, softmax_radius, tangent_spread_linear
 from .tangent import tangent_features, tangent_logits
 from .update import adam_step_, apply_update_, sgd_step_
@@ -34,7 +35,7 @@ __all__ = [
     # directional
     "directional_dots", "orthograd_", "perturb", "random_directions",
     # losses
-    "cross_entropy_z_loss", "stablemax_cross_entropy",
+    "cross_entropy_z_loss", "linear_cross_entropy", "stablemax_cross_entropy",
     # fused optimizer updates
     "adam_step_", "apply_update_", "sgd_step_",
     # spectral

@@ -74,7 +74,7 @@ def _smoothing_terms(z: Tensor, y: Tensor, class_weight: Tensor | None, eps: flo
 @_backend.register("cross_entropy_z_loss", "torch")
 def cross_entropy_z_loss_reference(logits, target, grad, grad_scale, z_coef, ignore_index, class_weight=None,
                                    label_smoothing=0.0, softcap=0.0):
-    """Reference (SPEC 4.1, 4.5): per row, on z = softcap(logits), the (weighted, smoothed) cross-entropy
+    """Reference (SPEC 4.3, 4.5): per row, on z = softcap(logits), the (weighted, smoothed) cross-entropy
     (1 - eps) w_y (lse - z_y) + eps / V sum_j w_j (lse - z_j) and the z-loss w_y c lse^2 (both 0 on ignored
     rows); the gradient scale * d(row)/d(logits) into ``grad`` unless it is empty:
     (p_j a - eps w_j / V) dz_j, a = (1 - eps) w_y + eps W / V + 2 c w_y lse, minus b_y = (1 - eps + eps / V) w_y

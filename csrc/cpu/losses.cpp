@@ -147,7 +147,7 @@ RowOpts<A> row_opts(const std::optional<at::Tensor>& weight, double label_smooth
                     w, W, V};
 }
 
-// Per row (math in fp32, fp64 for fp64; SPEC 4.1, 4.5), on z = softcap(logits): lse = log sum exp(z);
+// Per row (math in fp32, fp64 for fp64; SPEC 4.3, 4.5), on z = softcap(logits): lse = log sum exp(z);
 // ce = (1 - eps) w_y (lse - z_y) + eps / V sum_j w_j (lse - z_j); zl = c w_y lse^2;
 // grad_j = scale (p_j a - eps w_j / V) dz_j, a = (1 - eps) w_y + eps W / V + 2 c w_y lse, less b_y = (1 - eps + eps / V) w_y at y.
 // Without softmax collapse (stabkernels/losses.py, cross_entropy_z_loss_reference): with m = max z,

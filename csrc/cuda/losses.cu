@@ -53,7 +53,7 @@ __device__ Opts<A> opts_of(const LossArgs& a) {
   return Opts<A>{static_cast<A>(a.softcap), static_cast<A>(a.label_smoothing), static_cast<const A*>(a.weight)};
 }
 
-// On z = softcap(logits) (SPEC 4.1, 4.5): ce = (1 - eps) w_y (lse - z_y) + eps / V sum_j w_j (lse - z_j),
+// On z = softcap(logits) (SPEC 4.3, 4.5): ce = (1 - eps) w_y (lse - z_y) + eps / V sum_j w_j (lse - z_j),
 // zl = c w_y lse^2, grad_j = scale (p_j a - eps w_j / V) dz_j with a = (1 - eps) w_y + eps W / V + 2 c w_y lse,
 // less b_y = (1 - eps + eps / V) w_y at y (the target's written (s_y (a - b_y) - b_y S_rest) / S).
 template <typename T>
