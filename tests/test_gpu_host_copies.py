@@ -339,7 +339,19 @@ LOSSES = {
     "cross_entropy_z_loss": lambda z, y: stabkernels.cross_entropy_z_loss(z, y, backend="triton")[0],
     "cross_entropy_z_loss-sum": lambda z, y: stabkernels.cross_entropy_z_loss(z, y, reduction="sum",
                                                                               backend="triton")[0],
+    # SPEC 4.5's options: the class weights' denominator and sum stay on the device
+    "cross_entropy_z_loss-options": lambda z, y: stabkernels.cross_entropy_z_loss(
+        z, y, label_smoothing=0.1, softcap=5.0, class_weight=_CLASS_WEIGHT, backend="triton")[0],
+    "stablemax_cross_entropy-options": lambda z, y: stabkernels.stablemax_cross_entropy(
+        z, y, label_smoothing=0.1, softcap=5.0, class_weight=_CLASS_WEIGHT, backend="triton"),
+    # z as the hidden states of a linear head (SPEC 4.6): three chunks, gradients scaled in backward
+    "linear_cross_entropy": lambda z, y: stabkernels.linear_cross_entropy(
+        z, _HEAD, y, _HEAD_BIAS, z_coef=1e-4, label_smoothing=0.1, class_weight=_CLASS_WEIGHT, chunk_size=2,
+        backend="triton")[0],
 }
+_CLASS_WEIGHT = torch.rand(11, generator=torch.Generator().manual_seed(1)) + 0.5
+_HEAD = torch.randn(11, 11, generator=torch.Generator().manual_seed(2)).requires_grad_()
+_HEAD_BIAS = torch.zeros(11, requires_grad=True)
 
 
 @pytest.mark.parametrize("upstream", [None, 2.5], ids=["loss.backward()", "upstream-2.5"])
