@@ -68,6 +68,26 @@ def _capped(x, cap, CAP: tl.constexpr):
 
 
 @triton.jit
+def _cap(x, cap, CAP: tl.constexpr):
+    """softcap(x) alone (a loop-carried name for the unused derivative would change type across the loops)."""
+    out, d = _capped(x, cap, CAP)
+    return out
+
+
+@triton.jit
+def _smoothing(par_ptr, V, ACC: tl.constexpr, SMOOTH: tl.constexpr):
+    """(eps, eps / V); constant zeros without label smoothing, so that no float64 division (a called subroutine,
+    whose saved registers spilled) is left in the plain kernel."""
+    if SMOOTH:
+        eps = tl.load(par_ptr + 1).to(ACC)
+        ev = eps / V
+    else:
+        eps = tl.zeros([], ACC)
+        ev = tl.zeros([], ACC)
+    return eps, ev
+
+
+@triton.jit
 def _weights(w_ptr, cols, V, ACC: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """The class weights of a block of columns (1 without weights; 0 past the row's end)."""
     if HAS_W:
@@ -88,18 +108,18 @@ def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, w_ptr, wsum_ptr
     else:
         # from a tensor: Triton would pass Python floats as fp32
         c = tl.load(par_ptr).to(ACC)
-        eps = tl.load(par_ptr + 1).to(ACC)
+        eps, ev = _smoothing(par_ptr, V, ACC, SMOOTH)
         cap = tl.load(par_ptr + 2).to(ACC)
         m = tl.full([BLOCK], float("-inf"), ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             m = tl.maximum(m, tl.load(z + cols, mask=cols < V, other=float("-inf")).to(ACC))
-        mx, _ = _capped(tl.max(m, axis=0), cap, CAP)  # tanh is increasing: softcap of the max is the max
+        mx = _cap(tl.max(m, axis=0), cap, CAP)  # tanh is increasing: softcap of the max is the max
         s = tl.zeros([BLOCK], ACC)
         sw = tl.zeros([BLOCK], ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            x, _ = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
+            x = _cap(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
             s += tl.where((cols < V) & (cols != y), tl.exp(x - mx), 0.0)
             if SMOOTH:  # sum_j w_j (m - z_j): no term negative
                 sw += _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK) * tl.where(cols < V, mx - x, 0.0)
@@ -114,19 +134,20 @@ def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, w_ptr, wsum_ptr
             W = tl.load(wsum_ptr).to(ACC)
         else:
             wy = tl.full([], 1.0, ACC)
-            W = V.to(ACC)
+            W = wy * V
         ce = (1 - eps) * wy * ((mx - zy) + log_S)
         if SMOOTH:
-            ce += eps / V * (tl.sum(sw, axis=0) + W * log_S)
+            ce += ev * (tl.sum(sw, axis=0) + W * log_S)
         tl.store(ce_ptr + row, ce)
         tl.store(zl_ptr + row, c * wy * lse * lse)
         if WITH_GRAD:
             scale = tl.load(scale_ptr).to(ACC)
-            a = (1 - eps) * wy + eps * W / V + 2 * c * wy * lse
-            by = (1 - eps + eps / V) * wy
-            gy = scale * ((sy * (a - by) - by * rest) / S) * dy
-            pa = scale * a / S
-            pe = scale * eps / V
+            inv_s = scale / S
+            a = (1 - eps) * wy + ev * W + 2 * c * wy * lse
+            by = (1 - eps + ev) * wy
+            gy = (sy * (a - by) - by * rest) * inv_s * dy
+            pa = a * inv_s
+            pe = scale * ev
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
                 x, d = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
@@ -157,13 +178,13 @@ def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, w_ptr, wsum_ptr,
         if WITH_GRAD:
             _zero_row(g, V, ACC, BLOCK)
     else:
-        eps = tl.load(par_ptr + 1).to(ACC)
+        eps, ev = _smoothing(par_ptr, V, ACC, SMOOTH)
         cap = tl.load(par_ptr + 2).to(ACC)
         s = tl.zeros([BLOCK], ACC)
         sl = tl.zeros([BLOCK], ACC)
         for c0 in range(0, V, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
-            x, _ = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
+            x = _cap(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
             s += tl.where((cols < V) & (cols != y), _stable_s(x), 0.0)
             if SMOOTH:  # sum_j w_j log s(z_j), log s(x) = sign(x) log1p(|x|)
                 ls = _log1p(tl.abs(x), ACC)
@@ -178,19 +199,20 @@ def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, w_ptr, wsum_ptr,
             W = tl.load(wsum_ptr).to(ACC)
         else:
             wy = tl.full([], 1.0, ACC)
-            W = V.to(ACC)
+            W = wy * V
         # where r overflows, rest > sy (the maximum only keeps log(0) out of the branch not taken when rest = 0)
         loss = (1 - eps) * wy * tl.where(r == float("inf"), tl.log(tl.maximum(rest, sy)) - tl.log(sy), _log1p(r, ACC))
         if SMOOTH:
-            loss += eps / V * (W * tl.log(S) - tl.sum(sl, axis=0))
+            loss += ev * (W * tl.log(S) - tl.sum(sl, axis=0))
         tl.store(loss_ptr + row, loss)
         if WITH_GRAD:
             scale = tl.load(scale_ptr).to(ACC)
-            a = (1 - eps) * wy + eps * W / V
-            by = (1 - eps + eps / V) * wy
-            gy = scale * _stable_ds(zy) * ((sy * (a - by) - by * rest) / (S * sy)) * dy
-            pa = scale * a / S
-            pe = scale * eps / V
+            inv_s = scale / S
+            a = (1 - eps) * wy + ev * W
+            by = (1 - eps + ev) * wy
+            gy = _stable_ds(zy) * ((sy * (a - by) - by * rest) / sy) * inv_s * dy
+            pa = a * inv_s
+            pe = scale * ev
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
                 x, d = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
