@@ -64,6 +64,10 @@ def every_triton_entry_point():
     z, y = torch.randn(4, 9, requires_grad=True), torch.tensor([0, 3, 8, 1])
     sk.cross_entropy_z_loss(z, y, **t)[0].backward(torch.tensor(2.0))
     sk.stablemax_cross_entropy(z, y, **t).backward()
+    cw = torch.rand(9) + 0.5  # the options' variants (class weights, their sum, smoothing, softcap)
+    sk.cross_entropy_z_loss(z, y, label_smoothing=0.1, softcap=5.0, class_weight=cw, **t)[0].backward()
+    sk.linear_cross_entropy(torch.randn(4, 6, requires_grad=True), torch.randn(9, 6), y, loss="stablemax",
+                            label_smoothing=0.1, class_weight=cw, chunk_size=2, **t)[0].backward()
     sk.row_spread(torch.randn(4, 9), "none", **t)
     sk.tangent_spread_linear(torch.randn(4, 6), torch.randn(4, 6), torch.randn(9, 6), None, None, "none", **t)
 

@@ -568,6 +568,38 @@ def loss_cases(device: str, quick: bool) -> Iterator[Case]:
                baseline=stable_composed, baseline_name="StableMax formula in torch ops, forward + backward",
                candidates={b: stable_fused(b) for b in kernel_backends("stablemax_cross_entropy", device)})
 
+    # linear_cross_entropy (SPEC 4.6): the head's logits never exist; the issue's ratios (8192 tokens x 4096
+    # hidden x 32k vocabulary on GPU) scaled down on CPU
+    n, d, v = (256, 128, 1024) if quick else ((8192, 4096, 32768) if device == "cuda" else (1024, 512, 16384))
+    h = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.02).to(device).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+
+    def linear_composed():
+        h.grad = w.grad = None
+        F.cross_entropy(F.linear(h, w), y).backward()
+
+    def linear_fused(b):
+        def fn():
+            h.grad = w.grad = None
+            losses.linear_cross_entropy(h, w, y, backend=b)[0].backward()
+        return fn
+
+    backends = kernel_backends("cross_entropy_z_loss", device)
+    case = Case(op="linear_cross_entropy_fwd_bwd", shape=f"N{n}xH{d}xV{v}", dtype="float32",
+                nbytes=(n * d + v * d) * 4, baseline=linear_composed,
+                baseline_name="F.cross_entropy(F.linear(h, W), y), forward + backward",
+                candidates={b: linear_fused(b) for b in backends})
+    if device == "cpu":
+        setup = (f"import torch.nn.functional as F; g = torch.Generator().manual_seed(0); "
+                 f"h = torch.randn({n}, {d}, generator=g).requires_grad_(); "
+                 f"w = (torch.randn({v}, {d}, generator=g) * 0.02).requires_grad_(); "
+                 f"y = torch.randint(0, {v}, ({n},), generator=g)")
+        case.peak_mb["baseline"] = peak_extra_mb(setup, "F.cross_entropy(F.linear(h, w), y).backward()")
+        for b in backends:
+            case.peak_mb[b] = peak_extra_mb(setup, f"stabkernels.linear_cross_entropy(h, w, y, backend='{b}')[0].backward()")
+    yield case
+
 
 def hf_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
     """What the probes cost in a Hugging Face training step: forward with labels, backward and ``step()`` of a
