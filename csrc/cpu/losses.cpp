@@ -5,6 +5,7 @@
 // written). No (N, V) buffer besides the gradient exists.
 
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
 
@@ -197,15 +198,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
         const A pa = scale * a / S, pe = scale * eps / A(V);
         const VA va(pa), ve(pe);
         constexpr int64_t L = VA::size();
-        int64_t j = 0;
-        for (; j + L <= V; j += L) {
-          const auto [x, d] = o.capped_d(load_acc(z + j));
-          store_row(g, j, (vexp(x - vm) * va - ve * o.weights(j)) * d);
-        }
-        for (; j < V; ++j) {
-          const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
-          g[j] = static_cast<T>((std::exp(x - m) * pa - pe * o.weight(j)) * d);
-        }
+        // the smoothing term's -eps w_j / V only where there is smoothing: the plain loop stays as it was
+        auto sweep = [&](auto smooth) {
+          int64_t j = 0;
+          for (; j + L <= V; j += L) {
+            const auto [x, d] = o.capped_d(load_acc(z + j));
+            VA gj = vexp(x - vm) * va;
+            if constexpr (decltype(smooth)::value) gj = gj - ve * o.weights(j);
+            store_row(g, j, gj * d);
+          }
+          for (; j < V; ++j) {
+            const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
+            A gj = std::exp(x - m) * pa;
+            if constexpr (decltype(smooth)::value) gj -= pe * o.weight(j);
+            g[j] = static_cast<T>(gj * d);
+          }
+        };
+        if (eps > 0)
+          sweep(std::true_type{});
+        else
+          sweep(std::false_type{});
         g[y[i]] = static_cast<T>(gy);
       }
     });
@@ -280,17 +292,27 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
         const A pa = scale * a / S, pe = scale * eps / A(V);
         const A gy = scale * stable_ds(zy) * ((sy * (a - by) - by * rest) / (S * sy)) * dy;
         const VA va(pa), ve(pe);
-        int64_t j = 0;
-        for (; j + L <= V; j += L) {
-          const auto [x, d] = o.capped_d(load_acc(z + j));
-          const VA ds = stable_ds(x);
-          store_row(g, j, (ds * va - ve * o.weights(j) * ds / stable_s(x)) * d);
-        }
-        for (; j < V; ++j) {
-          const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
-          const A ds = stable_ds(x);
-          g[j] = static_cast<T>((ds * pa - pe * o.weight(j) * ds / stable_s(x)) * d);
-        }
+        auto sweep = [&](auto smooth) {  // as in the softmax loss: the smoothing term only where there is one
+          int64_t j = 0;
+          for (; j + L <= V; j += L) {
+            const auto [x, d] = o.capped_d(load_acc(z + j));
+            const VA ds = stable_ds(x);
+            VA gj = ds * va;
+            if constexpr (decltype(smooth)::value) gj = gj - ve * o.weights(j) * ds / stable_s(x);
+            store_row(g, j, gj * d);
+          }
+          for (; j < V; ++j) {
+            const auto [x, d] = o.capped_d(static_cast<A>(z[j]));
+            const A ds = stable_ds(x);
+            A gj = ds * pa;
+            if constexpr (decltype(smooth)::value) gj -= pe * o.weight(j) * ds / stable_s(x);
+            g[j] = static_cast<T>(gj * d);
+          }
+        };
+        if (eps > 0)
+          sweep(std::true_type{});
+        else
+          sweep(std::false_type{});
         g[y[i]] = static_cast<T>(gy);
       }
     });
