@@ -7,8 +7,8 @@ a fresh process (SPEC 4.6; README "Linear cross-entropy").
 Peak extra memory: resident memory the forward + backward adds at its high-water mark, over the inputs and after
 one warm-up call (the compiled function's compilation is then done), the high-water mark reset before the
 measured call (``/proc/self/clear_refs`` 5), glibc made to return every freed block of 64 KiB or more (so that
-retained pages hide nothing). "chunk" for eager and torch.compile: all N rows at once. The gradients of hidden and weight
-themselves are part of it on every side (N x H + V x H floats)."""
+retained pages hide nothing). "chunk" for eager and torch.compile: all N rows at once. The gradients of hidden
+and weight themselves are part of it on every side (N x H + V x H floats)."""
 from __future__ import annotations
 
 import argparse

@@ -57,7 +57,8 @@ def reference(z, y, loss="softmax", z_coef=0.0, label_smoothing=0.0, softcap=Non
         rows = rows + w_y * z_coef * torch.logsumexp(z, 1) ** 2
     else:
         nl = -torch.log(stablemax_s(z) / stablemax_s(z).sum(1, keepdim=True))
-        rows = (1 - label_smoothing) * w_y * nl.gather(1, yy[:, None])[:, 0] + label_smoothing / z.shape[1] * (nl * w).sum(1)
+        rows = ((1 - label_smoothing) * w_y * nl.gather(1, yy[:, None])[:, 0]
+                + label_smoothing / z.shape[1] * (nl * w).sum(1))
         rows = torch.where(valid, rows, torch.zeros_like(rows))
     if reduction == "none":
         return rows

@@ -150,7 +150,8 @@ def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, w_ptr, wsum_ptr
             pe = scale * ev
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
-                x, d = _capped(tl.load(z + cols, mask=cols < V, other=0.0).to(ACC), cap, CAP)
+                # -inf past the row's end: exp gives 0 there (no overflowing value to cast into the gradient's dtype)
+                x, d = _capped(tl.load(z + cols, mask=cols < V, other=float("-inf")).to(ACC), cap, CAP)
                 gr = tl.exp(x - mx) * pa
                 if SMOOTH:
                     gr -= pe * _weights(w_ptr, cols, V, ACC, HAS_W, BLOCK)
