@@ -60,7 +60,7 @@ def test_unit_proposal_is_the_step_torch_applies_at_lr_1(name, make):
         params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
         us = [torch.empty_like(p) for p in params]
         group = opt.param_groups[0]
-        sums = ctrl._propose(group, params, us, ctrl._setup_state(group, params))
+        sums = ctrl._propose(group, params, us, ctrl._setup_state(group, params), None)
         for u, b, a in zip(us, before, shadow.parameters()):
             torch.testing.assert_close(u, b - a.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums, torch.stack([u.pow(2).sum() for u in us]), rtol=1e-5, atol=0)

@@ -371,17 +371,16 @@ class _RadiusMixin:
         """Creates the optimizer state of ``params`` (one group) on first use; returns what ``_propose`` needs."""
         raise NotImplementedError
 
-    def _propose(self, group, params, us, state) -> Tensor:
+    def _propose(self, group, params, us, state, skip) -> Tensor:
         """Advances the optimizer state of ``params`` (one group) as its step would, writes the unit proposal
         (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor; with update
-        clipping (2, T), the second row the clip statistics (SPEC 7.2). Nothing advances where
-        ``self._step_skip`` (this step's skip flag, a 0-d device tensor or None) is nonzero."""
+        clipping (2, T), the second row the clip statistics (SPEC 7.2). Nothing advances where ``skip`` (this
+        step's skip flag, a 0-d device tensor or None) is nonzero."""
         raise NotImplementedError
 
-    # the skip-flag protocol (SPEC 7.1): SkipStep sets skip_flag around step(); _step_skip is it on the device
+    # the skip-flag protocol (SPEC 7.1): SkipStep sets skip_flag around step()
     accepts_skip = True
     skip_flag: Tensor | None = None
-    _step_skip: Tensor | None = None
 
     def _decoupled_decay(self, group) -> float:
         return 0.0
@@ -396,12 +395,9 @@ class _RadiusMixin:
         live = self._prepare()
         if not live:
             return loss
+        # passed down, not set on self: torch 2.11's dynamo refuses attribute writes inside the compiled step
         skip = update.skip_tensor(self.skip_flag, live[0][1][0].device)
-        self._step_skip = skip
-        try:
-            raw = [self._propose(g, ps, us, state) for g, ps, us, state in live]
-        finally:
-            self._step_skip = None
+        raw = [self._propose(g, ps, us, state, skip) for g, ps, us, state in live]
         sums, clips = [], []
         for (_, ps, _, _), s in zip(live, raw):
             if s.dim() == 2:  # update clipping: u_i scaled by 1 / max(1, RMS_i), so sum(u_i^2) by its square
@@ -633,10 +629,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             return adam_states(self.optimizer.state, params, group["amsgrad"])
         return sgd_buffers(self.optimizer.state, params, group["momentum"])
 
-    def _propose(self, group, params, us, state) -> Tensor:
+    def _propose(self, group, params, us, state, skip) -> Tensor:
         if self.kind == "adam":
-            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend, self._step_skip)
-        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)
+            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend, skip)
+        return _sgd_proposal(state, group, params, us, self.backend, skip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"] if self.kind == "adam" and self._decoupled(group) else 0.0
@@ -713,8 +709,8 @@ class RadiusAdamW(_FusedRadiusOptimizer):
     def _setup_state(self, group, params):
         return adam_states(self.state, params, group["amsgrad"])
 
-    def _propose(self, group, params, us, state):
-        return _adam_proposal(state, group, params, us, True, self.backend, self._step_skip, self.update_clip)
+    def _propose(self, group, params, us, state, skip):
+        return _adam_proposal(state, group, params, us, True, self.backend, skip, self.update_clip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"]
@@ -739,5 +735,5 @@ class RadiusSGD(_FusedRadiusOptimizer):
     def _setup_state(self, group, params):
         return sgd_buffers(self.state, params, group["momentum"])
 
-    def _propose(self, group, params, us, state):
-        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)
+    def _propose(self, group, params, us, state, skip):
+        return _sgd_proposal(state, group, params, us, self.backend, skip)
