@@ -206,9 +206,7 @@ class QKClip:
     def _scale(self, r: Rows, f: Tensor) -> None:
         """Multiplies ``r.tensor`` by ``f`` (one factor per index of dimension ``r.dim``) in place; an FSDP2
         parameter (a DTensor sharded along dim 0) through its local shard, with its own rows' factors."""
-        t = distributed.local(r.tensor)
-        if isinstance(t, nn.Parameter):
-            t = t.data
+        t = distributed.local(r.tensor)  # in place under step's no_grad (not through .data: torch.compile drops it)
         if r.dim == 0 and distributed.is_sharded(r.tensor):
             lo = self._row_offset(r.tensor)
             f = f[lo:lo + t.shape[0]]
