@@ -60,6 +60,7 @@ NO_FMA_KERNELS = {
 # Kernels documented as IEEE float32 (no TF32, no tensor-core MMA); the no-FMA kernels are checked too.
 IEEE_KERNELS = {
     "_tangent_spread_kernel": "tl.dot(..., input_precision='ieee'): 'IEEE fp32, no TF32' (triton/spread.py)",
+    "_qk_max_logits_kernel": "tl.dot(..., input_precision='ieee'): 'IEEE fp32, no TF32' (triton/attention.py)",
 }
 # Register spills tolerated: kernel name -> (most spill bytes, stores + loads, in any variant, arch and triton
 # version; why). Measured 2026-12 with triton 3.6.0 and 3.8.0 for sm_80/90/100; a kernel that spills more, or any
