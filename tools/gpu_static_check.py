@@ -73,6 +73,9 @@ SPILL_ALLOWED = {
                         "bytes of L1 traffic per element beside the 40+ bytes the step streams"),
     "_row_spread_kernel": (16, "bfloat16, BLOCK_C=128 on sm_80 under triton 3.8: 12 bytes of spill, small beside "
                                "the row's loads"),
+    "_qk_max_logits_kernel": (48, "32 x 32 x 16 IEEE (FMA-loop) tiles, fp32/fp64, some stride specialisations: 8-40 "
+                                  "bytes of spill in 26 of 468 variants (64 x 32 x 32 tiles spilled up to 776); a few "
+                                  "bytes of L1 traffic beside the q and k tiles each key step loads"),
 }
 MAX_DYN_SMEM = 99 * 1024     # Triton dynamic shared memory (bytes) a block may use on every sm_80+ part we target
 MAX_STATIC_SMEM = 48 * 1024  # CUDA static shared memory (bytes)

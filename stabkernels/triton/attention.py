@@ -56,7 +56,7 @@ def _qk_max_logits_kernel(q_ptr, k_ptr, part_ptr, H, T, Tk, D, GROUP, num_m,
 
 
 def qk_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool,
-                  block_m: int = 64, block_n: int = 32, block_d: int = 32) -> torch.Tensor:
+                  block_m: int = 32, block_n: int = 32, block_d: int = 16) -> torch.Tensor:
     B, H, T, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     acc = acc_dtype(q.dtype)
