@@ -215,6 +215,37 @@ def test_llama_gqa_after_rope_matches_the_rule():
         h.remove()
 
 
+def test_qwen3_measures_after_its_per_head_qk_norm_and_rope():
+    """Qwen3's attention normalises q and k per head (RMSNorm) before RoPE: the maxima are those logits."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=50, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                                   max_position_embeddings=64)
+    model = transformers.Qwen3ForCausalLM(cfg).train()
+    a = model.model.layers[0].self_attn
+    with torch.no_grad():
+        a.q_norm.weight.copy_(torch.linspace(0.5, 6, 8))
+        a.k_norm.weight.copy_(torch.linspace(3, 1, 8))
+    seen, hooks = capture_inputs([a])
+    clip = QKClip(model, threshold=1e9)
+    assert len(clip.layers) == 1
+    model(torch.randint(0, 50, (2, 13))).logits.sum().backward()
+    h, kw = seen[0]
+    h = h.double()
+    cos, sin = (t.double() for t in kw["position_embeddings"])
+
+    def rms(x, w, eps):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+    q = rms((h @ a.q_proj.weight.double().T).view(2, 13, 6, 8), a.q_norm.weight, a.q_norm.variance_epsilon)
+    k = rms((h @ a.k_proj.weight.double().T).view(2, 13, 3, 8), a.k_norm.weight, a.k_norm.variance_epsilon)
+    q, k = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin)
+    want = causal_max(q, k.repeat_interleave(2, dim=1), a.scaling)
+    torch.testing.assert_close(clip._maxima, want, rtol=1e-5, atol=1e-5)
+    for hk in hooks:
+        hk.remove()
+
+
 # --------------------------------------------------------------------------------------------------
 # the LM demo's block, the wrapper, the registration API
 

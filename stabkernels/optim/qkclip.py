@@ -13,7 +13,8 @@ Nothing reads the device from the host.
 Layouts found by :meth:`QKClip.__init__` in ``model``:
   - Hugging Face GPT-2 (``GPT2Attention``: fused ``c_attn`` Conv1D, weight (d, 3d), q columns first, then k);
   - Hugging Face LLaMA-like attention (``q_proj``/``k_proj`` Linears, ``head_dim``, grouped-query ``config
-    .num_key_value_heads``, RoPE applied to q and k before the scores: measured after RoPE);
+    .num_key_value_heads``, RoPE applied to q and k before the scores: measured after RoPE, and after the
+    per-head ``q_norm``/``k_norm`` of Qwen3-like models, where the clip is then a heuristic);
   - :class:`stabkernels.lm.Block` (fused ``qkv`` Linear(d, 3d), viewed as (B, T, 3, heads, hd)).
 Any other layout: :meth:`QKClip.register` (a module to hook, a function that returns its (q, k), and where the
 q and k rows of each head lie in which tensors).
@@ -295,6 +296,9 @@ def _register_llama(clip: QKClip, name: str, attn: nn.Module) -> None:
     H = cfg.num_attention_heads
     Hk = getattr(cfg, "num_key_value_heads", None) or H
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError(f"{name}: an attention with only one of q_norm and k_norm; register it by hand")
     stash: dict = {}
 
     # the attention module's arguments (RoPE's cos and sin) and q_proj's output, kept only until k_proj runs
@@ -310,8 +314,11 @@ def _register_llama(clip: QKClip, name: str, attn: nn.Module) -> None:
         if q is None:
             return None
         B, T = out.shape[:2]
-        q = q.view(B, T, H, hd).transpose(1, 2)
-        k = out.view(B, T, Hk, hd).transpose(1, 2)
+        q, k = q.view(B, T, H, hd), out.view(B, T, Hk, hd)
+        if q_norm is not None:  # Qwen3-style per-head QK-norm before RoPE: measured after it (the clip heuristic)
+            with torch.no_grad():
+                q, k = q_norm(q), k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if pe is not None:
             cos, sin = pe
             q, k = rope(q, k, cos, sin)
