@@ -170,12 +170,14 @@ def main(argv=None) -> int:
     p.add_argument("--gpt2-warmup", type=int, default=2, help="GPT-2's untimed steps before the rounds")
     p.add_argument("--only", default="", help="comma-separated setting labels (AdamW always runs)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--table-only", action="store_true",
+                   help="re-render the markdown table from the per-model CSVs in --out (after a run of one model)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     machine = f"{machine_name()}-{cpu_isa().lower()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in args.models.split(","):
+    for name in [] if args.table_only else args.models.split(","):
         gpt2 = name == "gpt2"
         torch.set_num_threads(args.gpt2_threads if gpt2 else args.threads)
         new = run_model(name, args.gpt2_rounds if gpt2 else args.rounds, args.gpt2_block if gpt2 else args.block,

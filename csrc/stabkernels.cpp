@@ -97,4 +97,8 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // ((T,), update clipping), step_scale optional (1), both kept on the device; nothing where skip is nonzero.
   m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, Tensor? step_scale, "
         "Tensor? skip) -> ()");
+  // attention (SPEC 8.1): per (batch, query head) the max of scale * q_i . k_j over keys j (<= i if causal), q
+  // (B, H, T, D), k (B, Hk, Tk, D), H % Hk == 0 (query head h reads key head h / (H / Hk)); (B, H) in fp32
+  // (fp64 for fp64), -inf without keys, NaN propagates; the (T x Tk) scores are never built.
+  m.def("qk_max_logits(Tensor q, Tensor k, float scale, bool causal) -> Tensor");
 }

@@ -9,6 +9,7 @@ Families (see the README and docs/spec.md, which the code cites as "SPEC x.y"):
   * losses: :func:`cross_entropy_z_loss`, :func:`stablemax_cross_entropy`, :func:`linear_cross_entropy`;
     :class:`nn.QKLayerNorm`
   * fused optimizer updates: :func:`adam_step_`, :func:`sgd_step_`, :func:`apply_update_`
+  * attention: :func:`qk_max_logits` (QK-clip's measurement; :class:`optim.QKClip`)
 
 Every op takes ``backend="auto" | "torch" | "cpp" | "triton" | "cuda"``; :func:`info` reports which
 backends serve each op on this machine.
@@ -24,6 +25,7 @@ from .losses import cross_entropy_z_loss, linear_cross_entropy, stablemax_cross_
 from .spread import row_spread, softmax_radius, tangent_spread_linear
 from .tangent import tangent_features, tangent_logits
 from .update import adam_step_, apply_update_, sgd_step_
+from .attention import qk_max_logits
 from . import checkpoint, diagnostics, distributed, nn, optim
 from .diagnostics import spectral_report
 
@@ -41,6 +43,8 @@ __all__ = [
     # spectral
     "init_power_vectors", "power_iteration_", "spectral_report", "spectral_smooth_", "sq_norms", "stable_rank",
     "top_singular",
+    # attention
+    "qk_max_logits",
     # subpackages
     "checkpoint", "diagnostics", "distributed", "nn", "optim",
 ]

@@ -200,14 +200,23 @@ METHODS: dict[str, MethodFactory] = {
 def run(method: str, corpus: Corpus, seed: int, *, spike: bool, lr: float = 3e-3, steps: int = 200,
         spike_at: int = 66, spike_factor: float = 1000.0, batch: int = 8, context: int = 64,
         eval_every: int = 10, val_windows: int = 64, factory: MethodFactory | None = None, d: int = 64,
-        qk_norm: bool = False) -> History:
+        qk_norm: bool = False, qk_clip: float | None = None) -> History:
     """Trains one model (seeded init and batches) and records its history; from ``spike_at`` on the learning
     rate is multiplied by ``spike_factor`` and kept there when ``spike``. ``factory`` replaces the method's own
-    (``METHODS[method]``); ``d`` is the model's width, ``qk_norm`` turns QK-LayerNorm on. ``init_val_loss`` is
-    the validation loss at initialisation."""
+    (``METHODS[method]``); ``d`` is the model's width, ``qk_norm`` turns QK-LayerNorm on, ``qk_clip`` (a
+    threshold) runs :class:`stabkernels.optim.QKClip` after every step of any method (SPEC 8.2).
+    ``init_val_loss`` is the validation loss at initialisation."""
     torch.manual_seed(seed)
     model = ByteLM(d=d, context=context, qk_norm=qk_norm)
     opt, loss_fn, step_fn = (factory or METHODS[method])(model, lr)
+    if qk_clip is not None:
+        from .optim import QKClip
+
+        clip, method_step = QKClip(model, threshold=qk_clip), step_fn
+
+        def step_fn(x, y, loss):  # the method's step, then the clip of the heads measured in this forward
+            method_step(x, y, loss)
+            clip.step()
     base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(1000 + seed)
     vx, vy = windows(corpus.val, torch.linspace(0, len(corpus.val) - context - 2, val_windows).long(), context)

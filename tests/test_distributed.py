@@ -319,3 +319,89 @@ def test_one_process_runs_no_collective():
     t = torch.tensor([1.0, 2.0])
     assert distributed.max_(t) is t and distributed.mean(t) is t and distributed.gather_rows(t) is t
     assert distributed.broadcast_int(5) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# QK-clip (SPEC 8.2): one packed MAX all-reduce of the maxima, so every rank applies the clip of the global batch;
+# under FSDP2 the fused qkv weight (96 rows: q 0-31, k 32-63, v 64-95) is sharded at row 48, inside the k rows
+
+
+QK_STEPS, QK_BATCH, QK_TAU = 4, 8, 3.0
+
+
+def qk_model():
+    from stabkernels.lm import ByteLM
+
+    torch.manual_seed(0)
+    model = ByteLM(d=32, layers=2, heads=4, context=16)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.qkv.weight[:32].mul_(torch.linspace(1, 8, 32)[:, None])  # some heads over the threshold
+    return model
+
+
+def qk_train(model, wrapped, rows):
+    """QK_STEPS SGD steps with QKClip (the wrapper, built on ``wrapped``) on ``rows`` of each batch; returns the
+    parameters and the packed maxima of every step. SGD, not Adam: Adam's first steps are about lr * sign(g), so
+    gradients near 0 whose rounding differs between one and two processes move by lr, which would hide the clip's
+    own agreement."""
+    from stabkernels.optim import QKClip
+
+    opt = QKClip(wrapped, threshold=QK_TAU).wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(QK_STEPS):
+        x = torch.randint(0, 256, (QK_BATCH, 17), generator=g)[rows]
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        seen.append(opt.clip.last_max_logits.clone())
+    return [p.detach().clone() if not hasattr(p, "full_tensor") else p.full_tensor() for p in model.parameters()], \
+        torch.stack(seen)
+
+
+def qk_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        per = QK_BATCH // world
+        rows = slice(rank * per, (rank + 1) * per)
+        model = qk_model()
+        torch.save(qk_train(model, nn.parallel.DistributedDataParallel(model), rows),
+                   os.path.join(out_dir, f"ddp-{rank}.pt"))
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = qk_model()
+        for b in model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.save(qk_train(model, model, rows), os.path.join(out_dir, f"fsdp-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def qk_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qkclip")
+    spawn(qk_worker, 2, str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_qkclip_ranks_identical_and_equal_to_one_process_on_the_global_batch(kind, qk_results):
+    model = qk_model()
+    single, maxima = qk_train(model, model, slice(0, QK_BATCH))
+    assert (maxima > QK_TAU).any(dim=1).all()  # the clip acts on every step, so a wrong clip would show
+    assert (maxima <= QK_TAU).any()
+    start = qk_model().parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(single, start))
+    r0, m0 = torch.load(qk_results / f"{kind}-0.pt")
+    r1, m1 = torch.load(qk_results / f"{kind}-1.pt")
+    assert torch.equal(m0, m1), "the ranks clipped with different maxima"
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1)), "the replicas drifted apart"
+    torch.testing.assert_close(m0, maxima, rtol=1e-5, atol=1e-5)
+    for a, b in zip(r0, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

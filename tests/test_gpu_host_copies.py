@@ -443,3 +443,40 @@ def test_no_host_copy_or_read_in_an_op(name):
     with HostTraffic() as mode:
         call()
     assert mode.events == [], f"{name}: {len(mode.events)} host copies/reads in one call:\n{mode.report()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# QK-clip (SPEC 8.2): the hooks' measurement in the training forward and the clip after the step
+
+
+def test_no_host_copy_or_read_in_qk_max_logits():
+    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
+    stabkernels.qk_max_logits(q, k, backend="triton")
+    with HostTraffic() as mode:
+        stabkernels.qk_max_logits(q, k, backend="triton")
+        stabkernels.qk_max_logits(q, k, causal=False, backend="triton")
+    assert mode.events == [], mode.report()
+
+
+def test_no_host_copy_or_read_in_a_qkclip_forward_and_step():
+    from stabkernels.lm import ByteLM
+    from stabkernels.optim import QKClip
+
+    torch.manual_seed(0)
+    model = ByteLM(d=16, layers=2, heads=2, context=8)
+    opt = QKClip(model, threshold=0.5, backend="triton").wrap(torch.optim.AdamW(model.parameters(), lr=1e-2,
+                                                                                fused=True))
+    x = torch.randint(0, 256, (2, 8))
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+
+    step()
+    before = model.blocks[0].qkv.weight.detach().clone()
+    with HostTraffic() as mode:
+        step()
+    assert not torch.equal(before, model.blocks[0].qkv.weight)
+    assert (opt.clip.last_max_logits > 0.5).any()  # the clip acted (threshold below the maxima)
+    assert mode.events == [], f"{len(mode.events)} host copies/reads:\n{mode.report()}"

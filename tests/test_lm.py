@@ -74,3 +74,31 @@ def test_lr_sweep_runs_and_writes_its_outputs(tmp_path):
     assert len(rows) == 4 and {r["method"] for r in rows} == {"AdamW", "RadiusAdamW (default)"}
     assert all(float(r["init_val_loss"]) == pytest.approx(math.log(256), rel=0.1) for r in rows)
     assert "| AdamW |" in md and "| RadiusAdamW (default) |" in md
+
+
+def test_run_with_qk_clip_bounds_the_attention_logits():
+    """lm.run(qk_clip=tau): QKClip after every step. A threshold above every logit changes nothing (bit for bit);
+    a low one holds the trained model's attention logits far below the unclipped run's."""
+    import stabkernels as sk
+
+    corpus = lm.load_corpus(8192, 2048)
+    models = []
+
+    def factory(model, lr):
+        models.append(model)
+        return lm.adamw(model, lr)
+
+    kw = dict(spike=False, lr=1e-2, steps=12, eval_every=12, val_windows=8, d=32, factory=factory)
+    plain = lm.run("AdamW", corpus, 0, **kw)
+    high = lm.run("AdamW", corpus, 0, qk_clip=1e9, **kw)
+    low = lm.run("AdamW", corpus, 0, qk_clip=1.0, **kw)
+    assert plain.loss == high.loss and plain.val_loss == high.val_loss
+    assert low.loss != plain.loss
+    x, _ = lm.windows(corpus.val, torch.tensor([0, 500, 1000]), 64)
+
+    def max_logit(model):  # of the first block, whose input the clip does not change
+        b = model.blocks[0]
+        q, k, _ = b.qkv(b.ln1(model.tok(x) + model.pos(torch.arange(64)))).view(3, 64, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return sk.qk_max_logits(q, k).max().item()
+
+    assert max_logit(models[2]) < 0.5 * max_logit(models[0])

@@ -111,6 +111,28 @@ def test_pss_around_an_optimizer_that_cannot_skip_on_the_device_reads_once():
     assert len(reads) == 1
 
 
+def test_no_host_read_in_a_qkclip_forward_backward_and_step():
+    """QK-clip (SPEC 8.2): its hooks measure in the forward, its clip runs after the step: neither reads back."""
+    from stabkernels.lm import ByteLM
+    from stabkernels.optim import QKClip
+
+    torch.manual_seed(0)
+    model = ByteLM(d=16, layers=2, heads=2, context=8)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    opt = QKClip(model, threshold=0.5).wrap(inner)
+    x = torch.randint(0, 256, (2, 8))
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+    opt.zero_grad()
+    with HostReads() as mode:
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+    assert (opt.clip.last_max_logits > 0.5).any()  # the clip acted
+    assert mode.reads == []
+
+
 def test_the_counter_sees_a_read():
     t = torch.ones(3)
     with HostReads() as mode:

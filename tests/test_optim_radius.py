@@ -60,7 +60,7 @@ def test_unit_proposal_is_the_step_torch_applies_at_lr_1(name, make):
         params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
         us = [torch.empty_like(p) for p in params]
         group = opt.param_groups[0]
-        sums = ctrl._propose(group, params, us, ctrl._setup_state(group, params))
+        sums = ctrl._propose(group, params, us, ctrl._setup_state(group, params), None)
         for u, b, a in zip(us, before, shadow.parameters()):
             torch.testing.assert_close(u, b - a.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums, torch.stack([u.pow(2).sum() for u in us]), rtol=1e-5, atol=0)
@@ -401,21 +401,27 @@ def test_head_method_needs_the_head_and_fd_does_not_take_it():
         RadiusAdamW(model.parameters(), model=model, method="fd", head=model[-1])
     with pytest.raises(ValueError, match="reprobe_above"):
         RadiusAdamW(model.parameters(), model=model, reprobe_above=-1.0)
+    with pytest.raises(ValueError, match="reprobe_budget"):
+        RadiusAdamW(model.parameters(), model=model, reprobe_budget=-1)
 
 
-def expected_measurements(reports, every, stable=0.25) -> list[bool]:
+def expected_measurements(reports, every, stable=0.25, budget=None) -> list[bool]:
     """The measurement schedule on the host, from each step's report: the first step, every ``every``-th, and
-    the step after a capped one once the gap since the last measurement has passed; the gap doubles (up to
-    ``every``) while a new radius is within ``stable`` of the one before and is 1 otherwise."""
-    out, gap, last, changed, rho = [], 1, 0, None, None
+    the step after a capped one once the gap since the last measurement has passed (at most ``budget`` of these
+    between two scheduled measurements); the gap doubles (up to ``every``) while a new radius is within
+    ``stable`` of the one before and is 1 otherwise."""
+    out, gap, last, changed, rho, used = [], 1, 0, None, None, 0
     for t, rep in enumerate(reports, 1):
         capped_before = t > 1 and float(reports[t - 2].ratio) >= 1
         probe = rho is None or t % every == 0
-        if not probe:
+        if probe:
+            used = 0
+        else:
             if not capped_before:
                 gap = 1
-            elif t - last >= gap:
+            elif t - last >= gap and (budget is None or used < budget):
                 probe = True
+                used += 1
         if probe:
             if changed is not None:
                 gap = 1 if changed else min(2 * gap, every)
@@ -431,10 +437,12 @@ def expected_measurements(reports, every, stable=0.25) -> list[bool]:
 @pytest.mark.parametrize("reprobe_above", [1.0, None])
 def test_radius_measured_again_after_capped_steps_with_back_off(reprobe_above):
     """every=100: the radius is measured on the first step, then (by default) after capped steps, at gaps that
-    double while the radius holds still; uncapped steps and reprobe_above=None reuse it."""
+    double while the radius holds still; uncapped steps and reprobe_above=None reuse it. (No budget here: the
+    budget's own test is below.)"""
     for lr, capped in ((100.0, True), (1e-6, False)):
         model = mlp()
-        opt = RadiusAdamW(model.parameters(), lr=lr, model=model, every=100, reprobe_above=reprobe_above)
+        opt = RadiusAdamW(model.parameters(), lr=lr, model=model, every=100, reprobe_above=reprobe_above,
+                          reprobe_budget=None)
         reports = []
         for step in range(12):
             backward(model, *batch(step % 4))
@@ -447,3 +455,22 @@ def test_radius_measured_again_after_capped_steps_with_back_off(reprobe_above):
         else:
             assert measured == expected_measurements(reports, 100)
             assert 2 < sum(measured) < 12  # re-measured, and backed off
+
+
+@pytest.mark.parametrize("every", [8, 16])
+def test_reprobe_budget_bounds_the_measurements_of_a_persistently_capped_run(every):
+    """At the defaults (reprobe_budget=3) a run capped on every step measures at most 1 + 3 times per ``every``
+    steps, on the steps the host schedule names; the budget resets at each scheduled measurement."""
+    model = mlp()
+    opt = RadiusAdamW(model.parameters(), lr=100.0, model=model, every=every, method="jvp")  # budget: default
+    reports = []
+    for step in range(2 * every):
+        backward(model, *batch(step % 4))
+        opt.step()
+        reports.append(opt.last)
+    assert all(float(r.ratio) >= 1 for r in reports)
+    measured = [r.recomputed for r in reports]
+    assert measured == expected_measurements(reports, every, budget=3)
+    for w in range(2):  # each window: steps w*every+1 .. (w+1)*every, the scheduled one last
+        assert sum(measured[w * every:(w + 1) * every]) <= 1 + 3 + (w == 0)
+    assert sum(measured) < sum(expected_measurements(reports, every, budget=None))  # the budget bound

@@ -70,12 +70,13 @@ def every_triton_entry_point():
                             label_smoothing=0.1, class_weight=cw, chunk_size=2, **t)[0].backward()
     sk.row_spread(torch.randn(4, 9), "none", **t)
     sk.tangent_spread_linear(torch.randn(4, 6), torch.randn(4, 6), torch.randn(9, 6), None, None, "none", **t)
+    sk.qk_max_logits(torch.randn(1, 4, 5, 6), torch.randn(1, 2, 5, 6), **t)
 
 
 def test_every_triton_launch_runs_under_a_guard_for_its_tensors_device(launches):
     every_triton_entry_point()
     names = {name for name, _, _ in launches}
-    assert len(names) >= 15, sorted(names)  # every family's kernels were launched
+    assert len(names) >= 16, sorted(names)  # every family's kernels were launched
     for name, guards, devices in launches:
         assert guards, f"{name} launched outside a device guard"
         assert devices == {guards[-1]}, f"{name}: guard {guards[-1]}, tensors on {devices}"

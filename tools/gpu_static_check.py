@@ -60,6 +60,7 @@ NO_FMA_KERNELS = {
 # Kernels documented as IEEE float32 (no TF32, no tensor-core MMA); the no-FMA kernels are checked too.
 IEEE_KERNELS = {
     "_tangent_spread_kernel": "tl.dot(..., input_precision='ieee'): 'IEEE fp32, no TF32' (triton/spread.py)",
+    "_qk_max_logits_kernel": "tl.dot(..., input_precision='ieee'): 'IEEE fp32, no TF32' (triton/attention.py)",
 }
 # Register spills tolerated: kernel name -> (most spill bytes, stores + loads, in any variant, arch and triton
 # version; why). Measured 2026-12 with triton 3.6.0 and 3.8.0 for sm_80/90/100; a kernel that spills more, or any
@@ -72,6 +73,9 @@ SPILL_ALLOWED = {
                         "bytes of L1 traffic per element beside the 40+ bytes the step streams"),
     "_row_spread_kernel": (16, "bfloat16, BLOCK_C=128 on sm_80 under triton 3.8: 12 bytes of spill, small beside "
                                "the row's loads"),
+    "_qk_max_logits_kernel": (48, "32 x 32 x 16 IEEE (FMA-loop) tiles, fp32/fp64, some stride specialisations: 8-40 "
+                                  "bytes of spill in 26 of 468 variants (64 x 32 x 32 tiles spilled up to 776); a few "
+                                  "bytes of L1 traffic beside the q and k tiles each key step loads"),
 }
 MAX_DYN_SMEM = 99 * 1024     # Triton dynamic shared memory (bytes) a block may use on every sm_80+ part we target
 MAX_STATIC_SMEM = 48 * 1024  # CUDA static shared memory (bytes)

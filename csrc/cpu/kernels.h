@@ -16,7 +16,8 @@ using at::TensorList;
 #define STABKERNELS_CPU_OPS(X)                                                                             \
   X(row_spread) X(tangent_spread_linear) X(power_iteration_) X(sq_norms) X(adam_step_) X(sgd_step_)       \
   X(apply_update_) X(random_directions) X(perturb) X(directional_dots) X(orthograd_) X(shard_normals)      \
-  X(cross_entropy_z_loss) X(stablemax_cross_entropy)
+  X(cross_entropy_z_loss) X(stablemax_cross_entropy)                                                     \
+  X(qk_max_logits)
 
 struct CpuKernels {
   Tensor (*row_spread)(const Tensor& x) = nullptr;
@@ -48,6 +49,8 @@ struct CpuKernels {
                                     const Tensor& grad_scale, int64_t ignore_index,
                                     const std::optional<Tensor>& class_weight, double label_smoothing,
                                     double softcap) = nullptr;
+  // attention (SPEC 8)
+  Tensor (*qk_max_logits)(const Tensor& q, const Tensor& k, double scale, bool causal) = nullptr;
 };
 
 }  // namespace stabkernels::cpu

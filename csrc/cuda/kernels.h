@@ -184,4 +184,13 @@ cudaError_t orthograd_sums(DType dtype, const UpdateTables& t, int64_t num_chunk
 cudaError_t orthograd_write(DType dtype, const UpdateTables& t, int64_t num_chunks, const double* coef,
                             const double* scale, cudaStream_t stream);
 
+// ---- attention (SPEC 8.1)
+
+// partials[bh, m] = scale * the max of q_i . k_j over query tile m (32 rows) of (batch, head) bh = b * H + h and
+// its keys j (<= i if causal), key head h / (H / Hk); ceil(T / 32) partials per head, float (double for
+// kFloat64), NaN-propagating. q (B, H, T, D) and k (B, Hk, Tk, D) with any strides (4 each, in elements).
+cudaError_t qk_max_logits(const void* q, const void* k, DType dtype, int64_t B, int64_t H, int64_t T, int64_t Hk,
+                          int64_t Tk, int64_t D, const int64_t* q_strides, const int64_t* k_strides, double scale,
+                          bool causal, void* partials, cudaStream_t stream);
+
 }  // namespace stabkernels::cuda

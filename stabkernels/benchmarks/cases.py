@@ -740,6 +740,36 @@ def defense_cases(device: str, quick: bool) -> Iterator[Case]:
                compile_baseline=False)
 
 
+# --- attention (SPEC 8.1)
+
+def attention_cases(device: str, quick: bool) -> Iterator[Case]:
+    """qk_max_logits against materialising every head's scores (q @ k^T, causal mask, amax): time and extra peak
+    memory (the (B, H, T, T) scores against none)."""
+    from .. import attention
+
+    b, h, t, d = (1, 4, 512, 64) if quick else (1, 8, 2048, 64)
+    scale = 1 / math.sqrt(d)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, h, t, d, generator=g).to(device) for _ in range(2))
+    future = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+
+    def materialise():
+        return (q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")).amax(dim=(2, 3))
+
+    case = Case(op="qk_max_logits", shape=f"B{b}xH{h}xT{t}xD{d}", dtype="float32", nbytes=2 * q.numel() * 4,
+                baseline=materialise, baseline_name="(q @ k^T * scale).masked_fill(causal).amax((2, 3))",
+                candidates={be: (lambda be=be: attention.qk_max_logits(q, k, backend=be))
+                            for be in kernel_backends("qk_max_logits", device)})
+    if device == "cpu":
+        setup = (f"g = torch.Generator().manual_seed(0); q, k = (torch.randn({b}, {h}, {t}, {d}, generator=g) "
+                 f"for _ in range(2)); f = torch.ones({t}, {t}, dtype=torch.bool).triu(1)")
+        case.peak_mb["baseline"] = peak_extra_mb(
+            setup, f"r = (q @ k.transpose(-1, -2) * {scale}).masked_fill(f, float('-inf')).amax(dim=(2, 3))")
+        for be in case.candidates:
+            case.peak_mb[be] = peak_extra_mb(setup, f"r = stabkernels.qk_max_logits(q, k, backend='{be}')")
+    yield case
+
+
 FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "spread": spread_cases,
     "spectral": spectral_cases,
@@ -749,4 +779,5 @@ FAMILIES: dict[str, Callable[[str, bool], Iterator[Case]]] = {
     "losses": loss_cases,
     "hf": hf_train_step_cases,
     "defenses": defense_cases,
+    "attention": attention_cases,
 }

@@ -42,10 +42,14 @@ MODES = ("cap", "set")
 # forward's features (no trunk forward); "jvp" and "fd" probe the whole model (stabkernels.tangent)
 METHODS = tangent.METHODS + ("head",)
 # The defaults (issue 26, bench/radius_cost.py): finite differences that reuse the training forward's logits,
-# measured every 16th step; every step is capped with the latest radius. Costs at most ~1.10x a plain step.
+# measured every 16th step; every step is capped with the latest radius.
 DEFAULT_METHOD, DEFAULT_EVERY = "fd", 16
-# ... and measured again on the step after a capped one (tau/rho reached 1: a lagged read, one step late)
+# ... and measured again on the step after a capped one (tau/rho reached 1: a lagged read, one step late),
 DEFAULT_REPROBE_ABOVE = 1.0
+# ... at most 3 times between two scheduled measurements: at most 4 measurements per 16 steps, whatever the
+# run does (AdamW at lr 1e-3 on a fresh GPT-2 steps ~65x past the radius and re-measured on 69% of its steps
+# without a budget; on the LM sweep's capped plateau, d=64, a budget of 3 kept the final loss of the full probe).
+DEFAULT_REPROBE_BUDGET = 3
 # a re-measured radius within this relative change of the last one lets the gap between re-measurements of a
 # capped run double (persistent capping, e.g. AdamW at lr 1e-3 on a fresh GPT-2, ratio ~65, pays ~1/every)
 REPROBE_STABLE = 0.25
@@ -290,11 +294,13 @@ def _control_scale(rho: Tensor, tau: Tensor, r: float, mode: str) -> Tensor:
     return torch.where(torch.isnan(rho), torch.zeros_like(scale), scale)
 
 
-def _check_controller_args(r, mode, every, reprobe_above):
+def _check_controller_args(r, mode, every, reprobe_above, reprobe_budget):
     if not r > 0:
         raise ValueError(f"r must be > 0, got {r}")
     if reprobe_above is not None and not reprobe_above >= 0:
         raise ValueError(f"reprobe_above must be >= 0 or None, got {reprobe_above}")
+    if reprobe_budget is not None and not (isinstance(reprobe_budget, int) and reprobe_budget >= 0):
+        raise ValueError(f"reprobe_budget must be an int >= 0 or None, got {reprobe_budget!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if every < 1:
@@ -305,9 +311,10 @@ class _RadiusMixin:
     """The control loop shared by the wrapper and the fused optimizers."""
 
     def _init_radius(self, model, r, mode, method, samples, every, logits_fn, reprobe_above=DEFAULT_REPROBE_ABOVE,
-                     **probe_kwargs):
-        _check_controller_args(r, mode, every, reprobe_above)
+                     reprobe_budget=DEFAULT_REPROBE_BUDGET, **probe_kwargs):
+        _check_controller_args(r, mode, every, reprobe_above, reprobe_budget)
         self.r, self.mode, self.every, self.reprobe_above = r, mode, every, reprobe_above
+        self.reprobe_budget = reprobe_budget
         self.probe = RadiusProbe(model, method, samples, logits_fn, **probe_kwargs)
         self.steps = 0
         self._rho: Tensor | None = None
@@ -319,6 +326,7 @@ class _RadiusMixin:
         # REPROBE_STABLE of the one before (the ``_changed`` flag of the last measurement, read one step late)
         # and falls back to 1 when it moved more, or when a step is not capped.
         self._gap, self._last_probe = 1, 0
+        self._reprobes = 0  # re-measurements since the last scheduled one (at most reprobe_budget)
         self._changed: DeferredRead | bool | None = None
         self._recomputed = False  # whether the step being taken measured rho (set in _radius_along)
         self.last: RadiusReport | None = None
@@ -363,17 +371,16 @@ class _RadiusMixin:
         """Creates the optimizer state of ``params`` (one group) on first use; returns what ``_propose`` needs."""
         raise NotImplementedError
 
-    def _propose(self, group, params, us, state) -> Tensor:
+    def _propose(self, group, params, us, state, skip) -> Tensor:
         """Advances the optimizer state of ``params`` (one group) as its step would, writes the unit proposal
         (the step at lr = 1, without decoupled decay) into ``us`` and returns sum(u^2) per tensor; with update
-        clipping (2, T), the second row the clip statistics (SPEC 7.2). Nothing advances where
-        ``self._step_skip`` (this step's skip flag, a 0-d device tensor or None) is nonzero."""
+        clipping (2, T), the second row the clip statistics (SPEC 7.2). Nothing advances where ``skip`` (this
+        step's skip flag, a 0-d device tensor or None) is nonzero."""
         raise NotImplementedError
 
-    # the skip-flag protocol (SPEC 7.1): SkipStep sets skip_flag around step(); _step_skip is it on the device
+    # the skip-flag protocol (SPEC 7.1): SkipStep sets skip_flag around step()
     accepts_skip = True
     skip_flag: Tensor | None = None
-    _step_skip: Tensor | None = None
 
     def _decoupled_decay(self, group) -> float:
         return 0.0
@@ -388,12 +395,9 @@ class _RadiusMixin:
         live = self._prepare()
         if not live:
             return loss
+        # passed down, not set on self: torch 2.11's dynamo refuses attribute writes inside the compiled step
         skip = update.skip_tensor(self.skip_flag, live[0][1][0].device)
-        self._step_skip = skip
-        try:
-            raw = [self._propose(g, ps, us, state) for g, ps, us, state in live]
-        finally:
-            self._step_skip = None
+        raw = [self._propose(g, ps, us, state, skip) for g, ps, us, state in live]
         sums, clips = [], []
         for (_, ps, _, _), s in zip(live, raw):
             if s.dim() == 2:  # update clipping: u_i scaled by 1 / max(1, RMS_i), so sum(u_i^2) by its square
@@ -435,16 +439,21 @@ class _RadiusMixin:
     @torch.compiler.disable
     def _probe_now(self) -> bool:
         """Whether this step measures the radius (else the last rho is reused): on the first step, every
-        ``every``-th step, and on the step after one whose tau/rho passed ``reprobe_above * r``. Decided on the
-        host, outside torch.compile's graphs (the counter must not become a guard that recompiles every step),
-        from the step counter and the previous step's flag: the same on every rank, whose rho and tau agree."""
+        ``every``-th step, and on the step after one whose tau/rho passed ``reprobe_above * r`` (backed off, at
+        most ``reprobe_budget`` times between two scheduled measurements). Decided on the host, outside
+        torch.compile's graphs (the counter must not become a guard that recompiles every step), from the step
+        counter and the previous step's flag: the same on every rank, whose rho and tau agree."""
         if self._rho is None or self.steps % self.every == 0:
+            self._reprobes = 0
             return self._probing_now()
         if not _read(self._reprobe):
             self._gap = 1
             return False
         if self.steps - self._last_probe < self._gap:
             return False
+        if self.reprobe_budget is not None and self._reprobes >= self.reprobe_budget:
+            return False
+        self._reprobes += 1
         return self._probing_now()
 
     def _probing_now(self) -> bool:
@@ -477,6 +486,7 @@ class _RadiusMixin:
     def _radius_state(self) -> dict:
         return {"steps": self.steps, "rho": None if self._rho is None else self._rho.detach().cpu(),
                 "reprobe": _read(self._reprobe), "gap": self._gap, "last_probe": self._last_probe,
+                "reprobes": self._reprobes,
                 "changed": None if self._changed is None else _read(self._changed)}
 
     def _load_radius_state(self, state: dict, device) -> None:
@@ -484,6 +494,7 @@ class _RadiusMixin:
         self._rho = None if state["rho"] is None else state["rho"].to(device)
         self._reprobe = bool(state.get("reprobe", False))
         self._gap, self._last_probe = state.get("gap", 1), state.get("last_probe", 0)
+        self._reprobes = state.get("reprobes", 0)
         self._changed = state.get("changed")
 
 
@@ -554,6 +565,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             read one step late from pinned memory (``stabkernels._hostread.DeferredRead``: the host never waits
             on the step that computed it; the same flag on every rank). ``None``: the fixed schedule only, no
             read at all (CUDA-graph capture keeps to it by itself).
+        reprobe_budget: at most this many of those re-measurements between two scheduled ones (default 3: at
+            most 4 measurements in ``every`` = 16 steps, which bounds the probe's cost when capping persists, e.g.
+            a too-high learning rate; the first re-measurement after a spike is always in the budget unless
+            capping already persisted). ``None``: no budget.
         logits_fn: maps the model's output to logits.
         reduce: ``"max"`` spread (the paper's) or a quantile q of the per-sample spreads.
         head: the model's final ``nn.Linear``: with ``method="jvp"``, the fused output-head spread of a trunk
@@ -585,7 +600,8 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
                  method: str | None = None, samples: int | None = None, every: int = DEFAULT_EVERY, logits_fn: Callable | None = None,
                  *, reduce="max", eps: float = 1e-4, head: nn.Linear | None = None, capture_inputs: bool = True,
                  probe_mode: str | None = None, process_group=None, backend: str = "auto",
-                 reprobe_above: float | None = DEFAULT_REPROBE_ABOVE):
+                 reprobe_above: float | None = DEFAULT_REPROBE_ABOVE,
+                 reprobe_budget: int | None = DEFAULT_REPROBE_BUDGET):
         super().__init__(optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self.kind = "adam"
@@ -599,7 +615,8 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
                 raise ValueError("RadiusController needs differentiable=False")
         self.backend = backend
         self._scratch = ScratchBuffers()
-        self._init_radius(model, r, mode, method, samples, every, logits_fn, reprobe_above, reduce=reduce, eps=eps,
+        self._init_radius(model, r, mode, method, samples, every, logits_fn, reprobe_above, reprobe_budget,
+                          reduce=reduce, eps=eps,
                           head=head, capture_inputs=capture_inputs, probe_mode=probe_mode,
                           process_group=process_group, backend=backend)
 
@@ -612,10 +629,10 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             return adam_states(self.optimizer.state, params, group["amsgrad"])
         return sgd_buffers(self.optimizer.state, params, group["momentum"])
 
-    def _propose(self, group, params, us, state) -> Tensor:
+    def _propose(self, group, params, us, state, skip) -> Tensor:
         if self.kind == "adam":
-            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend, self._step_skip)
-        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)
+            return _adam_proposal(state, group, params, us, self._decoupled(group), self.backend, skip)
+        return _sgd_proposal(state, group, params, us, self.backend, skip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"] if self.kind == "adam" and self._decoupled(group) else 0.0
@@ -692,8 +709,8 @@ class RadiusAdamW(_FusedRadiusOptimizer):
     def _setup_state(self, group, params):
         return adam_states(self.state, params, group["amsgrad"])
 
-    def _propose(self, group, params, us, state):
-        return _adam_proposal(state, group, params, us, True, self.backend, self._step_skip, self.update_clip)
+    def _propose(self, group, params, us, state, skip):
+        return _adam_proposal(state, group, params, us, True, self.backend, skip, self.update_clip)
 
     def _decoupled_decay(self, group) -> float:
         return group["weight_decay"]
@@ -718,5 +735,5 @@ class RadiusSGD(_FusedRadiusOptimizer):
     def _setup_state(self, group, params):
         return sgd_buffers(self.state, params, group["momentum"])
 
-    def _propose(self, group, params, us, state):
-        return _sgd_proposal(state, group, params, us, self.backend, self._step_skip)
+    def _propose(self, group, params, us, state, skip):
+        return _sgd_proposal(state, group, params, us, self.backend, skip)

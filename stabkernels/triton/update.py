@@ -19,9 +19,17 @@ from ._common import TL_STORAGE, chunk_range, div_ieee, in_order, segment_sums, 
 
 CHUNK = 4096
 BLOCK = 1024
-# The Adam kernel's block for float64 tensors: at 1024 its widest variant (amsgrad, apply, u and update clipping's
-# second accumulator) needed 255 registers and spilled 144-168 bytes on sm_90 (tools/gpu_static_check.py)
-BLOCK_FP64 = 512
+# The Adam kernel's block for float64 and 16-bit storage: at 1024, float64 (amsgrad, apply, u and update
+# clipping's second accumulator) needed 255 registers and spilled 144-168 bytes on sm_90, and 16-bit storage with
+# amsgrad or update clipping spilled 8-16 bytes at sm_100's 128 registers (tools/gpu_static_check.py, triton 3.6).
+# Half the block halves the values each thread holds. By dtype only, never by variant: the per-chunk sums' order
+# follows the block, and sum(u^2) must not change with clip_stats (RadiusAdamW(update_clip) with no clip active
+# keeps tau bit for bit).
+BLOCK_NARROW = 512
+
+
+def _adam_block(dtype: torch.dtype) -> int:
+    return BLOCK if dtype.itemsize == 4 else BLOCK_NARROW
 
 
 @triton.jit
@@ -232,7 +240,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, s
                                       WRITE_U=bool(updates) and not only, EPS_RAW=eps_raw,
                                       HAS_SKIP=skip is not None, CLIP=clip_stats != 0, ONLY=only, READ_P=read_p,
                                       LR_PER_TENSOR=lr.numel() != 1, CHUNK=CHUNK,
-                                      BLOCK=BLOCK_FP64 if g.dtype == torch.float64 else BLOCK)
+                                      BLOCK=_adam_block(g.dtype))
 
     return _grouped(params, launch, 2 if clip_stats else 1)
 

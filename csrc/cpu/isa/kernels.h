@@ -4,6 +4,7 @@
 // Each level's code lands in namespace stabkernels::cpu::<level>; its one exported symbol is the table
 // stabkernels_cpu_kernels_<level>() (setup.py makes every other symbol of the AVX2/AVX512 objects local, so
 // none of their code can stand in for the baseline's); csrc/cpu/dispatch.cpp registers one level at import.
+#include "../attention.cpp"
 #include "../directional.cpp"
 #include "../losses.cpp"
 #include "../row_spread.cpp"
@@ -18,6 +19,7 @@ extern "C" const stabkernels::cpu::CpuKernels* STABKERNELS_CONCAT(stabkernels_cp
   using namespace stabkernels::cpu::CPU_CAPABILITY;
   static const CpuKernels table = [] {
     CpuKernels k;
+    fill_attention(k);
     fill_directional(k);
     fill_losses(k);
     fill_row_spread(k);
