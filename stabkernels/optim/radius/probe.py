@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ... import distributed, spread, tangent
 from ..._checks import acc_dtype
+from .._capture import InputCapture
 
 # "head": the zero-probe mode, the spread of the output head's own directional derivative on the training
 # forward's features (no trunk forward); "jvp" and "fd" probe the whole model (stabkernels.tangent)
@@ -22,7 +23,7 @@ METHODS = tangent.METHODS + ("head",)
 DEFAULT_METHOD = "fd"
 
 
-class RadiusProbe:
+class RadiusProbe(InputCapture):
     """Measures the radius along a direction for one model: captures the last training forward (its inputs,
     so ``step()`` without arguments works under Trainer-style loops; in ``probe_mode="train"`` also its RNG
     state and logits, which the finite-difference probe reuses), selects the sample set and computes the
@@ -64,27 +65,26 @@ class RadiusProbe:
         self.captured_logits = None  # train mode, fd: its logits, or None when they cannot be reused
         self.captured_features = None  # method "head": the features entering the head in that forward
         self._sample_of_capture = False
-        self._probing = False
+        self._in_probe = False
         self._hooks = []
         if capture_inputs:
-            self._hooks.append(model.register_forward_pre_hook(self._capture, with_kwargs=True))
+            self._hooks.append(self._capture_inputs(model))
             if probe_mode == "train" and method == "fd" and samples is None:
                 self._hooks.append(model.register_forward_hook(self._capture_logits))
             if method == "head":
                 self._hooks.append(head.register_forward_hook(self._capture_features))
 
-    def _capture(self, module, args, kwargs):
-        if module.training and not self._probing:
-            self.captured = (args, kwargs)
-            self.captured_logits = None
-            self.captured_features = None
-            if self.probe_mode == "train":
-                self.captured_rng = tangent.rng_state(self.device)
+    def _on_capture(self) -> None:
+        # a new training forward (its inputs are in ``captured``): what the last one left is stale
+        self.captured_logits = None
+        self.captured_features = None
+        if self.probe_mode == "train":
+            self.captured_rng = tangent.rng_state(self.device)
 
     def _capture_logits(self, module, args, output):
         # logits computed under autocast are too coarse to difference against fp32 probe logits; an output
         # that is not logits is left for the probe to report (a hook must not break the user's forward)
-        if module.training and not self._probing and not _autocast_on():
+        if module.training and not self._in_probe and not _autocast_on():
             try:
                 self.captured_logits = tangent.as_logits(output, self.logits_fn).detach()
             except (TypeError, AttributeError, KeyError, IndexError):
@@ -92,7 +92,7 @@ class RadiusProbe:
 
     def _capture_features(self, module, args, output):
         # the head's input, detached: a (tokens, d) matrix is all the zero-probe mode keeps of the forward
-        if module.training and not self._probing and args:
+        if module.training and not self._in_probe and args:
             self.captured_features = args[0].detach()
 
     def remove_hook(self) -> None:
@@ -151,7 +151,7 @@ class RadiusProbe:
         named = {self.names[i]: t for i, t in direction.items() if i in self.names}
         if not named:
             raise ValueError("none of the optimizer's parameters belongs to the model")
-        self._probing = True
+        self._in_probe = True
         try:
             if self.method == "head":
                 return self._head_radius(inputs, named, scale)
@@ -181,7 +181,7 @@ class RadiusProbe:
             spreads = spread.row_spread(a * scale, "none", backend=self.backend)
             return math.pi / self._global_spread(spreads).clamp_min(spread.RADIUS_GUARD)
         finally:
-            self._probing = False
+            self._in_probe = False
 
 
     def _head_radius(self, inputs, named: dict[str, Tensor], scale: Tensor) -> Tensor:
