@@ -65,7 +65,7 @@ def op_costs(B, H, T, D):
 
 
 STEP_SETUP = """
-from stabkernels.lm import ByteLM
+from stabkernels.demo.lm import ByteLM
 from stabkernels.optim import QKClip
 torch.manual_seed(0)
 model = ByteLM(d={d}, layers={layers}, heads={heads}, context={T})

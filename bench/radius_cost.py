@@ -36,7 +36,7 @@ POOL = 16  # batches cycled through, as a loop over a data set would (a fixed ba
 
 
 def lm_model(seed=0):
-    from stabkernels import lm
+    from stabkernels.demo import lm
 
     torch.manual_seed(seed)
     model = lm.ByteLM()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stabkernels import digits, lm
+from stabkernels.demo import digits, lm
 from stabkernels.benchmarks.run import cpu_isa, machine_name
 from stabkernels.optim import RadiusAdamW
 

@@ -12,7 +12,7 @@ import csv
 import os
 import time
 
-from stabkernels import digits
+from stabkernels.demo import digits
 
 
 def main():

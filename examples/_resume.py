@@ -8,7 +8,7 @@ import tempfile
 import torch
 from torch.nn import functional as F
 
-from stabkernels.digits import evaluate, load_digits_split, make_mlp
+from stabkernels.demo.digits import evaluate, load_digits_split, make_mlp
 
 
 def train_and_resume(build, steps: int = 120, batch: int = 64, seed: int = 0) -> dict:

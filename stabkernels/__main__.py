@@ -12,7 +12,7 @@ def _info(argv) -> int:
 
 
 def _demo(argv) -> int:
-    from .demo import main
+    from .demo.cli import main
 
     return main(argv)
 

@@ -330,7 +330,7 @@ QK_STEPS, QK_BATCH, QK_TAU = 4, 8, 3.0
 
 
 def qk_model():
-    from stabkernels.lm import ByteLM
+    from stabkernels.demo.lm import ByteLM
 
     torch.manual_seed(0)
     model = ByteLM(d=32, layers=2, heads=4, context=16)

@@ -459,7 +459,7 @@ def test_no_host_copy_or_read_in_qk_max_logits():
 
 
 def test_no_host_copy_or_read_in_a_qkclip_forward_and_step():
-    from stabkernels.lm import ByteLM
+    from stabkernels.demo.lm import ByteLM
     from stabkernels.optim import QKClip
 
     torch.manual_seed(0)

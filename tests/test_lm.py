@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from stabkernels import lm
+from stabkernels.demo import lm
 from stabkernels.__main__ import main as cli
 
 
@@ -54,7 +54,7 @@ def test_lm_demo_quick_spike_wrecks_adamw_not_radius_adamw(tmp_path):
 
 
 def test_lr_sensitivity_is_wortsmans_metric():
-    from stabkernels import lr_sweep
+    from stabkernels.demo import lr_sweep
 
     # mean over the grid of min(L, L0) - min L: (2 + 3 + 5 + 5) / 4 - 2, a diverged run counting as L0 = 5
     assert lr_sweep.sensitivity({1e-3: 3.0, 1e-2: 2.0, 1e-1: 7.0, 1.0: math.inf}, 5.0) == pytest.approx(1.75)
@@ -63,7 +63,7 @@ def test_lr_sensitivity_is_wortsmans_metric():
 
 
 def test_lr_sweep_runs_and_writes_its_outputs(tmp_path):
-    from stabkernels import lr_sweep
+    from stabkernels.demo import lr_sweep
 
     md = lr_sweep.run(str(tmp_path), seeds=1, steps=4, widths=(16,), grid=(1e-3, 1.0),
                       methods=["AdamW", "RadiusAdamW (default)"], workers=1)

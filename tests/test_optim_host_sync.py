@@ -113,7 +113,7 @@ def test_pss_around_an_optimizer_that_cannot_skip_on_the_device_reads_once():
 
 def test_no_host_read_in_a_qkclip_forward_backward_and_step():
     """QK-clip (SPEC 8.2): its hooks measure in the forward, its clip runs after the step: neither reads back."""
-    from stabkernels.lm import ByteLM
+    from stabkernels.demo.lm import ByteLM
     from stabkernels.optim import QKClip
 
     torch.manual_seed(0)

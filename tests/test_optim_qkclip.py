@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import stabkernels as sk
-from stabkernels.lm import ByteLM
+from stabkernels.demo.lm import ByteLM
 from stabkernels.optim import QKClip, QKClipOptimizer, Rows
 
 transformers = pytest.importorskip("transformers")

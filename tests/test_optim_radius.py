@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabkernels import digits, update
+from stabkernels import update
+from stabkernels.demo import digits
 from stabkernels.optim import RadiusAdamW, RadiusController, RadiusSGD
 
 from .helpers import backend_params, count_forwards

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _table import med, write_md  # noqa: E402
 
-from stabkernels import digits, spectral_report  # noqa: E402
+from stabkernels import spectral_report  # noqa: E402
+from stabkernels.demo import digits  # noqa: E402
 from stabkernels.optim import PSS  # noqa: E402
 
 DEPTH, WIDTH = 12, 128

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _table import med, write_md  # noqa: E402
 
-from stabkernels import digits  # noqa: E402
+from stabkernels.demo import digits  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _table import med, write_md  # noqa: E402
 
-from stabkernels import digits  # noqa: E402
+from stabkernels.demo import digits  # noqa: E402
 from stabkernels.optim import SAdam  # noqa: E402
 
 BITS = 2

@@ -15,7 +15,7 @@ Layouts found by :meth:`QKClip.__init__` in ``model``:
   - Hugging Face LLaMA-like attention (``q_proj``/``k_proj`` Linears, ``head_dim``, grouped-query ``config
     .num_key_value_heads``, RoPE applied to q and k before the scores: measured after RoPE, and after the
     per-head ``q_norm``/``k_norm`` of Qwen3-like models, where the clip is then a heuristic);
-  - :class:`stabkernels.lm.Block` (fused ``qkv`` Linear(d, 3d), viewed as (B, T, 3, heads, hd)).
+  - :class:`stabkernels.demo.lm.Block` (fused ``qkv`` Linear(d, 3d), viewed as (B, T, 3, heads, hd)).
 Any other layout: :meth:`QKClip.register` (a module to hook, a function that returns its (q, k), and where the
 q and k rows of each head lie in which tensors).
 """
@@ -261,7 +261,7 @@ class QKClipOptimizer(OptimizerWrapper):
 
 
 def _find_layout(clip: QKClip, name: str, module: nn.Module) -> None:
-    # by the classes' names along the MRO (FSDP2 subclasses a sharded module's class; importing stabkernels.lm or
+    # by the classes' names along the MRO (FSDP2 subclasses a sharded module's class; importing stabkernels.demo.lm or
     # transformers here would tie the optimizers to them)
     bases = {(c.__module__, c.__name__) for c in type(module).__mro__}
     if any(n == "GPT2Attention" for _, n in bases) and not getattr(module, "is_cross_attention", False):
@@ -270,7 +270,7 @@ def _find_layout(clip: QKClip, name: str, module: nn.Module) -> None:
             and hasattr(getattr(module, "config", None), "num_attention_heads") \
             and hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb"):
         _register_llama(clip, name, module)
-    elif ("stabkernels.lm", "Block") in bases:
+    elif ("stabkernels.demo.lm", "Block") in bases:
         _register_lm_block(clip, name, module)
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .. import directional, distributed, update
 from .._hostread import DeferredRead
 from ..tangent import check_probe_mode, eval_mode
+from ._capture import InputCapture
 from ._scratch import ScratchBuffers
 from ._state import adam_states, advance_steps
 from .skipstep import clipped_lrs
@@ -51,7 +52,7 @@ class SAdamReport:
     dropped: list
 
 
-class SAdam(ExtraStateMixin, torch.optim.Optimizer):
+class SAdam(InputCapture, ExtraStateMixin, torch.optim.Optimizer):
     """S-Adam (SPEC 3.1): AdamW with the step multiplied by alpha = exp(-damping * min(rho, 10)), where rho is
     the local geometric instability of k finite-difference slopes D_i = (L(theta + sigma d_i) - L_0) / sigma
     along random unit-per-tensor directions d_i.
@@ -157,8 +158,7 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
         self._seed_agreed = False
         self.captured = None  # (args, kwargs) of the model's last training-mode forward
         self._in_probe = False
-        self._hook = (model.register_forward_pre_hook(self._capture, with_kwargs=True)
-                      if model is not None and capture_inputs else None)
+        self._hook = self._capture_inputs(model) if model is not None and capture_inputs else None
         self.warn_nonfinite, self.backend = warn_nonfinite, backend
         self.seed = directional.splitmix64(torch.initial_seed()) >> 2 if seed is None else int(seed)
         self.probe_counter = 0
@@ -225,10 +225,6 @@ class SAdam(ExtraStateMixin, torch.optim.Optimizer):
             for s, s0 in zip(shards, saved):
                 s.copy_(s0)
         return losses
-
-    def _capture(self, module, args, kwargs):
-        if module.training and not self._in_probe:
-            self.captured = (args, kwargs)
 
     def remove_hook(self) -> None:
         """Stops capturing the model's forward inputs (then ``step`` needs ``probe_closure``)."""

@@ -1,11 +1,11 @@
 """``python -m stabkernels demo``: the stability shoot-out, ``--scenario digits`` (default), ``lm``, ``lr-sweep``
 or ``all``.
 
-``lr-sweep`` (:mod:`stabkernels.lr_sweep`): the LM scenario's transformer trained at 7 learning rates over 3
+``lr-sweep`` (:mod:`stabkernels.demo.lr_sweep`): the LM scenario's transformer trained at 7 learning rates over 3
 decades, 2 widths, 2 seeds, for AdamW, AdamW + clipping, AdamW + z-loss + QK-LayerNorm and RadiusAdamW (default
 and full probe); the learning-rate sensitivity of each; writes ``<out>/lr-sweep/``.
 
-``lm`` (:mod:`stabkernels.lm`): a byte-level causal transformer on the standard library's sources, with and
+``lm`` (:mod:`stabkernels.demo.lm`): a byte-level causal transformer on the standard library's sources, with and
 without a sustained learning-rate spike, for AdamW, AdamW + clipping, AdamW + z-loss, RadiusAdamW (the fused
 output-head spread), PSSAdamW, SAdam and OrthoGrad(AdamW); writes ``<out>/lm/summary.csv`` (method, spike,
 seed, final_val_loss in nats per byte), ``summary.md``, ``curves.csv`` and ``val_loss.png``.
@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import digits
-from .benchmarks.run import progress
+from ..benchmarks.run import progress
 
 
 def parse(argv):
@@ -77,7 +77,7 @@ def _run_digits(job) -> digits.History:
 
 def run_all(args) -> list[digits.History]:
     """Every (method, lr, seed), one run per core."""
-    from ._pool import map_on_cores
+    from .._pool import map_on_cores
 
     jobs = [(m, lr, s, args.steps, args.spike_at, args.spike) for m in args.methods for lr in args.lrs
             for s in range(args.seeds)]
