@@ -440,7 +440,10 @@ def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, op
     grad_w = torch.zeros(weight.shape, dtype=A, device=h.device) if needs[1] else None
     grad_b = torch.zeros(V, dtype=A, device=h.device) if needs[2] else None
     any_grad = any(needs)
+    logits = grad = None
     for s in range(0, N, chunk):
+        # drop the last chunk's buffer before the next one is allocated: one (chunk, V) buffer at a time, not two
+        logits = grad = None
         hc = h[s:s + chunk]
         logits = torch.addmm(bias, hc, weight.t()) if bias is not None else hc @ weight.t()
         grad = logits if any_grad else logits.new_empty(0)  # the gradient replaces the logits in place

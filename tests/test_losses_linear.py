@@ -1,6 +1,8 @@
 """Loss options (SPEC 4.5: softcap, label smoothing, class weights) of the fused row losses, and
 linear_cross_entropy (SPEC 4.6) against F.linear + the reference loss, per backend and dtype; its memory bound,
 bad input."""
+import weakref
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -284,6 +286,67 @@ def test_linear_never_holds_the_logits(v):
     with _LargestBuffer() as eager:
         F.cross_entropy(h @ w.T, y).backward()
     assert eager.largest == n * v  # the measure sees the logits where they exist
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages that ops allocate while active and that are still alive, and their peak: a storage
+    counts from the op that first outputs it (not a view of an input, not an out= or in-place result) until the
+    last tensor on it that an op returned is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._tensors = {}  # storage data_ptr -> ids of the live tensors on it
+
+    def _freed(self, key, ident, nbytes):
+        ids = self._tensors[key]
+        ids.discard(ident)
+        if not ids:
+            del self._tensors[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
+                continue
+            key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if key not in self._tensors:
+                if key in inputs:
+                    continue  # a view of, or a write into, memory allocated before
+                self._tensors[key] = set()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            if id(t) not in self._tensors[key]:
+                self._tensors[key].add(id(t))
+                weakref.finalize(t, self._freed, key, id(t), nbytes)
+        return out
+
+
+def test_linear_holds_one_logits_chunk_at_a_time():
+    """Peak live memory of forward + backward at the benchmark's shape (1024 tokens x 512 hidden x 16384): the
+    gradients of hidden and weight (which F.linear's backward makes too) plus one (chunk, V) buffer, 1/8 of the
+    (N, V) logits, and small per-row vectors; not two chunks (the next chunk's logits allocated while the last
+    one's were still referenced), and not the logits (checked: F.linear + F.cross_entropy's peak holds them)."""
+    n, hdim, v = 1024, 512, 16384
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hdim, generator=g).requires_grad_()
+    w = (torch.randn(v, hdim, generator=g) * 0.02).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    chunk = default_chunk_size(n, hdim, v)
+    grads, buffer = (n * hdim + v * hdim) * 4, chunk * v * 4
+    with _LiveBytes() as mode:
+        loss, _ = sk.linear_cross_entropy(h, w, y, backend="cpp" if sk.backend.why_unavailable("cpp", "cpu") is None
+                                          else "torch")
+        loss.backward()
+    assert buffer <= n * v * 4 // 8
+    assert mode.peak - grads <= buffer + 64 * n * 4, (mode.peak - grads, buffer)
+    h.grad = w.grad = None
+    with _LiveBytes() as eager:
+        F.cross_entropy(h @ w.T, y).backward()
+    assert eager.peak - grads >= n * v * 4  # the measure sees the logits where they exist
 
 
 def test_bad_input_names_the_argument():
