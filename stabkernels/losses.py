@@ -240,10 +240,11 @@ def _gpu_backend(opts: _Options, backend: str, device) -> bool:
 
 def _scale_stored_(grad: Tensor, grad_loss: Tensor, gpu: bool, inplace: bool = True) -> Tensor:
     """The stored gradient times the upstream scalar gradient: nothing when that is 1 (the usual
-    loss.backward()); decided on the device for a GPU backend (no host read), on the host for CPU (free)."""
+    loss.backward()); decided on the device for a GPU backend (no host read), on the host for CPU (free). Under
+    torch.compile a traced backward cannot branch on the value: it always multiplies."""
     if gpu:
         return _scale_unless_one_(grad, grad_loss)
-    if bool(grad_loss == 1):
+    if not torch.compiler.is_compiling() and bool(grad_loss == 1):
         return grad
     return grad.mul_(grad_loss.to(grad.dtype)) if inplace else grad * grad_loss.to(grad.dtype)
 

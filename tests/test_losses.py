@@ -185,3 +185,31 @@ def test_qk_layernorm():
     torch.testing.assert_close(kn.mean(-1), torch.zeros(2, 4, 6), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="head_dim=8"):
         ln(q, torch.randn(2, 4, 6, 7))
+
+
+LOSS_CALLS = {
+    "cross_entropy_z_loss": lambda x, y, w: sk.cross_entropy_z_loss(x, y, 1e-3)[0],
+    "stablemax_cross_entropy": lambda x, y, w: sk.stablemax_cross_entropy(x, y),
+    "linear_cross_entropy": lambda x, y, w: sk.linear_cross_entropy(x, w, y, z_coef=1e-3, chunk_size=4)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(LOSS_CALLS))
+def test_fullgraph_compile_with_a_scaled_backward_equals_eager(name):
+    """torch.compile(fullgraph=True) traces the loss and its backward on CPU (the stored gradient is scaled by the
+    upstream gradient, here 2.5, without branching on its value inside the traced graph); gradients equal eager's."""
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(9, 7, generator=g), torch.randn(11, 7, generator=g)
+    y = torch.randint(0, 11, (9,), generator=g)
+    call = LOSS_CALLS[name]
+
+    def fn(x, w):
+        logits = x if name == "linear_cross_entropy" else x @ w.T
+        return 2.5 * call(logits, y, w)
+
+    grads = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        f(x, w).backward()
+        grads.append((x.grad, w.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
