@@ -88,6 +88,18 @@ def _smoothing(par_ptr, V, ACC: tl.constexpr, SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def _target_weight(w_ptr, wsum_ptr, y, V, ACC: tl.constexpr, HAS_W: tl.constexpr):
+    """(the target's class weight, the sum of all class weights): (1, V) without weights."""
+    if HAS_W:
+        wy = tl.load(w_ptr + y).to(ACC)
+        W = tl.load(wsum_ptr).to(ACC)
+    else:
+        wy = tl.full([], 1.0, ACC)
+        W = wy * V
+    return wy, W
+
+
+@triton.jit
 def _weights(w_ptr, cols, V, ACC: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """The class weights of a block of columns (1 without weights; 0 past the row's end)."""
     if HAS_W:
@@ -129,12 +141,7 @@ def _ce_z_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, ce_ptr, zl_ptr, w_ptr, wsum_ptr
         S = sy + rest
         log_S = tl.where(zy == mx, _log1p(rest, ACC), tl.log(S))
         lse = mx + log_S
-        if HAS_W:
-            wy = tl.load(w_ptr + y).to(ACC)
-            W = tl.load(wsum_ptr).to(ACC)
-        else:
-            wy = tl.full([], 1.0, ACC)
-            W = wy * V
+        wy, W = _target_weight(w_ptr, wsum_ptr, y, V, ACC, HAS_W)
         ce = (1 - eps) * wy * ((mx - zy) + log_S)
         if SMOOTH:
             ce += ev * (tl.sum(sw, axis=0) + W * log_S)
@@ -195,12 +202,7 @@ def _stablemax_kernel(z_ptr, y_ptr, g_ptr, scale_ptr, loss_ptr, w_ptr, wsum_ptr,
         sy = _stable_s(zy)
         S = sy + rest
         r = rest / sy
-        if HAS_W:
-            wy = tl.load(w_ptr + y).to(ACC)
-            W = tl.load(wsum_ptr).to(ACC)
-        else:
-            wy = tl.full([], 1.0, ACC)
-            W = wy * V
+        wy, W = _target_weight(w_ptr, wsum_ptr, y, V, ACC, HAS_W)
         # where r overflows, rest > sy (the maximum only keeps log(0) out of the branch not taken when rest = 0)
         loss = (1 - eps) * wy * tl.where(r == float("inf"), tl.log(tl.maximum(rest, sy)) - tl.log(sy), _log1p(r, ACC))
         if SMOOTH:
