@@ -12,7 +12,7 @@ CSRC   := $(shell find csrc -type f) setup.py pyproject.toml
 # kernels in a copy of the tracked tree (its _C would otherwise replace the CPU one), checks that `info`
 # reports them, and runs the CPU suite under that torch (less the slow end-to-end runs of demo, bench and
 # examples, which `make test` runs; CI's time).
-# The torch is the OLDEST supported one (README: torch 2.11-2.14), a CUDA 13 build like the GPU machine's
+# The torch is the OLDEST supported one (docs/install.md: torch 2.11-2.14), a CUDA 13 build like the GPU machine's
 # 2.11.0+cu130; `make test` covers a newer torch (2.13). Its triton is the one torch pins (2.11: triton 3.6.0,
 # the oldest supported and the GPU machine's), not requirements-dev.txt's, so the suite's Triton tests run under
 # triton 3.6 here. Override for another torch: make test-cuda-build CUDA_TORCH=torch==2.14.1
@@ -62,7 +62,7 @@ $(TRITON_OLDEST_DIR)/.installed: | $(BIN)/python
 
 # On a machine with an NVIDIA GPU and torch, triton and a CUDA toolkit preinstalled (no network, no venv):
 # builds in place, runs every CUDA/Triton test, the GPU benchmark and the sync/graph checks within about 8
-# minutes, every result file under OUT (default bench/results; bench/gpu_check.sh, README "Verify on your GPU").
+# minutes, every result file under OUT (default bench/results; bench/gpu_check.sh, docs/gpu.md "Verify on your GPU").
 # Without a GPU: one line, exit 0.
 gpu-check:
 	@OUT="$(OUT)" bash bench/gpu_check.sh

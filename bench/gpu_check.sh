@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make gpu-check [OUT=DIR]: the whole GPU verification in one command, for one short GPU window (about 10 minutes
 # on an H100/H200 with torch, triton, a CUDA toolkit, ninja and pytest preinstalled; no network: no venv, no
-# pip). In order, each with its own time limit (PART_LIMITS below; README "Verify on your GPU" lists them):
+# pip). In order, each with its own time limit (PART_LIMITS below; docs/gpu.md "Verify on your GPU" lists them):
 #   build           builds the extension in place against the installed torch (MAX_JOBS = cores, the GPU's arch)
 #   info            `python -m stabkernels info` (must say CUDA kernels: yes)
 #   tests           every CUDA and Triton test and tests/test_gpu.py (no host sync, CUDA graphs); JUnit XML
@@ -23,7 +23,7 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 
 # Seconds per part. Sum (440) + 5 x KILL_AFTER (25) = 465 s at most, under the 8 minutes (480 s) the window
-# leaves after the machine starts; tests/test_gpu_check_script.py checks the sum and the README's table.
+# leaves after the machine starts; tests/test_gpu_check_script.py checks the sum and the table in docs/gpu.md.
 PART_LIMITS="build=140 info=10 tests=120 bench=110 compiled-steps=60"
 KILL_AFTER=5
 limit() { local kv; for kv in $PART_LIMITS; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }

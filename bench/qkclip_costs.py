@@ -1,4 +1,4 @@
-"""What QK-clip costs on CPU (README "QK-clip"): qk_max_logits against materialising the scores, and a training
+"""What QK-clip costs on CPU (docs/performance.md "QK-clip"): qk_max_logits against materialising the scores, and a training
 step's peak memory and time with and without QKClip.
 
     python bench/qkclip_costs.py [--quick]

@@ -1,6 +1,6 @@
 """stabkernels: fused kernels for training stability in PyTorch.
 
-Families (see the README and docs/spec.md, which the code cites as "SPEC x.y"):
+Families (see the README, docs/optimizers.md and docs/spec.md, which the code cites as "SPEC x.y"):
   * logit spread: :func:`row_spread`, :func:`tangent_spread_linear`, :func:`softmax_radius`,
     :func:`tangent_logits`
   * spectral: :func:`power_iteration_`, :func:`stable_rank`, :func:`top_singular`, :func:`spectral_smooth_`,

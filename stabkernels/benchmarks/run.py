@@ -110,7 +110,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    """The table for the README: candidates with their speed-up over the torch baseline of their case."""
+    """The table for docs/performance.md: candidates with their speed-up over the torch baseline of their case."""
     lines = [title, "", "| op | shape | dtype | backend | time (ms) | baseline (ms) | speed-up | vs best torch peer "
              "| GB/s | % of copy | extra peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["op"], r["shape"], r["dtype"]): r for r in rows if r["backend"] == "torch-baseline"}

@@ -286,7 +286,7 @@ class PSS(OptimizerWrapper):
         self._ema.copy_(torch.where(counts & ~fired, blended, self._ema))
         decision = torch.stack([fired | (counts & every), fired])
         self.last = report = PSSReport(step=self.steps, grad_norm=g, ema=ema_before, skipped_nonfinite=~finite)
-        if capturing():  # a captured step cannot hand its decision to the host: it never smooths (README)
+        if capturing():  # a captured step cannot hand its decision to the host: it never smooths (docs/gpu.md)
             return
         self._pending = (DeferredRead(decision), report)  # [smooth?, by the ratio test?]
         if not self.lagged:

@@ -77,7 +77,7 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             (a quantile ``reduce`` all-gathers the per-sample spreads; equal per-rank counts). ``model`` may be
             the DDP-wrapped module or the inner one; probes run the inner one, never DDP's forward. Under
             FSDP2 (DTensor parameters) the sums over a tensor's shards run over its mesh, and the probes run
-            FSDP's own forward (README "Distributed training").
+            FSDP's own forward (docs/integrations.md "Distributed training").
 
     ``last`` holds the step's :class:`RadiusReport`. A NaN radius (NaN logits) gives a zero-length step (the
     moments still advance); a zero proposal steps normally.
