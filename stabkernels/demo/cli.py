@@ -1,5 +1,10 @@
-"""``python -m stabkernels demo``: the stability shoot-out, ``--scenario digits`` (default), ``lm``, ``lr-sweep``
-or ``all``.
+"""``python -m stabkernels demo``: the stability shoot-outs, ``--scenario digits`` (default), ``lm``, ``lr-sweep``,
+``shootout`` or ``all``.
+
+``shootout`` (:mod:`stabkernels.demo.shootout`): every failure mode (learning-rate spikes, a too-high learning
+rate, attention- and output-logit growth, a corrupted batch, softmax collapse) against every defense of the
+library and the ones LLM stacks deploy, each on the smallest model that shows it; writes ``<out>/shootout/``
+(summary.csv, summary.md, heatmap.png).
 
 ``lr-sweep`` (:mod:`stabkernels.demo.lr_sweep`): the LM scenario's transformer trained at 7 learning rates over 3
 decades, 2 widths, 2 seeds, for AdamW, AdamW + clipping, AdamW + z-loss + QK-LayerNorm and RadiusAdamW (default
@@ -37,7 +42,7 @@ from ..benchmarks.run import progress
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m stabkernels demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("digits", "lm", "lr-sweep", "all"), default="digits")
+    p.add_argument("--scenario", choices=("digits", "lm", "lr-sweep", "shootout", "all"), default="digits")
     p.add_argument("--quick", action="store_true", help="1 seed, short runs (under a minute per scenario)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--methods", default=",".join(digits.METHODS),
@@ -192,7 +197,18 @@ def main(argv=None) -> int:
         lm_demo(args)
     if args.scenario in ("lr-sweep", "all"):
         lr_sweep_demo(args)
+    if args.scenario in ("shootout", "all"):
+        shootout_demo(args)
     return 0
+
+
+def shootout_demo(args) -> None:
+    from . import shootout
+
+    kw = dict(seeds=1, steps=140, grok_steps=2500) if args.quick else {}
+    out = os.path.join(args.out, "shootout")
+    print(shootout.run_scenario(out, **kw))
+    print(f"wrote summary.csv, summary.md and heatmap.png to {out}/")
 
 
 def lr_sweep_demo(args) -> None:
