@@ -4,7 +4,7 @@ must stay within 1e-4 (relative per row; normwise per gradient row) of a float64
 import pytest
 import torch
 
-from stabkernels.losses import stablemax_s
+from stabkernels.losses import stablemax_cross_entropy, stablemax_s
 
 from .helpers import backend_params
 
@@ -168,3 +168,25 @@ def test_grokking_proxy_in_the_authors_setting_runs_short(tmp_path):
     assert [r[0] for r in rows] == ["| 10", "| 20"]
     for r in rows:
         assert len(r) == 10 and float(r[4]) < RTOL and float(r[5]) < RTOL  # ours against float64
+
+
+def test_the_authors_stablemax_loss_and_ours_agree_in_float64():
+    """bench/proxies/grokking.py --authors trains with the authors' formula and with stablemax_cross_entropy: on the
+    same float64 logits (moderate and collapse-scale), the two losses and their gradients agree to float64."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "proxies", "grokking.py")
+    spec = importlib.util.spec_from_file_location("proxy_grokking_f64", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 1e3):
+        z = (torch.randn(64, 113, generator=g, dtype=torch.float64) * scale)
+        y = torch.randint(0, 113, (64,), generator=g)
+        a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+        theirs, ours = module.authors_float64_loss(a, y), stablemax_cross_entropy(b, y)
+        theirs.backward()
+        ours.backward()
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-15)

@@ -39,6 +39,7 @@ from stabkernels import stablemax_cross_entropy  # noqa: E402
 from stabkernels.losses import stablemax_ds, stablemax_s  # noqa: E402
 from stabkernels._pool import map_on_cores  # noqa: E402
 from stabkernels.optim import OrthoGrad  # noqa: E402
+from stabkernels.demo.shootout import ModAddMLP, mod_add_split  # noqa: E402
 
 P = 113
 
@@ -57,13 +58,7 @@ class PairMLP(nn.Module):
 
 
 def data(seed: int, train_frac: float = 0.4):
-    a, b = torch.meshgrid(torch.arange(P), torch.arange(P), indexing="ij")
-    a, b = a.flatten(), b.flatten()
-    x = torch.stack([a, b], 1)
-    y = (a + b) % P
-    perm = torch.randperm(P * P, generator=torch.Generator().manual_seed(seed))
-    n = int(train_frac * P * P)
-    return x[perm[:n]], y[perm[:n]], x[perm[n:]], y[perm[n:]]
+    return mod_add_split(P, seed, train_frac)
 
 
 def run(loss_name: str, opt_name: str, seed: int, steps: int, eval_every: int):
@@ -88,20 +83,9 @@ def run(loss_name: str, opt_name: str, seed: int, steps: int, eval_every: int):
     return grok, train_acc, test_acc
 
 
-class AuthorsMLP(nn.Module):
-    """The authors' MLP without biases: Linear(2P, 200) -> ReLU -> Linear(200, 200) -> ReLU -> Linear(200, P), on the
-    one-hot concatenation of (a, b). The first layer is applied as the sum of its two one-hot columns (the same
-    values as the product with the one-hot input, without the 226-wide matmul)."""
-
-    def __init__(self, width: int = 200):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(2 * P, width, bias=False), nn.Linear(width, width, bias=False),
-                                     nn.Linear(width, P, bias=False)])
-
-    def forward(self, x):
-        w = self.layers[0].weight  # (width, 2P)
-        h = F.embedding(x[:, 0], w.t()) + F.embedding(x[:, 1] + P, w.t())
-        return self.layers[2](F.relu(self.layers[1](F.relu(h))))
+def AuthorsMLP() -> nn.Module:
+    """The authors' MLP without biases, 2P -> 200 -> 200 -> P on the one-hot (a, b) (the shoot-out's model)."""
+    return ModAddMLP(P, 200)
 
 
 def authors_float64_loss(logits, target):
