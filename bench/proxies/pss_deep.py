@@ -11,7 +11,7 @@ sigma_1 over the layers, and the median) before and after training.
 (BERT-base/large, GPT-2 Medium/Large/XL) with AdamW at learning rates up to 10x (5x for the larger models) the
 largest the baseline survives, and compares PSS (trigger 2.5) with gradient clipping and orthogonal
 regularisation on loss explosions and final loss/perplexity. Here: the library's GPT-2-style pre-LayerNorm
-byte-level transformer (``stabkernels.demo.lm.ByteLM``, 4 blocks, width 64, 4 heads, context 64, 0.23M
+byte-level transformer (``stabkernels.demo.lm.ByteLM``, 4 blocks, width 64, 4 heads, context 64, 0.24M
 parameters) on the Python standard library's sources (nothing downloaded), batch 8 x 64 bytes, AdamW betas
 (0.9, 0.95), weight decay 0.1 (GPT-2 practice; the paper's exact optimizer settings were not found), linear
 warm-up over the first 10% of steps, then constant; learning rates 1x, 5x and 10x the LM demo's 3e-3; AdamW,
