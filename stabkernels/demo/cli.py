@@ -43,7 +43,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m stabkernels demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=("digits", "lm", "lr-sweep", "shootout", "all"), default="digits")
-    p.add_argument("--quick", action="store_true", help="1 seed, short runs (under a minute per scenario)")
+    p.add_argument("--quick", action="store_true", help="1 seed, short runs (about a minute per scenario)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--methods", default=",".join(digits.METHODS),
                    help="comma-separated, from: " + ", ".join(digits.METHODS))
