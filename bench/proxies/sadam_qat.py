@@ -116,6 +116,17 @@ def paper_images(x: torch.Tensor) -> torch.Tensor:
     return (img - 0.5) / 0.5
 
 
+def train_step(method: str, opt, model, x, y) -> None:
+    """One step on (x, y): AdamW's, or SAdam's with this batch's loss and its probe closure."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if method == "AdamW":
+        opt.step()
+    else:
+        opt.step(loss=loss.detach(), probe_closure=lambda: F.cross_entropy(model(x), y))
+
+
 def train_paper(method: str, seed: int, steps: int) -> tuple[float, float]:
     """(test accuracy, seconds) of one run in the authors' setting (see the module docstring)."""
     import time
@@ -139,13 +150,7 @@ def train_paper(method: str, seed: int, steps: int) -> tuple[float, float]:
         idx = perm[pos:pos + PAPER_BATCH]
         pos += PAPER_BATCH
         x, y = xtr[idx], split.y_train[idx]
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if method == "AdamW":
-            opt.step()
-        else:
-            opt.step(loss=loss.detach(), probe_closure=lambda: F.cross_entropy(model(x), y))
+        train_step(method, opt, model, x, y)
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -163,13 +168,7 @@ def train(method: str, lr: float, seed: int, steps: int) -> float:
     for _ in range(steps):
         idx = torch.randint(0, len(split.x_train), (64,), generator=gen)
         x, y = split.x_train[idx], split.y_train[idx]
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if method == "AdamW":
-            opt.step()
-        else:
-            opt.step(loss=loss.detach(), probe_closure=lambda: F.cross_entropy(model(x), y))
+        train_step(method, opt, model, x, y)
     with torch.no_grad():
         return (model(split.x_test).argmax(1) == split.y_test).float().mean().item()
 
