@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from . import digits
+from . import digits, write_rows
 from ..benchmarks.run import progress
 
 
@@ -68,16 +68,11 @@ def parse(argv):
     return args
 
 
-_splits: dict[int, digits.Split] = {}
-
-
 def _run_digits(job) -> digits.History:
     """One run, in a worker process (see :func:`stabkernels._pool.map_on_cores`)."""
     method, lr, seed, steps, spike_at, spike = job
-    if seed not in _splits:
-        _splits[seed] = digits.load_digits_split(seed)
-    return digits.run(method, digits.METHODS[method], lr, seed, _splits[seed], steps=steps, spike_at=spike_at,
-                      spike=spike)
+    return digits.run(method, digits.METHODS[method], lr, seed, digits.load_digits_split(seed), steps=steps,
+                      spike_at=spike_at, spike=spike)
 
 
 def run_all(args) -> list[digits.History]:
@@ -117,10 +112,7 @@ def markdown(rows, lrs, args) -> str:
 
 
 def write_csvs(out, rows, histories):
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(os.path.join(out, "summary.csv"), rows)
     with open(os.path.join(out, "history.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "base_lr", "seed", "step", "train_loss", "test_acc", "test_loss", "rho", "step_norm"])

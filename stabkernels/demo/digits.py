@@ -7,6 +7,7 @@ the data set ships with scikit-learn.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,8 +27,11 @@ class Split:
     y_test: torch.Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def load_digits_split(seed: int = 0) -> Split:
-    """Digits (8x8 images, 10 classes), pixels scaled to [0, 1], stratified 80/20 train/test split."""
+    """Digits (8x8 images, 10 classes), pixels scaled to [0, 1], stratified 80/20 train/test split; read once per
+    seed and process (the scenarios' worker processes train many runs on it), so the tensors are shared: do not
+    modify them in place."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split

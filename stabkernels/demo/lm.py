@@ -316,12 +316,11 @@ def markdown(histories: list[History], settings: str) -> str:
 def write_outputs(out: str, histories: list[History], settings: str, spike_at: int) -> str:
     import csv
 
+    from . import write_rows
+
     os.makedirs(out, exist_ok=True)
     rows = summary_rows(histories)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(os.path.join(out, "summary.csv"), rows)
     with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "spike", "seed", "step", "train_loss", "val_loss"])

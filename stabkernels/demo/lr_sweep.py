@@ -12,13 +12,12 @@ learns nothing away from its best learning rate. Writes ``<out>/lr-sweep/summary
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
 import time
 
-from . import lm
+from . import lm, write_rows
 
 GRID = tuple(10 ** (-3 + i / 2) for i in range(7))  # 1e-3 .. 1, half-decade steps: 7 values over 3 decades
 WIDTHS = (32, 64)
@@ -141,10 +140,8 @@ def run(out: str, *, seeds: int = 2, steps: int = 150, widths=WIDTHS, grid=GRID,
         progress(i + 1, len(jobs), "lr sweep")
     summary = summarise(rows)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (r["method"], r["width"], r["lr"], r["seed"])))
+    write_rows(os.path.join(out, "summary.csv"),
+               sorted(rows, key=lambda r: (r["method"], r["width"], r["lr"], r["seed"])))
     settings = (f"{len(grid)} learning rates {grid[0]:.3g}-{grid[-1]:.3g}, widths {', '.join(map(str, widths))} "
                 f"(2 layers, 4 heads), {seeds} seed(s), {steps} steps of batch 8 x 64 bytes, no spike")
     md = markdown(summary, settings)

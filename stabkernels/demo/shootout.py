@@ -27,7 +27,6 @@ Writes ``<out>/shootout/summary.csv`` (one line per run), ``summary.md`` (the ta
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
@@ -38,6 +37,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from . import write_rows
 
 # --------------------------------------------------------------------------------------------------
 # tasks: a model, its batches, its outcome
@@ -98,15 +99,14 @@ class _Data:
             s = digits.load_digits_split(seed)
             self.model = digits.make_mlp(seed)
             self.train, self.test = (s.x_train, s.y_train), (s.x_test, s.y_test)
-            order, pos = [], [0]
+            order, pos = torch.empty(0, dtype=torch.long), 0
 
-            def batch():
-                nonlocal order
-                if pos[0] + 64 > len(order):
-                    order, pos[0] = torch.randperm(len(s.x_train), generator=gen), 0
-                idx = order[pos[0]:pos[0] + 64]
-                pos[0] += 64
-                return s.x_train[idx], s.y_train[idx]
+            def batch():  # shuffled epochs of 64-row batches
+                nonlocal order, pos
+                if pos + 64 > len(order):
+                    order, pos = torch.randperm(len(s.x_train), generator=gen), 0
+                pos += 64
+                return s.x_train[order[pos - 64:pos]], s.y_train[order[pos - 64:pos]]
         elif task == "transformer":
             from . import lm
 
@@ -479,10 +479,7 @@ def run_scenario(out: str, seeds: int = 3, steps: int = 200, grok_steps: int = 8
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(md)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["failure", "defense", "task", "seed", "steps", "outcome", "test_acc",
-                                           "step_ms"])
-        w.writeheader()
-        w.writerows({**{"test_acc": ""}, **r} for r in rows)
+    write_rows(os.path.join(out, "summary.csv"), rows,  # test_acc: the grokking rows only
+               ["failure", "defense", "task", "seed", "steps", "outcome", "test_acc", "step_ms"])
     heatmap(os.path.join(out, "heatmap.png"), cells, cost)
     return md
