@@ -6,17 +6,6 @@ transformer). The library never imports this package. The old paths ``stabkernel
 and ``stabkernels.lr_sweep`` are aliases of these modules (the same module objects)."""
 
 
-def write_rows(path: str, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    """One CSV line per dict (columns: ``fieldnames``, default the first row's keys; a missing key is empty): the
-    scenarios' summary.csv files."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def main(argv=None) -> int:
     """``python -m stabkernels demo`` (:func:`.cli.main`; imported on call, so importing a scenario module does
     not load the command line's)."""

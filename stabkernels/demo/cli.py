@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from . import digits, write_rows
+from . import digits
+from ._csv import write_rows
 from ..benchmarks.run import progress
 
 
