@@ -360,10 +360,25 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     ``clip_stats`` (SPEC 7.2): True returns (2, T), row 0 sum(u^2), row 1 sum(g^2 / max(v_hat, eps^2)) per
     tensor from the same pass (:func:`clip_lrs` makes update clipping's per-tensor learning rates of it);
     ``"only"``: row 1 alone (row 0 zero) from a pass that reads g and v (max v; p for coupled decay) and writes
-    nothing: the moments, u and p stay as they are, for the clipped step that follows.
+    nothing: the moments, u and p stay as they are, for the clipped step that follows. ``"clipped"``: the whole
+    update-clipped step (StableAdamW): tensor i moves at ``lr_i / max(1, RMS_i)`` (:func:`clip_lrs`), returns
+    what True returns: the "only" pass, :func:`clip_lrs` and a step at those rates, which is how every backend
+    but the C++ one runs it. That one fuses the two passes per block of tensors, so that the second reads g and v
+    from cache, and takes a correctly rounded square root for the rates (torch's CPU sqrt is 1 ulp off on about
+    1% of float64 inputs, so the parameters may differ from the composite's in the last place).
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""
+    if clip_stats == "clipped" and (distributed.any_sharded(params) or _backend.resolve(
+            "adam_step_", backend, _params_device("adam_step_", as_list(params, "adam_step_: params"))) != "cpp"):
+        # the statistics pass, the per-tensor rates (over whole tensors: FSDP2 sums the shards) and the step
+        kw = dict(betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                  maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, eps_raw=eps_raw, skip=skip, backend=backend)
+        clip_sums = adam_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=1.0, apply=False,
+                               clip_stats="only", **kw)[1]
+        sums = adam_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=clip_lrs(clip_sums, params, lr),
+                          updates=updates, step_scale=step_scale, apply=apply, **kw)
+        return torch.stack([sums, clip_sums])
     if distributed.any_sharded(params):  # FSDP2: the step is element-wise, so each rank steps its shards
         L = distributed.locals_
         sums = adam_step_(L(params), L(grads), L(exp_avgs), L(exp_avg_sqs), step=step, lr=lr, betas=betas, eps=eps,
@@ -387,9 +402,9 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                                             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
                      acc_lists={"updates": updates} if updates else {})
 
-    if clip_stats not in (False, True, "only"):
-        raise ValueError(f"adam_step_: clip_stats must be False, True or 'only', got {clip_stats!r}")
-    stats = 2 if clip_stats == "only" else int(bool(clip_stats))
+    stats = {False: 0, True: 1, "only": 2, "clipped": 3}.get(clip_stats) if not isinstance(clip_stats, Tensor) else None
+    if stats is None:
+        raise ValueError(f"adam_step_: clip_stats must be False, True, 'only' or 'clipped', got {clip_stats!r}")
     b = _backend.resolve("adam_step_", backend, device)
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
             _lr_tensor(lr, len(params), device, "adam_step_"), scalar_tensor(step, "step", device), float(beta1),

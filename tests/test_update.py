@@ -571,6 +571,50 @@ def test_clip_lrs_and_the_two_pass_clipped_step_equal_stable_adamw_reference_flo
 
 @pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", [dict(), dict(amsgrad=True, eps_raw=True), dict(decoupled=False, maximize=True)],
+                         ids=["adamw", "amsgrad-eps_raw", "adam-l2-maximize"])
+def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(backend, device, dtype, cfg):
+    """clip_stats="clipped" (StableAdamW's step in one call) equals the "only" pass, clip_lrs and a step at those
+    rates: moments, max v, u and both rows of sums bit for bit, parameters to the rates' last place (the C++
+    backend takes a correctly rounded square root for the rates; torch's CPU sqrt is 1 ulp off on about 1% of
+    float64 inputs), over steps where clipping binds on some tensors and a skipped one. On the C++ backend, which
+    fuses the passes per block of about 2^20 elements (the second pass backwards), the tensors make several
+    blocks, one tensor larger than a block."""
+    big = backend == "cpp" and dtype in (torch.float32, torch.float64)
+    shapes = [(37,), (1031, 1100), (5, 9), (700, 999), (3, 4, 5), (129, 33)] if big else CLIP_SHAPES
+    g0 = torch.Generator().manual_seed(6)
+    ps = [torch.randn(s, generator=g0, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+    amsgrad = cfg.get("amsgrad", False)
+    kw = dict(betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, amsgrad=amsgrad, decoupled=cfg.get("decoupled", True),
+              maximize=cfg.get("maximize", False), eps_raw=cfg.get("eps_raw", False), backend=backend)
+    lr = torch.tensor(0.05, dtype=torch.float64, device=device)
+    fused = [p.clone() for p in ps], *[[torch.zeros_like(p) for p in ps] for _ in range(3)], \
+        [torch.empty_like(p, dtype=_acc(dtype)) for p in ps]
+    two = [[t.clone() for t in ts] for ts in fused]
+    clipped = 0
+    for step in range(1, 5):
+        gs = [(x * (1 + 30 * (step == 3) * (i % 2))).to(dtype) for i, x in enumerate(grads_for(ps, step))]
+        skip = torch.tensor(float(step == 2), device=device)
+        p, m, v, vm, u = fused
+        s = update.adam_step_(p, gs, m, v, step=step, lr=lr, max_exp_avg_sqs=vm, updates=u, skip=skip,
+                              clip_stats="clipped", **kw)
+        p, m, v, vm, u = two
+        stats = update.adam_step_(p, gs, m, v, step=step, lr=1.0, max_exp_avg_sqs=vm, apply=False, skip=skip,
+                                  clip_stats="only", **kw)[1]
+        lrs = update.clip_lrs(stats, p, lr)
+        clipped += int((lrs < lr).sum()) * (step != 2)
+        s2 = update.adam_step_(p, gs, m, v, step=step, lr=lrs, max_exp_avg_sqs=vm, updates=u, skip=skip, **kw)
+        assert s.shape == (2, len(ps)) and torch.equal(s[0], s2) and torch.equal(s[1], stats)
+        for a, b in zip(sum(fused[1:], []), sum(two[1:], [])):
+            assert torch.equal(a, b)
+        for a, b in zip(fused[0], two[0]):
+            # the rates' last place, at the tensor's scale (p * decay - lr u may cancel to near 0)
+            torch.testing.assert_close(a, b, rtol=0, atol=torch.finfo(dtype).eps * float(b.abs().max()))
+    assert clipped > 0
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_adam_clip_stats_only_writes_nothing_and_per_tensor_lr(backend, device, dtype):
     """clip_stats="only" returns row 1 of clip_stats=True (row 0 zero) and leaves every tensor as it was (u
     too); one lr per tensor steps each tensor exactly as a call with that tensor's lr alone would."""

@@ -9,8 +9,11 @@
 // skip (SPEC 7.1): a 0-d tensor read here (free on CPU); nonzero returns before any memory is written (the
 // lists are still checked), with zero sums. clip_stats (SPEC 7.2): 1, the Adam pass also sums
 // g^2 / max(v_hat / bc2, eps^2) per tensor (update clipping's RMS^2 * numel), returned as a second row; 2, a
-// pass that reads g and v (max v; p for coupled decay), writes nothing and returns those sums alone. lr: one
-// number or one per tensor.
+// pass that reads g and v (max v; p for coupled decay), writes nothing and returns those sums alone; 3, the
+// whole clipped step (StableAdamW): per block of whole tensors, that pass, then the step of each tensor at
+// lr / max(1, RMS) (as update.clip_lrs computes it), the second pass running each thread's chunks backwards so
+// that the g and v the first pass read last are still in cache (9 element-passes by count, about 7 from
+// memory). lr: one number or one per tensor.
 
 #include <array>
 #include <cmath>
@@ -228,6 +231,104 @@ Lrs read_lrs(const at::Tensor& lr_t, at::TensorList params, const char* op) {
   return {std::move(t), v, lr_t.numel() != 1};
 }
 
+// The lists of one adam_step_ call.
+struct AdamLists {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates;
+};
+
+// One chunk of an Adam call: with `only`, update clipping's statistic alone (g, v, max v and, for Adam's L2
+// decay, p read; nothing written), returned as sums[1]; else the step at learning rate lr (sums[0] = sum(u^2),
+// sums[1] the statistic when c.clip).
+std::array<double, 2> adam_chunk(const AdamLists& L, const Chunk& ch, const AdamConsts& c, double lr, double scale,
+                                 bool only) {
+  const int64_t i = ch.index;
+  std::array<double, 2> sums{0.0, 0.0};
+  STABKERNELS_DISPATCH_FLOAT(L.params[i], "adam_step_cpu", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const AdamArgs<A> k(c, lr, scale);
+    const bool apply = k.apply && !only;
+    // p is read only when the step needs it: applied, or Adam's L2 decay on g
+    const bool read_p = apply || k.l2;
+    T* p = L.params[i].mutable_data_ptr<T>();
+    const T* g = L.grads[i].const_data_ptr<T>();
+    T* m = L.exp_avgs[i].mutable_data_ptr<T>();
+    T* v = L.exp_avg_sqs[i].mutable_data_ptr<T>();
+    T* vm = k.amsgrad ? L.max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
+    if (only) {
+      sums = run_chunk<T, true>(ch.begin, ch.end, nullptr, [&](int64_t j, auto& stat) {
+        using V = std::remove_reference_t<decltype(stat)>;
+        const V gj = adam_grad(read_p ? load<V>(p + j) : V(A(0)), load<V>(g + j), k);
+        const V vj = adam_next_v(load<V>(v + j), gj, k);
+        stat = clip_stat(gj, vm ? vmaximum(load<V>(vm + j), vj) : vj, k);
+        return V(A(0));
+      });
+      return;
+    }
+    A* u_out = L.updates.empty() ? nullptr : L.updates[i].mutable_data_ptr<A>();
+    auto body = [&](int64_t j, auto& stat) {
+      using V = std::remove_reference_t<decltype(stat)>;
+      V vp = read_p ? load<V>(p + j) : V(A(0)), vmm = load<V>(m + j), vv = load<V>(v + j);
+      V vmax = vm ? load<V>(vm + j) : V(A(0));
+      const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, stat, k);
+      if (k.apply) store(p + j, vp);
+      store(m + j, vmm);
+      store(v + j, vv);
+      if (vm) store(vm + j, vmax);
+      return u;
+    };
+    sums = k.clip ? run_chunk<T, true>(ch.begin, ch.end, u_out, body)
+                  : run_chunk<T, false>(ch.begin, ch.end, u_out, body);
+  });
+  return sums;
+}
+
+// Tensors are stepped in blocks of whole tensors of at least this many elements (clip_stats 3): the g and v
+// of a block's first pass (8 bytes an element in fp32) fit the last-level cache beside the p and m of its
+// second.
+constexpr int64_t kClipBlock = int64_t{1} << 20;
+
+// clip_stats 3: the clipped step (see the top of the file). Returns (2, T) as clip_stats 1 does.
+at::Tensor clipped_adam_cpu(const AdamLists& L, const AdamConsts& c, const Lrs& lrs, double scale) {
+  const at::TensorList params = L.params;
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<int64_t> sizes;
+  for (const auto& p : params) sizes.push_back(p.numel());
+  const auto chunks = make_chunks(sizes, int64_t{1} << 15);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  // update.clip_lrs' arithmetic: the sums rounded to the returned dtype, then lr / max(1, sqrt(sum / numel))
+  const bool f64 = grouped_acc_dtype(params) == at::kDouble;
+  std::vector<std::array<double, 2>> partial(chunks.size(), {0.0, 0.0});
+  std::vector<double> total(2 * n, 0.0), lr(n, 0.0);
+  int64_t c0 = 0;
+  while (c0 < nc) {  // one block: chunks [c0, c1), whole tensors
+    int64_t c1 = c0, elems = 0;
+    while (c1 < nc && (elems < kClipBlock || chunks[c1].index == chunks[c1 - 1].index)) {
+      elems += chunks[c1].end - chunks[c1].begin;
+      ++c1;
+    }
+    at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t ci = b0; ci < b1; ++ci) partial[ci] = adam_chunk(L, chunks[ci], c, 1.0, scale, true);
+    });
+    for (int64_t ci = c0; ci < c1; ++ci) total[n + chunks[ci].index] += partial[ci][1];
+    for (int64_t i = chunks[c0].index; i <= chunks[c1 - 1].index; ++i) {
+      const double s = f64 ? total[n + i] : static_cast<double>(static_cast<float>(total[n + i]));
+      lr[i] = lrs[i] / std::max(1.0, std::sqrt(s / static_cast<double>(sizes[i])));
+    }
+    // backwards within each thread's range (the same range as above): the last chunks read are still cached
+    at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t ci = b1 - 1; ci >= b0; --ci) {
+        partial[ci] = adam_chunk(L, chunks[ci], c, lr[chunks[ci].index], scale, false);
+      }
+    });
+    for (int64_t ci = c0; ci < c1; ++ci) total[chunks[ci].index] += partial[ci][0];
+    c0 = c1;
+  }
+  at::Tensor out = at::empty({2, n}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), out.mutable_data_ptr<double>());
+  return out.to(grouped_acc_dtype(params));
+}
+
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList updates,
                          const at::Tensor& step_scale, const at::Tensor& lr_t, const at::Tensor& step_t,
@@ -239,7 +340,8 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   const double step = read_number(step_t, "step");
   // a skipped step may come with a counter that it left at 0 (its bias corrections are never used)
   TORCH_CHECK_VALUE(skip_now || step >= 1, "adam_step_: step must be >= 1, got ", step);
-  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 3, "adam_step_: clip_stats must be 0, 1, 2 or 3, got ",
+                    clip_stats);
   const Lrs lrs = read_lrs(lr_t, params, "adam_step_");
   check_update_lists("adam_step_", params,
                      {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
@@ -250,49 +352,11 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   const bool only = clip_stats == 2;
   const double bc2 = 1 - std::pow(beta2, step), bc2_sqrt = std::sqrt(bc2);
   const AdamConsts c{beta1, beta2, eps_raw ? eps / bc2_sqrt : eps, weight_decay, 1 - std::pow(beta1, step),
-                     bc2_sqrt, bc2, eps, decoupled, amsgrad, maximize, apply && !only, clip_stats != 0};
+                     bc2_sqrt, bc2, eps, decoupled, amsgrad, maximize, apply && !only, clip_stats == 1};
   const double scale = read_scale(step_scale);
-  // p is read only when the step needs it: applied, or Adam's L2 decay on g
-  const bool read_p = c.apply || (!decoupled && weight_decay != 0);
-  return chunked_sums(params, rows, [&](const Chunk& ch) {
-    const int64_t i = ch.index;
-    std::array<double, 2> sums{0.0, 0.0};
-    STABKERNELS_DISPATCH_FLOAT(params[i], "adam_step_cpu", [&] {
-      using T = scalar_t;
-      using A = acc_t<T>;
-      const AdamArgs<A> k(c, lrs[i], scale);
-      T* p = params[i].mutable_data_ptr<T>();
-      const T* g = grads[i].const_data_ptr<T>();
-      T* m = exp_avgs[i].mutable_data_ptr<T>();
-      T* v = exp_avg_sqs[i].mutable_data_ptr<T>();
-      T* vm = k.amsgrad ? max_exp_avg_sqs[i].mutable_data_ptr<T>() : nullptr;
-      if (only) {  // update clipping's statistic alone: g, v (and max v, p) read, nothing written
-        sums = run_chunk<T, true>(ch.begin, ch.end, nullptr, [&](int64_t j, auto& stat) {
-          using V = std::remove_reference_t<decltype(stat)>;
-          const V gj = adam_grad(read_p ? load<V>(p + j) : V(A(0)), load<V>(g + j), k);
-          const V vj = adam_next_v(load<V>(v + j), gj, k);
-          stat = clip_stat(gj, vm ? vmaximum(load<V>(vm + j), vj) : vj, k);
-          return V(A(0));
-        });
-        return;
-      }
-      A* u_out = updates.empty() ? nullptr : updates[i].mutable_data_ptr<A>();
-      auto body = [&](int64_t j, auto& stat) {
-        using V = std::remove_reference_t<decltype(stat)>;
-        V vp = read_p ? load<V>(p + j) : V(A(0)), vmm = load<V>(m + j), vv = load<V>(v + j);
-        V vmax = vm ? load<V>(vm + j) : V(A(0));
-        const V u = adam_math(vp, load<V>(g + j), vmm, vv, vmax, stat, k);
-        if (k.apply) store(p + j, vp);
-        store(m + j, vmm);
-        store(v + j, vv);
-        if (vm) store(vm + j, vmax);
-        return u;
-      };
-      sums = k.clip ? run_chunk<T, true>(ch.begin, ch.end, u_out, body)
-                    : run_chunk<T, false>(ch.begin, ch.end, u_out, body);
-    });
-    return sums;
-  });
+  const AdamLists lists{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates};
+  if (clip_stats == 3) return clipped_adam_cpu(lists, c, lrs, scale);
+  return chunked_sums(params, rows, [&](const Chunk& ch) { return adam_chunk(lists, ch, c, lrs[ch.index], scale, only); });
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,

@@ -250,12 +250,11 @@ def stable_adamw_reference(p, g, m, v, step: int, lr, betas, eps, weight_decay) 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with update clipping (StableAdamW, SPEC 7.2): per tensor the learning rate is lr / max(1, RMS), with
     RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) of this step (v_hat the bias-corrected v, unrounded), the
-    clipped learning rate also scaling the decoupled decay. Two fused passes, no host read:
-    ``adam_step_(clip_stats="only")`` reads g and v and returns each tensor's sum(g^2 / max(v_hat, eps^2))
-    (writing nothing), then one ordinary fused AdamW step for all tensors with the (T,) learning rates
-    lr / max(1, RMS) (device ops on T numbers in between). Bytes (fp32): g and v read once more than AdamW's
-    own step: 9 element-passes against 7, no extra buffer. State in torch's Adam layout (step, exp_avg,
-    exp_avg_sq).
+    clipped learning rate also scaling the decoupled decay. ``adam_step_(clip_stats="clipped")``, no host read:
+    a pass that reads g and v and sums g^2 / max(v_hat, eps^2) per tensor (writing nothing), then one ordinary
+    fused AdamW step at the learning rates lr / max(1, RMS). g and v are read twice: 9 element-passes against
+    AdamW's 7, no extra buffer; on CPU the two passes run per block of about a million elements, the second
+    backwards, so that it finds g and v in cache. State in torch's Adam layout (step, exp_avg, exp_avg_sq).
 
     Takes the skip flag (SPEC 7.1, ``accepts_skip``/``skip_flag``; :class:`SkipStep` sets it): a skipped step
     writes nothing, counters included. ``backend`` picks the fused kernels' backend (default: the best here)."""
@@ -299,11 +298,11 @@ class StableAdamW(torch.optim.Optimizer):
         states = self._states(params)
         skip = update.skip_tensor(self.skip_flag, params[0].device)
         advance_steps(states, skip)
-        lrs = clipped_lrs(params, states, group, skip, self.backend)
-        # one fused AdamW step for all tensors, tensor i at lr_i = lr / max(1, RMS_i) (its decay too)
+        # tensor i at lr_i = lr / max(1, RMS_i), its decay too: the statistics pass and the step, fused
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=lrs, betas=group["betas"],
-                          eps=group["eps"], weight_decay=group["weight_decay"], skip=skip, backend=self.backend)
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],
+                          betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], skip=skip,
+                          clip_stats="clipped", backend=self.backend)
 
 
 def clipped_lrs(params, states, group, skip, backend: str, eps_raw: bool = False) -> Tensor:
