@@ -182,6 +182,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.gpt2_threads if gpt2 else args.threads)
         new = run_model(name, args.gpt2_rounds if gpt2 else args.rounds, args.gpt2_block if gpt2 else args.block,
                         only, args.gpt2_warmup if gpt2 else None)
+        if only:  # the other settings' rows of the last full run stay (each row is a ratio within its own run)
+            from radius_survival import merged
+            new = merged(out / f"radius-cost-{machine}-{name}.csv", new, "setting")
         with open(out / f"radius-cost-{machine}-{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(new[0]))
             w.writeheader()

@@ -134,12 +134,25 @@ def main(argv=None) -> int:
     summary["capture"] = head_capture()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = merged(out / "radius-survival.csv", rows, "setting") if only else rows
     with open(out / "radius-survival.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     (out / "radius-survival.json").write_text(json.dumps(summary))
     return rerender(out, args)
+
+
+def merged(path: Path, rows: list[dict], key: str) -> list[dict]:
+    """The rows of an earlier run in ``path`` with those of this run (``--only``) in place of the same ``key``,
+    in the earlier order (new keys last)."""
+    if not path.exists():
+        return rows
+    new = {r[key]: r for r in rows}
+    with open(path) as f:
+        old = list(csv.DictReader(f))
+    out = [new.pop(r[key], r) for r in old]
+    return out + list(new.values())
 
 
 def rerender(out: Path, args) -> int:

@@ -45,12 +45,14 @@ class RadiusController(_RadiusMixin, OptimizerWrapper):
             ``every=1`` is the paper's full probe. The schedule is the step counter's, the same on every rank;
             see ``reprobe_above`` for the data-dependent trigger.
         reprobe_above: also measure on the step after one whose tau/rho (against the reused rho) reached
-            ``reprobe_above * r`` (default 1: after a capped step), so a sustained spike or a too-high learning
-            rate is controlled with a fresh radius, while normal training probes only on the schedule. While
-            capping persists the re-measurements back off: the gap doubles (up to ``every``) each time the new
-            radius is within 25% of the last, and returns to 1 when it moved more. (A threshold of 0.5 made the
-            LM demo at its best lr 1e-2 probe on 45% of its steps, 1 on 17%, at the same learning-rate
-            sensitivity.) The flag is
+            ``reprobe_above * r`` (default 0.5: the step went half way to the radius), so a radius that shrank,
+            a sustained spike or a too-high learning rate is controlled with a fresh radius, while normal
+            training probes only on the schedule. While capping persists the re-measurements back off: the gap
+            doubles (up to ``every``) each time the new radius is within 25% of the last, and returns to 1 when
+            it moved more; ``reprobe_budget`` bounds them. (On the LM demo's lr sweep a threshold of 1, re-measuring
+            only after a capped step, left the default 22% more lr-sensitive than the full probe at width 64;
+            0.5 is within 2%. At lr 1e-2, where the model trains near its radius, 0.5 probes on 25% of the steps,
+            the budget's bound, and 1 on 19%.) The flag is
             read one step late from pinned memory (``stabkernels._hostread.DeferredRead``: the host never waits
             on the step that computed it; the same flag on every rank). ``None``: the fixed schedule only, no
             read at all (CUDA-graph capture keeps to it by itself).
