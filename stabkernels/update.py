@@ -147,7 +147,7 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, u
         _store(exp_avg_sqs[i], v, write)
         sums.append(_finish_reference(p, pa, u, i, updates, apply and not only, lr_i, step_scale, write))
         if clip_stats:
-            clips.append(_kept_sum(g * g / torch.clamp_min(vh / bc2.to(A), eps_clip * eps_clip), keep))
+            clips.append(_kept_sum(g * g / torch.clamp_min(vh / bc2.to(A), clip_floor(eps_clip, A)), keep))
     if not sums:
         return torch.zeros(0)
     out = torch.stack([torch.stack(sums), torch.stack(clips)]) if clip_stats else torch.stack(sums)
@@ -486,6 +486,13 @@ def _numels(params, device: torch.device) -> Tensor:
     numels = tuple(p.numel() for p in params)
     return _launch_plan.cached(("numels", device, numels),
                                lambda: _launch_plan.upload(numels, device, torch.float64))
+
+
+def clip_floor(eps: float, dtype: torch.dtype) -> float:
+    """The floor of v_hat in update clipping's statistic: eps^2 rounded to ``dtype`` (the math type), but at least
+    its smallest normal number, since a tiny eps (1e-25) squares to 0 in float32 and a 0 gradient over a 0 v
+    would make the RMS 0 / 0."""
+    return max(float(torch.tensor(eps * eps, dtype=dtype)), torch.finfo(dtype).tiny)
 
 
 def clip_lrs(clip_sums: Tensor, params: Sequence[Tensor], lr) -> Tensor:

@@ -384,6 +384,40 @@ def test_update_clip_optimizers_equal_the_reference_float64(name, backend, devic
 
 
 @pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
+@pytest.mark.parametrize("name", list(CLIP_REF))
+def test_update_clip_with_a_tiny_eps_and_zero_gradients_float32(name, backend, device):
+    """eps = 1e-25 (the grokking setting) squares to 0 in float32: a gradient element that is 0 over a v that is 0
+    made update clipping's RMS 0 / 0 = NaN, which poisoned every parameter (or, in the C++ fused step, left the
+    tensor unclipped). The floor is now the smallest normal number: float32 steps equal the float64 reference
+    (where eps^2 = 1e-50 is representable), clipping binding on the tensor with the zero column."""
+    from stabkernels.optim.skipstep import stable_adamw_reference
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 7), (11,)]
+    ps = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    ref = [p.double().cpu() for p in ps]
+    mv = [(torch.zeros_like(r), torch.zeros_like(r)) for r in ref]
+    opt = CLIP_REF[name](ps, backend)
+    for group in opt.param_groups:
+        group["eps"] = 1e-25
+    clipped = 0
+    for t in range(1, 6):
+        for i, p in enumerate(ps):
+            g = torch.randn(p.shape, generator=gen) * (1 + 30 * (t == 4))
+            if i == 0:
+                g[:, 0] = 0  # never a gradient: v stays 0 there
+            p.grad = g.to(device)
+            g64 = g.double()
+            stable_adamw_reference(ref[i], g64, *mv[i], t, 0.05, (0.9, 0.99), 1e-25, 0.1)
+            v_hat = mv[i][1] / (1 - 0.99 ** t)
+            clipped += i == 0 and bool((g64 * g64 / v_hat.clamp_min(1e-50)).mean() > 1)
+        opt.step()
+        for p, r in zip(ps, ref):
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p.cpu().double(), r, rtol=1e-5, atol=1e-6)
+    assert clipped > 0
+
+
+@pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
 def test_radius_adamw_update_clip(backend, device):
     """RadiusAdamW(update_clip=True): with the control inactive (r large) it is StableAdamW (float64 reference);
     with RMS <= 1 everywhere (gradients shrinking) it is RadiusAdamW without clipping bit for bit, the control

@@ -15,8 +15,10 @@
 // that the g and v the first pass read last are still in cache (9 element-passes by count, about 7 from
 // memory). lr: one number or one per tensor.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "common.h"
@@ -49,7 +51,9 @@ struct AdamArgs {
   AdamArgs(const AdamConsts& c, double lr, double scale)
       : one_minus_beta1(A(1 - c.beta1)), beta2(A(c.beta2)), one_minus_beta2(A(1 - c.beta2)), eps(A(c.eps)),
         weight_decay(A(c.weight_decay)), bc1(A(c.bc1)), bc2_sqrt(A(c.bc2_sqrt)), step_lr(A(lr * scale)),
-        decay(A(1 - lr * c.weight_decay)), inv_bc2(A(1 / c.bc2)), eps2(A(c.eps_clip * c.eps_clip)),
+        decay(A(1 - lr * c.weight_decay)), inv_bc2(A(1 / c.bc2)),
+        // at least the smallest normal number: a tiny eps (1e-25) squares to 0 in float32, and 0 / 0 is NaN
+        eps2(std::max(A(c.eps_clip * c.eps_clip), std::numeric_limits<A>::min())),
         decoupled(c.decoupled), l2(!c.decoupled && c.weight_decay != 0), amsgrad(c.amsgrad), maximize(c.maximize),
         apply(c.apply), clip(c.clip) {}
 };
@@ -313,7 +317,8 @@ at::Tensor clipped_adam_cpu(const AdamLists& L, const AdamConsts& c, const Lrs& 
     for (int64_t ci = c0; ci < c1; ++ci) total[n + chunks[ci].index] += partial[ci][1];
     for (int64_t i = chunks[c0].index; i <= chunks[c1 - 1].index; ++i) {
       const double s = f64 ? total[n + i] : static_cast<double>(static_cast<float>(total[n + i]));
-      lr[i] = lrs[i] / std::max(1.0, std::sqrt(s / static_cast<double>(sizes[i])));
+      const double rms = std::sqrt(s / static_cast<double>(sizes[i]));
+      lr[i] = lrs[i] / (rms > 1.0 || std::isnan(rms) ? rms : 1.0);  // max(1, rms), NaN kept (torch's clamp_min)
     }
     // backwards within each thread's range (the same range as above): the last chunks read are still cached
     at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {

@@ -14,6 +14,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The smallest normal number of the math type (numeric_limits<A>::min()).
+template <typename A> __device__ __forceinline__ A smallest_normal();
+template <> __device__ __forceinline__ float smallest_normal<float>() { return 1.17549435082228750797e-38f; }
+template <> __device__ __forceinline__ double smallest_normal<double>() { return 2.22507385850720138309e-308; }
+
 // The common end of an element: store u, move p by step_lr * u, accumulate u^2.
 template <typename T, typename A>
 __device__ __forceinline__ void finish_element(int64_t j, A u, A pj, A step_lr, bool write_u, bool apply, A* u_out,
@@ -56,7 +61,9 @@ __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, con
   const A eps = static_cast<A>(f.eps_raw ? h.eps / bc2s_d : h.eps);
   const A bc1 = static_cast<A>(bc1_d), bc2s = static_cast<A>(bc2s_d);
   // update clipping: 1 / bc2 formed in double, rounded once; eps^2 of the eps given
-  const A inv_bc2 = static_cast<A>(1.0 / bc2_d), eps2 = static_cast<A>(h.eps * h.eps);
+  // (at least the smallest normal number: a tiny eps, 1e-25, squares to 0 in float32, and 0 / 0 would be NaN)
+  const A inv_bc2 = static_cast<A>(1.0 / bc2_d), eps2_raw = static_cast<A>(h.eps * h.eps);
+  const A eps2 = eps2_raw > smallest_normal<A>() ? eps2_raw : smallest_normal<A>();
   const A step_lr = static_cast<A>(lr_d * *scale_p), decay = static_cast<A>(1.0 - lr_d * h.weight_decay);
   const bool apply = f.apply && !f.only;
   // p is read only when the step needs it: applied, or Adam's L2 decay on g

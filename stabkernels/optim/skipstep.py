@@ -235,13 +235,14 @@ class SkipStep(OptimizerWrapper):
 
 def stable_adamw_reference(p, g, m, v, step: int, lr, betas, eps, weight_decay) -> None:
     """Plain-torch StableAdamW (Wortsman et al. 2023) on one tensor, in place: AdamW with the learning rate
-    lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))), v_hat the bias-corrected v of this step; the
-    decoupled decay uses the clipped learning rate too."""
+    lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2))), v_hat the bias-corrected v of this step (eps^2
+    at least the dtype's smallest normal number: :func:`stabkernels.update.clip_floor`); the decoupled decay uses
+    the clipped learning rate too."""
     b1, b2 = betas
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-    rms = (g * g / torch.clamp_min(v / bc2, eps * eps)).mean().sqrt()
+    rms = (g * g / torch.clamp_min(v / bc2, update.clip_floor(eps, v.dtype))).mean().sqrt()
     lr_t = lr / torch.clamp_min(rms, 1.0)
     p.mul_(1 - lr_t * weight_decay)
     p.sub_(lr_t * ((m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)))

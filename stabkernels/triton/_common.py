@@ -76,6 +76,15 @@ def div_ieee(a, b, ACC: tl.constexpr):
 
 
 @triton.jit
+def smallest_normal(ACC: tl.constexpr):
+    """The smallest normal number of the math type (numeric_limits<A>::min(), torch.finfo(A).tiny)."""
+    if ACC == tl.float32:
+        return tl.full([], 1.1754943508222875e-38, tl.float32)
+    else:
+        return tl.full([], 2.2250738585072014e-308, tl.float64)
+
+
+@triton.jit
 def sqrt_ieee(x, ACC: tl.constexpr):
     """sqrt(x) rounded to nearest (Triton's float32 ``tl.sqrt`` is ``sqrt.approx.ftz`` on a GPU)."""
     if ACC == tl.float32:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _launch_plan as plan
 from .._checks import acc_dtype, grouped_acc_dtype
-from ._common import TL_STORAGE, chunk_range, div_ieee, in_order, segment_sums, sqrt_ieee, tl_acc
+from ._common import TL_STORAGE, chunk_range, div_ieee, in_order, segment_sums, smallest_normal, sqrt_ieee, tl_acc
 
 CHUNK = 4096
 BLOCK = 1024
@@ -73,7 +73,9 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
     bc1 = _bias_correction(beta1, step)
     bc2 = _bias_correction(beta2, step)
     bc2_sqrt = tl.sqrt(bc2)
-    eps2 = (eps * eps).to(ACC)  # update clipping's eps^2, of the eps given (also with EPS_RAW)
+    # update clipping's eps^2, of the eps given (also with EPS_RAW), at least the smallest normal number: a tiny eps
+    # (1e-25) squares to 0 in float32, and a 0 gradient over a 0 v would make the RMS 0 / 0
+    eps2 = tl.maximum((eps * eps).to(ACC), smallest_normal(ACC))
     inv_bc2 = (1 / bc2).to(ACC)
     if EPS_RAW:  # eps on the uncorrected sqrt(v)
         eps = eps / bc2_sqrt
