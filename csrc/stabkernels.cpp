@@ -67,7 +67,9 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // skip (SPEC 7.1): an optional 0-d float64 tensor on the params' device, read by the kernels (on CUDA in
   // device memory); nonzero: nothing is written and the sums are 0 (step is then not checked). clip_stats
   // (SPEC 7.2, Adam): 1 returns (2, T), the second row sum(g^2 / max(v_hat, eps^2)) per tensor; 2 the same
-  // from a pass that writes nothing (row 0 zero). Adam's lr: one float64 number (0-d) or one per tensor ((T,)).
+  // from a pass that writes nothing (row 0 zero); 3 (CPU only: Python runs it as 2, clip_lrs and 0 elsewhere)
+  // the whole update-clipped step, returning what 1 returns. Adam's lr: one float64 number (0-d) or one per
+  // tensor ((T,)).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] updates, Tensor step_scale, Tensor lr, Tensor step, "

@@ -402,7 +402,10 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                                             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})},
                      acc_lists={"updates": updates} if updates else {})
 
-    stats = {False: 0, True: 1, "only": 2, "clipped": 3}.get(clip_stats) if not isinstance(clip_stats, Tensor) else None
+    try:
+        stats = {False: 0, True: 1, "only": 2, "clipped": 3}.get(clip_stats)
+    except TypeError:  # unhashable
+        stats = None
     if stats is None:
         raise ValueError(f"adam_step_: clip_stats must be False, True, 'only' or 'clipped', got {clip_stats!r}")
     b = _backend.resolve("adam_step_", backend, device)
@@ -498,7 +501,7 @@ def clip_floor(eps: float, dtype: torch.dtype) -> float:
 def clip_lrs(clip_sums: Tensor, params: Sequence[Tensor], lr) -> Tensor:
     """Update clipping's per-tensor learning rates (SPEC 7.2): lr / max(1, RMS_i), RMS_i = sqrt(clip_sums[i] /
     numel_i), with ``clip_sums`` row 1 of ``adam_step_(clip_stats=True)``. A (T,) float64 tensor on the sums'
-    device (device ops only); ``lr`` a number or a one-element tensor."""
+    device (device ops only); ``lr`` a number, a one-element tensor or one per tensor ((T,))."""
     device = clip_sums.device
     rms = (clip_sums.to(torch.float64) / _numels(params, device)).sqrt()
-    return scalar_tensor(lr, "lr", device) / rms.clamp_min(1.0)
+    return _lr_tensor(lr, len(params), device, "clip_lrs") / rms.clamp_min(1.0)

@@ -588,6 +588,8 @@ def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(b
     kw = dict(betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, amsgrad=amsgrad, decoupled=cfg.get("decoupled", True),
               maximize=cfg.get("maximize", False), eps_raw=cfg.get("eps_raw", False), backend=backend)
     lr = torch.tensor(0.05, dtype=torch.float64, device=device)
+    if cfg.get("maximize"):  # one learning rate per tensor
+        lr = torch.linspace(0.01, 0.08, len(ps), dtype=torch.float64, device=device)
     fused = [p.clone() for p in ps], *[[torch.zeros_like(p) for p in ps] for _ in range(3)], \
         [torch.empty_like(p, dtype=_acc(dtype)) for p in ps]
     two = [[t.clone() for t in ts] for ts in fused]
@@ -602,7 +604,7 @@ def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(b
         stats = update.adam_step_(p, gs, m, v, step=step, lr=1.0, max_exp_avg_sqs=vm, apply=False, skip=skip,
                                   clip_stats="only", **kw)[1]
         lrs = update.clip_lrs(stats, p, lr)
-        clipped += int((lrs < lr).sum()) * (step != 2)
+        clipped += int((lrs < lr).sum()) * (step != 2)  # (lr: one number or one per tensor)
         s2 = update.adam_step_(p, gs, m, v, step=step, lr=lrs, max_exp_avg_sqs=vm, updates=u, skip=skip, **kw)
         assert s.shape == (2, len(ps)) and torch.equal(s[0], s2) and torch.equal(s[1], stats)
         for a, b in zip(sum(fused[1:], []), sum(two[1:], [])):

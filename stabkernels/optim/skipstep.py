@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed, update
+from .._checks import acc_dtype
 from ..spectral import sq_norms
 from ._state import adam_states, advance_steps
 from ._wrapper import OptimizerWrapper
@@ -242,7 +243,7 @@ def stable_adamw_reference(p, g, m, v, step: int, lr, betas, eps, weight_decay) 
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-    rms = (g * g / torch.clamp_min(v / bc2, update.clip_floor(eps, v.dtype))).mean().sqrt()
+    rms = (g * g / torch.clamp_min(v / bc2, update.clip_floor(eps, acc_dtype(v.dtype)))).mean().sqrt()
     lr_t = lr / torch.clamp_min(rms, 1.0)
     p.mul_(1 - lr_t * weight_decay)
     p.sub_(lr_t * ((m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)))
