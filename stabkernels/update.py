@@ -369,9 +369,9 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""
-    if clip_stats == "clipped" and (distributed.any_sharded(params) or _backend.resolve(
-            "adam_step_", backend, _params_device("adam_step_", as_list(params, "adam_step_: params"))) != "cpp"):
-        # the statistics pass, the per-tensor rates (over whole tensors: FSDP2 sums the shards) and the step
+    def clipped_in_two_calls() -> Tensor:
+        """clip_stats="clipped" where the C++ kernel does not fuse it: the statistics pass, the per-tensor rates
+        (over whole tensors: FSDP2 sums the shards) and the step."""
         kw = dict(betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                   maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, eps_raw=eps_raw, skip=skip, backend=backend)
         clip_sums = adam_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=1.0, apply=False,
@@ -379,7 +379,11 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
         sums = adam_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=clip_lrs(clip_sums, params, lr),
                           updates=updates, step_scale=step_scale, apply=apply, **kw)
         return torch.stack([sums, clip_sums])
-    if distributed.any_sharded(params):  # FSDP2: the step is element-wise, so each rank steps its shards
+
+    sharded = distributed.any_sharded(params)
+    if sharded and clip_stats == "clipped":
+        return clipped_in_two_calls()
+    if sharded:  # FSDP2: the step is element-wise, so each rank steps its shards
         L = distributed.locals_
         sums = adam_step_(L(params), L(grads), L(exp_avgs), L(exp_avg_sqs), step=step, lr=lr, betas=betas, eps=eps,
                           weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
@@ -409,6 +413,8 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     if stats is None:
         raise ValueError(f"adam_step_: clip_stats must be False, True, 'only' or 'clipped', got {clip_stats!r}")
     b = _backend.resolve("adam_step_", backend, device)
+    if stats == 3 and b != "cpp":
+        return clipped_in_two_calls()
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
             _lr_tensor(lr, len(params), device, "adam_step_"), scalar_tensor(step, "step", device), float(beta1),
             float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),

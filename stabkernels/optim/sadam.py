@@ -16,7 +16,6 @@ from ..tangent import check_probe_mode, eval_mode
 from ._capture import InputCapture
 from ._scratch import ScratchBuffers
 from ._state import adam_states, advance_steps
-from .skipstep import clipped_lrs
 from ._wrapper import ExtraStateMixin
 
 EPS_MODES = ("torch", "authors")
@@ -372,13 +371,12 @@ class SAdam(InputCapture, ExtraStateMixin, torch.optim.Optimizer):
 
     def _adamw(self, group, params, alpha: Tensor, states, skip: Tensor | None = None) -> None:
         advance_steps(states, skip)
-        lr = group["lr"]
-        if self.update_clip:  # lr / max(1, RMS) per tensor, from a pass that reads g and v (SPEC 7.2)
-            lr = clipped_lrs(params, states, group, skip, self.backend, eps_raw=self.eps_mode == "authors")
+        # update_clip: lr / max(1, RMS) per tensor, the statistics pass fused with the step (SPEC 7.2)
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=lr, betas=group["betas"],
-                          eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True, step_scale=alpha,
-                          eps_raw=self.eps_mode == "authors", skip=skip, backend=self.backend)
+                          [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],
+                          betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True,
+                          step_scale=alpha, eps_raw=self.eps_mode == "authors", skip=skip,
+                          clip_stats="clipped" if self.update_clip else False, backend=self.backend)
 
     # ----------------------------------------------------------------------------------------------
     extra_state_key = "sadam"

@@ -48,7 +48,7 @@ from ..spectral import sq_norms
 from ._state import adam_states, advance_steps
 from ._wrapper import OptimizerWrapper
 
-__all__ = ["SkipStep", "SkipStepReport", "StableAdamW", "clipped_lrs", "skip_decision_reference",
+__all__ = ["SkipStep", "SkipStepReport", "StableAdamW", "skip_decision_reference",
            "stable_adamw_reference"]
 
 
@@ -305,13 +305,3 @@ class StableAdamW(torch.optim.Optimizer):
                           [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],
                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], skip=skip,
                           clip_stats="clipped", backend=self.backend)
-
-
-def clipped_lrs(params, states, group, skip, backend: str, eps_raw: bool = False) -> Tensor:
-    """Update clipping's per-tensor learning rates of an AdamW group (SPEC 7.2), lr / max(1, RMS) as a (T,)
-    device tensor: one pass that reads g and v (the step counters already advanced) and writes nothing."""
-    sums = update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                             [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=1.0, betas=group["betas"],
-                             eps=group["eps"], weight_decay=group["weight_decay"], apply=False, eps_raw=eps_raw,
-                             skip=skip, clip_stats="only", backend=backend)
-    return update.clip_lrs(sums[1], params, group["lr"])
