@@ -234,6 +234,12 @@ class _Options:
         return rows.reshape(shape), zl.reshape(shape)
 
 
+def _rows_as_columns(x: Tensor) -> bool:
+    """(N, V) logits whose rows are columns (a (V, N) matrix seen transposed): the C++ kernels read them as they
+    lie, vectorised across rows."""
+    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) >= x.shape[0]
+
+
 def _gpu_backend(opts: _Options, backend: str, device) -> bool:
     return _backend.resolve(opts.kind, backend, device) in ("triton", "cuda")
 
@@ -256,7 +262,8 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, logits, target, opts, inplace, backend):
         V = logits.shape[-1]
         x = logits.detach().reshape(-1, V)
-        if x.stride(-1) != 1:
+        columns = _rows_as_columns(x) and _backend.resolve(opts.kind, backend, x.device) == "cpp"
+        if x.stride(-1) != 1 and not columns:
             x = x.contiguous()
         t = target.reshape(-1)
         A = acc_dtype(logits.dtype)
@@ -266,7 +273,7 @@ class _FusedLoss(torch.autograd.Function):
         elif inplace and x.data_ptr() == logits.data_ptr():
             grad = x  # the logits' own storage
         else:
-            grad = torch.empty_like(x)
+            grad = x.new_empty(x.shape[::-1]).t() if columns else torch.empty_like(x)
         denominator = opts.denominator(t, A) if opts.reduction == "mean" else None
         scale = opts.grad_scale(denominator, A, x.device)
         rows, zl = opts.rows(x, t, grad, scale, backend)
@@ -415,14 +422,19 @@ LOSSES = {"softmax": "cross_entropy_z_loss", "stablemax": "stablemax_cross_entro
 MIN_CHUNK_ROWS = 128
 
 
-def default_chunk_size(n: int, hidden: int, classes: int) -> int:
+def default_chunk_size(n: int, hidden: int, classes: int, *, cpu: bool = False) -> int:
     """Liger-Kernel's rule, about n / ceil(V / H) rows rounded up to a power of two (so that the (chunk, V) logits
     buffer is about as large as the (N, H) hidden states, at most twice), but at least MIN_CHUNK_ROWS rows or
-    the largest power of two <= n / 8 if that is fewer (the buffer then stays within 1/8 of the (N, V) logits)."""
+    the largest power of two <= n / 8 if that is fewer (the buffer then stays within 1/8 of the (N, V) logits).
+
+    ``cpu=True`` (CPU tensors): at least that largest power of two <= n / 8, the whole 1/8 budget, since the CPU's
+    BLAS reads W from memory again for every chunk: at 2048 x 1024 x 32768 (2 threads) 256-row chunks took
+    2413 ms per forward + backward against 2622 ms for Liger's 128 (torch.compile of F.linear + F.cross_entropy
+    2375-2397 ms in the same runs)."""
     rows = -(-n // max(1, -(-classes // hidden)))
     liger = 1 << max(0, rows - 1).bit_length()
-    floor = min(MIN_CHUNK_ROWS, 1 << max(0, (n // 8).bit_length() - 1))
-    return max(liger, floor)
+    eighth = 1 << max(0, (n // 8).bit_length() - 1)
+    return max(liger, eighth if cpu else min(MIN_CHUNK_ROWS, eighth))
 
 
 def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, opts: _Options, scale: Tensor,
@@ -436,17 +448,36 @@ def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, op
     A = acc_dtype(h.dtype)
     rows = torch.empty(N, dtype=A, device=h.device)
     zrows = torch.empty_like(rows)
-    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if needs[0] else None
-    # float32 / float64 weights accumulate in place (addmm_); half-precision ones into a float32 sum
-    grad_w = torch.zeros(weight.shape, dtype=A, device=h.device) if needs[1] else None
+    # The C++ row kernels also read a chunk whose rows are columns, the logits computed as W @ h_c^T: on CPU the
+    # BLAS makes that (V, chunk) product and grad_h's W^T @ grad_c^T (written into the columns of grad_h^T)
+    # faster than the row-major ones (1024 x 512 x 16384 in 128-row chunks, 2 threads, CPU time per forward +
+    # backward: 207 ms against 264 ms for the logits, 206 against 213 for grad_h; docs/performance.md).
+    columns = _backend.resolve(opts.kind, backend, h.device) == "cpp"
+    # grad_h^T's columns are a strided out=, which torch.compile does not trace: there grad_h is written by rows
+    h_columns = columns and not torch.compiler.is_compiling()
+    if needs[0]:
+        grad_h = (h.new_empty(h.shape[::-1]).t() if h_columns
+                  else torch.empty_like(h, memory_format=torch.contiguous_format))
+    else:
+        grad_h = None
+    # float32 / float64 weights accumulate in place (addmm_); half-precision ones into a float32 sum. The first
+    # chunk's product is written, not added: no pass to zero the (V, H) sum first.
+    grad_w = (torch.empty if N else torch.zeros)(weight.shape, dtype=A, device=h.device) if needs[1] else None
     grad_b = torch.zeros(V, dtype=A, device=h.device) if needs[2] else None
     any_grad = any(needs)
-    logits = grad = None
+    # one (chunk, V) buffer for every chunk's logits (and gradient), the last chunk's a leading part of it
+    buffer = h.new_empty(min(chunk, N) * V)
     for s in range(0, N, chunk):
-        # drop the last chunk's buffer before the next one is allocated: one (chunk, V) buffer at a time, not two
-        logits = grad = None
         hc = h[s:s + chunk]
-        logits = torch.addmm(bias, hc, weight.t()) if bias is not None else hc @ weight.t()
+        n = hc.shape[0]
+        if columns:  # (V, n) storage, the chunk's rows as its columns
+            out = buffer[:n * V].view(V, n)
+            logits = (torch.addmm(bias[:, None], weight, hc.t(), out=out) if bias is not None
+                      else torch.mm(weight, hc.t(), out=out)).t()
+        else:
+            out = buffer[:n * V].view(n, V)
+            logits = (torch.addmm(bias, hc, weight.t(), out=out) if bias is not None
+                      else torch.mm(hc, weight.t(), out=out))
         grad = logits if any_grad else logits.new_empty(0)  # the gradient replaces the logits in place
         r, zr = opts.rows(logits, t[s:s + chunk], grad, scale, backend)
         rows[s:s + chunk], zrows[s:s + chunk] = r, zr
@@ -455,14 +486,24 @@ def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, op
         if row_scale is not None:
             grad.mul_(row_scale[s:s + chunk, None].to(grad.dtype))
         if grad_h is not None:
-            torch.mm(grad, weight, out=grad_h[s:s + chunk])
-        if grad_w is not None:
-            if grad_w.dtype == grad.dtype:
-                grad_w.addmm_(grad.t(), hc)
+            if h_columns:
+                torch.mm(weight.t(), grad.t(), out=grad_h[s:s + chunk].t())
             else:
+                torch.mm(grad, weight, out=grad_h[s:s + chunk])
+        if grad_w is not None:
+            if grad_w.dtype != grad.dtype and s == 0:
+                grad_w.copy_(grad.t() @ hc)
+            elif grad_w.dtype != grad.dtype:
                 grad_w += grad.t() @ hc
+            elif s == 0:
+                torch.mm(grad.t(), hc, out=grad_w)
+            else:
+                grad_w.addmm_(grad.t(), hc)
         if grad_b is not None:
             grad_b += grad.sum(0, dtype=A)
+    logits = grad = out = buffer = None  # the chunk buffer is freed before grad_h^T is copied into rows
+    if h_columns and grad_h is not None:
+        grad_h = grad_h.contiguous()
     return rows, zrows, grad_h, grad_w, grad_b
 
 
@@ -544,7 +585,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         loss, z_coef, label_smoothing, softcap, class_weight, ignore_index, reduction: as in
             :func:`cross_entropy_z_loss` (SPEC 4.5); z_coef must be 0 for ``"stablemax"``.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (about N / ceil(V / H), a power of
-            two, so the (chunk, V) buffer is about the size of the hidden states; at least 128 rows or N / 8).
+            two, so the (chunk, V) buffer is about the size of the hidden states; at least 128 rows or N / 8;
+            on CPU at least N / 8, rounded down to a power of two).
 
     Math in float32 for float32/bfloat16/float16 (the logits chunk and its gradient are stored in the input
     dtype, the weight and bias gradients accumulated in float32), float64 for float64. DTensor inputs are not
@@ -573,7 +615,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                     hidden)
     n = target.numel()
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, hidden.shape[-1], V)
+        chunk_size = default_chunk_size(n, hidden.shape[-1], V, cpu=hidden.device.type == "cpu")
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return _LinearLoss.apply(hidden, weight, bias, target, opts, max(1, chunk_size), backend)

@@ -106,7 +106,8 @@ def test_no_vector_code_is_reachable_from_the_baseline():
 # The op suite's reference tests of the C++ kernels (float64 references, odd shapes, non-contiguous
 # inputs, every float dtype; the direction stream bit for bit), run again at each lower level.
 OP_TESTS = ["test_directional.py", "test_spread_row_spread.py", "test_spread_radius.py", "test_update.py",
-            "test_losses.py", "test_spectral.py", "test_tangent_attention.py", "test_attention.py"]
+            "test_losses.py", "test_losses_linear.py", "test_spectral.py", "test_tangent_attention.py",
+            "test_attention.py"]
 
 
 @needs_ext

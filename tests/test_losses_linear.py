@@ -122,6 +122,41 @@ def test_row_ops_options(backend, device, dtype, option, loss):
         assert rel_err(x.grad.cpu(), r.grad) < tol
 
 
+@pytest.mark.skipif(sk.backend.why_unavailable("cpp", "cpu") is not None, reason="the cpp backend is not built")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("option", ["plain", "ignore_index", "all"])
+@pytest.mark.parametrize("loss", ["softmax", "stablemax"])
+@pytest.mark.parametrize("n", [3, 16, 37])
+def test_cpp_row_ops_read_rows_stored_as_columns(dtype, option, loss, n):
+    """The C++ row kernels take (N, V) logits whose rows are columns (a (V, N) matrix seen transposed: the logits
+    chunks of linear_cross_entropy on CPU) as they lie, vectorised across rows, and write the gradient in the
+    same layout, here over the logits themselves: loss rows and gradient equal the float64 reference. N = 3, 16,
+    37: a partial strip of rows, whole ones, and both."""
+    kw = kwargs_of(option, V)
+    if loss == "stablemax":
+        kw.pop("z_coef", None)
+    ignore_index = kw.pop("ignore_index", -100)
+    z = (torch.randn(n, V, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    y = targets(n, V, ignore_index) if n > 5 else torch.tensor([ignore_index, 0, V - 1])[:n]
+    A = torch.float64 if dtype == torch.float64 else torch.float32
+    x = z.t().contiguous().t()  # strides (1, n)
+    cw = kw["class_weight"].to(A) if "class_weight" in kw else None
+    scale = torch.tensor(1.0, dtype=A)
+    args = (ignore_index, cw, kw.get("label_smoothing", 0.0), kw.get("softcap", 0.0))
+    if loss == "softmax":
+        ce, zl = torch.ops.stabkernels_C.cross_entropy_z_loss(x, y, x, scale, kw.get("z_coef", 0.0), *args)
+        rows = ce + zl
+    else:
+        rows = torch.ops.stabkernels_C.stablemax_cross_entropy(x, y, x, scale, *args)
+    r = z.double().requires_grad_()
+    want = reference(r, y, loss, reduction="none", ignore_index=ignore_index, **kw)
+    want.sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else TOL[dtype]
+    assert x.stride() == (1, n)
+    assert rel_err(rows, want) < tol
+    assert rel_err(x, r.grad) < tol
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_opcheck_with_options(backend):
     if sk.backend.why_unavailable(backend, "cpu"):
@@ -276,7 +311,7 @@ def test_linear_never_holds_the_logits(v):
     h = torch.randn(n, hdim, generator=g).requires_grad_()
     w = (torch.randn(v, hdim, generator=g) * 0.02).requires_grad_()
     y = torch.randint(0, v, (n,), generator=g)
-    chunk = default_chunk_size(n, hdim, v)
+    chunk = default_chunk_size(n, hdim, v, cpu=True)
     assert chunk * v <= n * v // 8
     with _LargestBuffer() as mode:
         loss, _ = sk.linear_cross_entropy(h, w, y, backend="cpp" if sk.backend.why_unavailable("cpp", "cpu") is None
@@ -335,7 +370,7 @@ def test_linear_holds_one_logits_chunk_at_a_time():
     h = torch.randn(n, hdim, generator=g).requires_grad_()
     w = (torch.randn(v, hdim, generator=g) * 0.02).requires_grad_()
     y = torch.randint(0, v, (n,), generator=g)
-    chunk = default_chunk_size(n, hdim, v)
+    chunk = default_chunk_size(n, hdim, v, cpu=True)
     grads, buffer = (n * hdim + v * hdim) * 4, chunk * v * 4
     with _LiveBytes() as mode:
         loss, _ = sk.linear_cross_entropy(h, w, y, backend="cpp" if sk.backend.why_unavailable("cpp", "cpu") is None
