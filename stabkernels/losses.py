@@ -265,7 +265,7 @@ class _FusedLoss(torch.autograd.Function):
         columns = _rows_as_columns(x) and _backend.resolve(opts.kind, backend, x.device) == "cpp"
         if x.stride(-1) != 1 and not columns:
             x = x.contiguous()
-        t = target.reshape(-1)
+        t = target.reshape(-1).contiguous()  # every backend reads target[i] at i
         A = acc_dtype(logits.dtype)
         needs_grad = ctx.needs_input_grad[0]
         if not needs_grad:
@@ -420,6 +420,10 @@ LOSSES = {"softmax": "cross_entropy_z_loss", "stablemax": "stablemax_cross_entro
 # Liger's 32-row chunks took 2.4 s per forward + backward, 128-row ones 0.98 s (eager F.linear + F.cross_entropy
 # 0.78 s).
 MIN_CHUNK_ROWS = 128
+# On CPU a default chunk grows to the 1/8 budget (N / 8 rows) where Liger's rule gives fewer rows, but not past
+# this many: the gain was measured going from 128 to 256 rows, and the buffer's size stays bounded for long
+# batches (at N = 65536 and V = 128k the 1/8 budget would be 4 GB of fp32).
+MAX_CPU_CHUNK_ROWS = 512
 
 
 def default_chunk_size(n: int, hidden: int, classes: int, *, cpu: bool = False) -> int:
@@ -427,14 +431,14 @@ def default_chunk_size(n: int, hidden: int, classes: int, *, cpu: bool = False) 
     buffer is about as large as the (N, H) hidden states, at most twice), but at least MIN_CHUNK_ROWS rows or
     the largest power of two <= n / 8 if that is fewer (the buffer then stays within 1/8 of the (N, V) logits).
 
-    ``cpu=True`` (CPU tensors): at least that largest power of two <= n / 8, the whole 1/8 budget, since the CPU's
-    BLAS reads W from memory again for every chunk: at 2048 x 1024 x 32768 (2 threads) 256-row chunks took
-    2413 ms per forward + backward against 2622 ms for Liger's 128 (torch.compile of F.linear + F.cross_entropy
-    2375-2397 ms in the same runs)."""
+    ``cpu=True`` (CPU tensors): at least that largest power of two <= n / 8 (the whole 1/8 budget) up to
+    MAX_CPU_CHUNK_ROWS, since the CPU's BLAS reads W from memory again for every chunk: at 2048 x 1024 x 32768
+    (2 threads) 256-row chunks took 2413 ms per forward + backward against 2622 ms for 128 (torch.compile of
+    F.linear + F.cross_entropy 2375-2397 ms in the same runs)."""
     rows = -(-n // max(1, -(-classes // hidden)))
     liger = 1 << max(0, rows - 1).bit_length()
     eighth = 1 << max(0, (n // 8).bit_length() - 1)
-    return max(liger, eighth if cpu else min(MIN_CHUNK_ROWS, eighth))
+    return max(liger, min(MAX_CPU_CHUNK_ROWS if cpu else MIN_CHUNK_ROWS, eighth))
 
 
 def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, opts: _Options, scale: Tensor,
@@ -453,8 +457,9 @@ def _linear_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor, op
     # faster than the row-major ones (1024 x 512 x 16384 in 128-row chunks, 2 threads, CPU time per forward +
     # backward: 207 ms against 264 ms for the logits, 206 against 213 for grad_h; docs/performance.md).
     columns = _backend.resolve(opts.kind, backend, h.device) == "cpp"
-    # grad_h^T's columns are a strided out=, which torch.compile does not trace: there grad_h is written by rows
-    h_columns = columns and not torch.compiler.is_compiling()
+    # grad_h^T's columns are a strided out=, which torch.compile does not trace: there grad_h is written by rows.
+    # Nor where grad_h outweighs a chunk: grad_h^T is copied into rows at the end, two (N, H) arrays at once.
+    h_columns = columns and not torch.compiler.is_compiling() and min(chunk, N) * V >= N * h.shape[1]
     if needs[0]:
         grad_h = (h.new_empty(h.shape[::-1]).t() if h_columns
                   else torch.empty_like(h, memory_format=torch.contiguous_format))
@@ -516,7 +521,7 @@ class _LinearLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, opts, chunk, backend):
         H = hidden.shape[-1]
         h = hidden.detach().reshape(-1, H)
-        t = target.reshape(-1)
+        t = target.reshape(-1).contiguous()  # every backend reads target[i] at i
         A = acc_dtype(h.dtype)
         needs = ctx.needs_input_grad[:3]
         w = weight.detach()
@@ -543,7 +548,7 @@ class _LinearLoss(torch.autograd.Function):
         if grads is None:  # reduction="none", or a second backward: the chunked pass with the upstream gradient
             opts = ctx.opts
             H = hidden.shape[-1]
-            h, t = hidden.detach().reshape(-1, H), target.reshape(-1)
+            h, t = hidden.detach().reshape(-1, H), target.reshape(-1).contiguous()
             A = acc_dtype(h.dtype)
             if opts.reduction == "none":
                 scale, row_scale = torch.ones((), dtype=A, device=h.device), grad_loss.reshape(-1)
@@ -586,7 +591,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
             :func:`cross_entropy_z_loss` (SPEC 4.5); z_coef must be 0 for ``"stablemax"``.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (about N / ceil(V / H), a power of
             two, so the (chunk, V) buffer is about the size of the hidden states; at least 128 rows or N / 8;
-            on CPU at least N / 8, rounded down to a power of two).
+            on CPU at least N / 8 rounded down to a power of two, up to 512 rows).
 
     Math in float32 for float32/bfloat16/float16 (the logits chunk and its gradient are stored in the input
     dtype, the weight and bias gradients accumulated in float32), float64 for float64. DTensor inputs are not

@@ -81,6 +81,21 @@ def test_stablemax_forward_and_gradient(backend, device, dtype, shape):
     torch.testing.assert_close(x.grad.double(), r.grad, rtol=tol(dtype), atol=tol(dtype))
 
 
+@pytest.mark.parametrize("backend,device", CE_BACKENDS)
+@pytest.mark.parametrize("loss", ["softmax", "stablemax"])
+def test_a_strided_target_is_read_at_its_strides(backend, device, loss):
+    """A target that is a strided view (every second label, say) gives what its contiguous copy gives: the kernels
+    index target[i] as if contiguous, so they must be handed a contiguous one."""
+    z, y = data(37, 45, device=device)
+    wide = torch.stack([y, torch.zeros_like(y)], 1).reshape(-1)  # y at even positions, class 0 between
+    assert not wide[::2].is_contiguous()
+    for fn in (lambda t: sk.cross_entropy_z_loss(z, t, reduction="none", backend=backend)[0],
+               lambda t: sk.stablemax_cross_entropy(z, t, reduction="none", backend=backend),
+               lambda t: sk.linear_cross_entropy(z, torch.eye(45, dtype=z.dtype, device=device), t, loss=loss,
+                                                 reduction="none", chunk_size=16, backend=backend)[0]):
+        torch.testing.assert_close(fn(wide[::2]), fn(y), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_gradcheck(reduction):
     z, y = data(6, 9)

@@ -155,6 +155,39 @@ def test_cpp_row_ops_read_rows_stored_as_columns(dtype, option, loss, n):
     assert x.stride() == (1, n)
     assert rel_err(rows, want) < tol
     assert rel_err(x, r.grad) < tol
+    # a leading dimension past N, the gradient into its own buffer (columns too), and no gradient at all
+    wide = torch.zeros(V, n + 3, dtype=dtype)
+    wide[:, :n] = z.t()
+    x = wide[:, :n].t()
+    grad = torch.full((V, n), float("nan"), dtype=dtype).t()
+    for g in (grad, x.new_empty(0)):
+        if loss == "softmax":
+            ce, zl = torch.ops.stabkernels_C.cross_entropy_z_loss(x, y, g, scale, kw.get("z_coef", 0.0), *args)
+            rows = ce + zl
+        else:
+            rows = torch.ops.stabkernels_C.stablemax_cross_entropy(x, y, g, scale, *args)
+        assert rel_err(rows, want) < tol
+    assert rel_err(grad, r.grad) < tol
+    assert torch.equal(wide[:, :n], z.t()) and not wide[:, n:].any()  # the logits and the padding untouched
+    bad = y.clone()
+    bad[-1] = V
+    with pytest.raises(RuntimeError, match=rf"target {V} out of range \[0, {V}\)"):
+        torch.ops.stabkernels_C.stablemax_cross_entropy(x, bad, grad, scale, *args)
+
+
+@pytest.mark.skipif(sk.backend.why_unavailable("cpp", "cpu") is not None, reason="the cpp backend is not built")
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_cpp_row_ops_keep_a_nan_in_its_row(layout):
+    """A NaN logit makes its own row's loss and gradient NaN and no other row's, in either layout."""
+    z = torch.randn(37, V, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    z[20, 3] = float("nan")
+    x = (z.t().contiguous().t() if layout == "columns" else z).requires_grad_()
+    loss, _ = sk.cross_entropy_z_loss(x, targets(37, V), 1e-3, "none", backend="cpp")
+    loss.sum().backward()
+    bad = torch.zeros(37, dtype=torch.bool)
+    bad[20] = True
+    assert loss[bad].isnan().all() and loss[~bad].isfinite().all()
+    assert x.grad[bad].isnan().all() and x.grad[~bad].isfinite().all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -246,6 +279,18 @@ def test_linear_dtypes(backend, device, dtype, option):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_linear_stablemax(backend, device, option, dtype):
     check_linear(backend, device, dtype, option, loss="stablemax", reduction="sum" if option == "plain" else "mean")
+
+
+def test_default_chunk_sizes():
+    """Liger's rule (about N / ceil(V / H) rows, a power of two), at least 128 rows or N / 8; on CPU at least N / 8
+    (the 1/8 memory budget) up to 512 rows, never past Liger's where that is larger."""
+    from stabkernels.losses import MAX_CPU_CHUNK_ROWS
+    assert default_chunk_size(1024, 512, 16384) == default_chunk_size(1024, 512, 16384, cpu=True) == 128
+    assert default_chunk_size(2048, 1024, 32768) == 128 and default_chunk_size(2048, 1024, 32768, cpu=True) == 256
+    assert default_chunk_size(8192, 4096, 32768) == default_chunk_size(8192, 4096, 32768, cpu=True) == 1024
+    assert default_chunk_size(65536, 4096, 131072, cpu=True) == 2048  # Liger's
+    assert default_chunk_size(65536, 512, 131072, cpu=True) == MAX_CPU_CHUNK_ROWS == 512  # not 8192 rows
+    assert default_chunk_size(40, 8, 1000) == default_chunk_size(40, 8, 1000, cpu=True) == 4  # N / 8
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 64, None])

@@ -311,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
   const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor ce = at::zeros({N}, logits.options().dtype(acc)), zl = at::zeros_like(ce);
   const bool with_grad = grad.numel() > 0;
-  const int64_t* y = target.const_data_ptr<int64_t>();
+  const at::Tensor tgt = target.contiguous();  // the kernels read y[i]: a strided target is copied
+  const int64_t* y = tgt.const_data_ptr<int64_t>();
   STABKERNELS_DISPATCH_FLOAT(logits, "cross_entropy_z_loss_cpu", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
@@ -444,7 +445,8 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
   const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor loss = at::zeros({N}, logits.options().dtype(acc));
   const bool with_grad = grad.numel() > 0;
-  const int64_t* y = target.const_data_ptr<int64_t>();
+  const at::Tensor tgt = target.contiguous();  // the kernels read y[i]: a strided target is copied
+  const int64_t* y = tgt.const_data_ptr<int64_t>();
   STABKERNELS_DISPATCH_FLOAT(logits, "stablemax_cross_entropy_cpu", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
