@@ -350,6 +350,21 @@ def qk_model():
     return model
 
 
+def qk_gpt2():
+    """HF GPT-2 (fused Conv1D c_attn, whose weight is (in, out): FSDP2 shards it along the input features, so
+    every rank holds a slice of every head's q and k columns)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for blk in model.transformer.h:
+            blk.attn.c_attn.weight[:, :64].mul_(torch.linspace(1, 40, 64)[None, :])  # some heads over the threshold
+    return model.train()
+
+
 def qk_train(model, wrapped, rows):
     """QK_STEPS SGD steps with QKClip (the wrapper, built on ``wrapped``) on ``rows`` of each batch; returns the
     parameters and the packed maxima of every step. SGD, not Adam: Adam's first steps are about lr * sign(g), so
@@ -363,7 +378,8 @@ def qk_train(model, wrapped, rows):
     for _ in range(QK_STEPS):
         x = torch.randint(0, 256, (QK_BATCH, 17), generator=g)[rows]
         opt.zero_grad()
-        F.cross_entropy(wrapped(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        out = wrapped(x[:, :-1])
+        F.cross_entropy(getattr(out, "logits", out).flatten(0, 1), x[:, 1:].flatten()).backward()
         opt.step()
         seen.append(opt.clip.last_max_logits.clone())
     return [p.detach().clone() if not hasattr(p, "full_tensor") else p.full_tensor() for p in model.parameters()], \
@@ -389,6 +405,14 @@ def qk_worker(rank, world, port, out_dir):
             fully_shard(b, mesh=mesh)
         fully_shard(model, mesh=mesh)
         torch.save(qk_train(model, model, rows), os.path.join(out_dir, f"fsdp-{rank}.pt"))
+        model = qk_gpt2()
+        torch.save(qk_train(model, nn.parallel.DistributedDataParallel(model), rows),
+                   os.path.join(out_dir, f"gpt2-ddp-{rank}.pt"))
+        model = qk_gpt2()
+        for b in model.transformer.h:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.save(qk_train(model, model, rows), os.path.join(out_dir, f"gpt2-fsdp-{rank}.pt"))
     finally:
         shut_down()
 
@@ -400,13 +424,13 @@ def qk_results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "gpt2-ddp", "gpt2-fsdp"])
 def test_qkclip_ranks_identical_and_equal_to_one_process_on_the_global_batch(kind, qk_results):
-    model = qk_model()
+    model = (qk_gpt2 if kind.startswith("gpt2") else qk_model)()
     single, maxima = qk_train(model, model, slice(0, QK_BATCH))
     assert (maxima > QK_TAU).any(dim=1).all()  # the clip acts on every step, so a wrong clip would show
     assert (maxima <= QK_TAU).any()
-    start = qk_model().parameters()
+    start = (qk_gpt2 if kind.startswith("gpt2") else qk_model)().parameters()
     assert any(not torch.equal(a, b) for a, b in zip(single, start))
     r0, m0 = torch.load(qk_results / f"{kind}-0.pt")
     r1, m1 = torch.load(qk_results / f"{kind}-1.pt")
