@@ -146,15 +146,18 @@ struct LaneTargets {
       cls[k] = y[r], lanes[k] = uint64_t{1} << r, ++n;
     }
   }
-  // v with the lanes that do not count set to 0
+  // Zeroes the lanes that do not count (even a NaN there), with a blend mask built once per strip.
   template <typename VA>
-  VA keep(const VA& v) const {
-    if (all_count) return v;
-    typename VA::value_type tmp[L];
-    v.store(tmp);
-    for (int64_t r = 0; r < L; ++r)
-      if (!counts[r]) tmp[r] = 0;
-    return VA::loadu(tmp);
+  struct Keep {
+    bool all;
+    VA mask;
+    VA operator()(const VA& v) const { return all ? v : VA::blendv(VA(0), v, mask); }
+  };
+  template <typename VA>
+  Keep<VA> keep() const {
+    typename VA::value_type ones[L];
+    for (int64_t r = 0; r < L; ++r) ones[r] = counts[r] ? 1 : 0;
+    return {all_count, VA::loadu(ones) == VA(1)};
   }
 };
 
@@ -391,8 +394,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
         }
       if (!s.g) return;
       const VA va = VA::loadu(pa), ve = VA::loadu(pe);
+      const auto keep = t.template keep<VA>();
       auto sweep = [&](auto smooth) {
-        for (int64_t j = 0; j < V; ++j) s.store(j, t.keep(grad_of(smooth, s.load(j), vm, va, ve, VA(o.weight(j)))));
+        for (int64_t j = 0; j < V; ++j) s.store(j, keep(grad_of(smooth, s.load(j), vm, va, ve, VA(o.weight(j)))));
       };
       if (eps > 0)
         sweep(std::true_type{});
@@ -518,8 +522,9 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
         }
       if (!s.g) return;
       const VA va = VA::loadu(pa), ve = VA::loadu(pe);
+      const auto keep = t.template keep<VA>();
       auto sweep = [&](auto smooth) {
-        for (int64_t j = 0; j < V; ++j) s.store(j, t.keep(grad_of(smooth, s.load(j), va, ve, VA(o.weight(j)))));
+        for (int64_t j = 0; j < V; ++j) s.store(j, keep(grad_of(smooth, s.load(j), va, ve, VA(o.weight(j)))));
       };
       if (eps > 0)
         sweep(std::true_type{});
