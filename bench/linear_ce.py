@@ -1,6 +1,6 @@
-"""linear_cross_entropy against F.linear + F.cross_entropy (eager and torch.compile) on CPU: process CPU time of a
-forward + backward (gradients of hidden and weight), interleaved rounds, medians; and peak extra memory, each in
-a fresh process (SPEC 4.6; docs/performance.md "Linear cross-entropy").
+"""linear_cross_entropy against F.linear + F.cross_entropy (eager and torch.compile) on CPU: process CPU time and
+wall time of a forward + backward (gradients of hidden and weight), interleaved rounds, medians; and peak extra
+memory, each in a fresh process (SPEC 4.6; docs/performance.md "Linear cross-entropy").
 
     python bench/linear_ce.py [--tokens 1024] [--hidden 512] [--vocab 4096 16384] [--rounds 15]
 
