@@ -283,6 +283,13 @@ struct RowOpts {
     for (; j < V; ++j) out += weight(j) * fs(capped(static_cast<A>(z[j])));
     return out;
   }
+  // the same sum per lane of a strip of rows stored as columns
+  template <typename T, typename FV>
+  VA weighted_sum(const Lanes<T>& s, FV fv) const {
+    VA out(A(0));
+    for (int64_t j = 0; j < V; ++j) out = out + VA(weight(j)) * fv(capped(s.load(j)));
+    return out;
+  }
 };
 
 template <typename A>
@@ -296,6 +303,35 @@ RowOpts<A> row_opts(const std::optional<at::Tensor>& weight, double label_smooth
   }
   return RowOpts<A>{static_cast<A>(softcap), static_cast<A>(label_smoothing), static_cast<A>(read_scalar(grad_scale)),
                     w, W, V};
+}
+
+// The end of a strip (rows stored as columns) once its sums are known, for both losses: finish(i, r) -> (pa, pe,
+// gy) of each lane that counts (it writes the row's loss), then unless there is no gradient the sweep
+// grad_of(smooth, x, pa, pe, w) over the classes, the lanes that do not count zeroed, and each target's own
+// gradient after it.
+template <typename T, int64_t L, typename Finish, typename GradOf>
+void finish_strip(const Lanes<T>& s, int64_t i0, const LaneTargets<L>& t, const int64_t* y,
+                  const RowOpts<acc_t<T>>& o, Finish finish, GradOf grad_of) {
+  using A = acc_t<T>;
+  using VA = Vectorized<A>;
+  A pa[L] = {}, pe[L] = {}, gy[L];
+  for (int64_t r = 0; r < s.rows; ++r)
+    if (t.counts[r]) {
+      const std::array<A, 3> f = finish(i0 + r, r);
+      pa[r] = f[0], pe[r] = f[1], gy[r] = f[2];
+    }
+  if (!s.g) return;
+  const VA va = VA::loadu(pa), ve = VA::loadu(pe);
+  const auto keep = t.template keep<VA>();
+  auto sweep = [&](auto smooth) {
+    for (int64_t j = 0; j < o.V; ++j) s.store(j, keep(grad_of(smooth, s.load(j), va, ve, VA(o.weight(j)))));
+  };
+  if (o.eps > 0)
+    sweep(std::true_type{});
+  else
+    sweep(std::false_type{});
+  for (int64_t r = 0; r < s.rows; ++r)
+    if (t.counts[r]) s.g[y[i0 + r] * s.gld + r] = static_cast<T>(gy[r]);
 }
 
 // Per row (math in fp32, fp64 for fp64; SPEC 4.3, 4.5), on z = softcap(logits): lse = log sum exp(z);
@@ -377,33 +413,18 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_z_loss_cpu(const at::Tensor& lo
     };
     auto strip = [&](const Lanes<T>& s, int64_t i0) {
       const LaneTargets<L> t("cross_entropy_z_loss", y + i0, s.rows, ignore_index, V);
-      A m[L], rest[L], smooth[L] = {}, pa[L] = {}, pe[L] = {}, gy[L];
+      A m[L], rest[L], smooth[L] = {};
       lanes_max(s, V).store(m);
       for (int64_t r = 0; r < L; ++r) m[r] = o.capped(m[r]);
       const VA vm = VA::loadu(m);
       lanes_sum_except(s, V, t, [&](const VA& x) { return vexp(o.capped(x) - vm); }).store(rest);
-      if (eps > 0) {
-        VA acc(A(0));
-        for (int64_t j = 0; j < V; ++j) acc = acc + VA(o.weight(j)) * (vm - o.capped(s.load(j)));
-        acc.store(smooth);
-      }
-      for (int64_t r = 0; r < s.rows; ++r)
-        if (t.counts[r]) {
-          const auto f = finish(i0 + r, m[r], rest[r], smooth[r], static_cast<A>(s.x[y[i0 + r] * s.ld + r]));
-          pa[r] = f[0], pe[r] = f[1], gy[r] = f[2];
-        }
-      if (!s.g) return;
-      const VA va = VA::loadu(pa), ve = VA::loadu(pe);
-      const auto keep = t.template keep<VA>();
-      auto sweep = [&](auto smooth) {
-        for (int64_t j = 0; j < V; ++j) s.store(j, keep(grad_of(smooth, s.load(j), vm, va, ve, VA(o.weight(j)))));
-      };
-      if (eps > 0)
-        sweep(std::true_type{});
-      else
-        sweep(std::false_type{});
-      for (int64_t r = 0; r < s.rows; ++r)
-        if (t.counts[r]) s.g[y[i0 + r] * s.gld + r] = static_cast<T>(gy[r]);
+      if (eps > 0) o.weighted_sum(s, [&](const VA& x) { return vm - x; }).store(smooth);
+      finish_strip(
+          s, i0, t, y, o,
+          [&](int64_t i, int64_t r) {
+            return finish(i, m[r], rest[r], smooth[r], static_cast<A>(s.x[y[i] * s.ld + r]));
+          },
+          [&](auto sm, const VA& x, const VA& pa, const VA& pe, const VA& w) { return grad_of(sm, x, vm, pa, pe, w); });
     };
     for_each_row<T>(logits, grad, with_grad, row, strip);
   });
@@ -508,30 +529,13 @@ at::Tensor stablemax_cross_entropy_cpu(const at::Tensor& logits, const at::Tenso
     };
     auto strip = [&](const Lanes<T>& s, int64_t i0) {
       const LaneTargets<L> t("stablemax_cross_entropy", y + i0, s.rows, ignore_index, V);
-      A rest[L], smooth[L] = {}, pa[L] = {}, pe[L] = {}, gy[L];
+      A rest[L], smooth[L] = {};
       lanes_sum_except(s, V, t, [&](const VA& x) { return stable_s(o.capped(x)); }).store(rest);
-      if (eps > 0) {
-        VA acc(A(0));
-        for (int64_t j = 0; j < V; ++j) acc = acc + VA(o.weight(j)) * stable_log_s(o.capped(s.load(j)));
-        acc.store(smooth);
-      }
-      for (int64_t r = 0; r < s.rows; ++r)
-        if (t.counts[r]) {
-          const auto f = finish(i0 + r, rest[r], smooth[r], static_cast<A>(s.x[y[i0 + r] * s.ld + r]));
-          pa[r] = f[0], pe[r] = f[1], gy[r] = f[2];
-        }
-      if (!s.g) return;
-      const VA va = VA::loadu(pa), ve = VA::loadu(pe);
-      const auto keep = t.template keep<VA>();
-      auto sweep = [&](auto smooth) {
-        for (int64_t j = 0; j < V; ++j) s.store(j, keep(grad_of(smooth, s.load(j), va, ve, VA(o.weight(j)))));
-      };
-      if (eps > 0)
-        sweep(std::true_type{});
-      else
-        sweep(std::false_type{});
-      for (int64_t r = 0; r < s.rows; ++r)
-        if (t.counts[r]) s.g[y[i0 + r] * s.gld + r] = static_cast<T>(gy[r]);
+      if (eps > 0) o.weighted_sum(s, [](const VA& x) { return stable_log_s(x); }).store(smooth);
+      finish_strip(
+          s, i0, t, y, o,
+          [&](int64_t i, int64_t r) { return finish(i, rest[r], smooth[r], static_cast<A>(s.x[y[i] * s.ld + r])); },
+          grad_of);
     };
     for_each_row<T>(logits, grad, with_grad, row, strip);
   });
