@@ -99,6 +99,12 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // ((T,), update clipping), step_scale optional (1), both kept on the device; nothing where skip is nonzero.
   m.def("apply_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, Tensor? step_scale, "
         "Tensor? skip) -> ()");
+  // SkipStep's rule (SPEC 7.1): this step's loss (and gradient norm) against the mean and unbiased std of the
+  // previous min(count, W) values of its row of history (2, W) float64; returns keep (0-d bool): the check is
+  // on once count + 1 >= warmup, and a value more than sigma_factor stds from the mean (or NaN/inf) fails it.
+  // Writes the values into column count % W and adds 1 - keep to skipped (0-d int64). No host read on CUDA.
+  m.def("skip_rule_(Tensor(a!) history, Tensor(b!) skipped, Tensor loss, Tensor? grad_norm, int count, "
+        "int warmup, float sigma_factor) -> Tensor");
   // attention (SPEC 8.1): per (batch, query head) the max of scale * q_i . k_j over keys j (<= i if causal), q
   // (B, H, T, D), k (B, Hk, Tk, D), H % Hk == 0 (query head h reads key head h / (H / Hk)); (B, H) in fp32
   // (fp64 for fp64), -inf without keys, NaN propagates; the (T x Tk) scores are never built.

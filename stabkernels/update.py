@@ -222,6 +222,35 @@ _backend.register_kernels("apply_update_", "update")
 
 
 # --------------------------------------------------------------------------------------------------
+# skip_rule_: SkipStep's decision (SPEC 7.1)
+
+_skip_rule_op = define_op(
+    "skip_rule_",
+    "(Tensor(a!) history, Tensor(b!) skipped, Tensor loss, Tensor? grad_norm, int count, int warmup, "
+    "float sigma_factor, str backend) -> Tensor",
+    lambda history, skipped, *args: torch.empty((), dtype=torch.bool, device=history.device),
+)
+
+
+@_backend.register("skip_rule_", "torch")
+def skip_rule_reference(history, skipped, loss, grad_norm, count, warmup, sigma_factor):
+    """Reference: OLMo-core's rule in torch ops (SPEC 7.1); see :func:`skip_rule_`."""
+    x = torch.stack([t.reshape(()).to(torch.float64) for t in (loss, grad_norm) if t is not None])
+    window = history.shape[1]
+    if count + 1 >= warmup:
+        std, mean = torch.std_mean(history[: len(x), : min(count, window)], dim=1)
+        keep = ((x - mean).abs() / std <= sigma_factor).all()
+    else:
+        keep = torch.ones((), dtype=torch.bool, device=history.device)
+    history[: len(x), count % window].copy_(x)
+    skipped += ~keep
+    return keep
+
+
+_backend.register_kernels("skip_rule_", "update", cuda=False)  # one tiny program: Triton on CUDA
+
+
+# --------------------------------------------------------------------------------------------------
 # public functions
 
 
@@ -486,6 +515,39 @@ def apply_update_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: Tenso
             None if step_scale is None else scalar_tensor(step_scale, "step_scale", device),
             skip_tensor(skip, device))
     _run_checked(_apply_op, args, b, lambda: _check_lists("apply_update_", params, {}, acc_lists={"updates": updates}))
+
+
+def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor | None = None, *, count: int,
+               warmup: int, sigma_factor: float, backend: str = "auto") -> Tensor:
+    """SkipStep's decision (OLMo-core's rule, SPEC 7.1) in one kernel, on the device: returns ``keep``, a 0-d bool
+    tensor. ``history`` (2, window) float64 holds the earlier losses (row 0) and gradient norms (row 1), the
+    value of step k in column k % window; ``count`` is the number of values recorded so far (a host int: it
+    depends on no data). Once ``count + 1 >= warmup``, this step's ``loss`` (and ``grad_norm``, if given:
+    one-element tensors of any float dtype on ``history``'s device) fails when it lies more than
+    ``sigma_factor`` unbiased standard deviations from the mean of the previous min(count, window) values of its
+    row, or is NaN/inf (so does a window of equal values: its std is 0); keep is true when nothing fails. Then
+    the values are written into column ``count % window`` and ``skipped`` (one-element int64) grows by 1 - keep.
+    No host read on CUDA."""
+    if not (isinstance(history, Tensor) and history.dtype == torch.float64 and history.dim() == 2
+            and history.shape[0] == 2 and history.shape[1] >= 2 and history.is_contiguous()):
+        raise ValueError("skip_rule_: history must be a contiguous (2, window >= 2) float64 tensor, got "
+                         + (f"{history.dtype} of shape {tuple(history.shape)}" if isinstance(history, Tensor)
+                            else type(history).__name__))
+    device = history.device
+    if not (isinstance(skipped, Tensor) and skipped.dtype == torch.int64 and skipped.numel() == 1
+            and skipped.device == device):
+        raise ValueError(f"skip_rule_: skipped must be a one-element int64 tensor on {device}")
+    for name, t in (("loss", loss), ("grad_norm", grad_norm)):
+        if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.device == device
+                                  and t.dtype.is_floating_point):
+            raise ValueError(f"skip_rule_: {name} must be a one-element float tensor on {device}, got "
+                             + (f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor)
+                                else type(t).__name__))
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"skip_rule_: count must be an int >= 0, got {count!r}")
+    b = _backend.resolve("skip_rule_", backend, device)
+    return _skip_rule_op(history, skipped, loss.detach(), None if grad_norm is None else grad_norm.detach(),
+                         count, int(warmup), float(sigma_factor), b)
 
 
 @torch.compiler.disable  # a cache lookup traced by dynamo would guard on the cache's contents: a recompile

@@ -45,6 +45,9 @@ OPTIMIZERS = {
     "RadiusAdamW-clip": lambda m: RadiusAdamW(m.parameters(), lr=0.5, model=m, update_clip=True, **FULL),
     # the skip flag folded into the kernels (SPEC 7.1): the spike on the last step skipped on every rank
     "SkipStep(StableAdamW)": lambda m: SkipStep(StableAdamW(m.parameters(), lr=1e-2), window=4, warmup=3),
+    # the norm passed in (clip_grad_norm_'s, a DTensor under FSDP2): averaged with the loss in one all-reduce
+    "SkipStep(AdamW)-grad_norm": lambda m: SkipStep(torch.optim.AdamW(m.parameters(), lr=1e-2), window=4,
+                                                    warmup=3),
 }
 
 
@@ -82,7 +85,8 @@ def train(name, model, wrapped, rows, torch_seed, steps=range(STEPS), opt=None):
         if isinstance(opt, SAdam):
             opt.step(probe_closure=lambda: F.cross_entropy(model(x), y), loss=loss)  # this rank's share
         elif isinstance(opt, SkipStep):
-            opt.step(loss=loss.detach() * (1000 if t == STEPS - 1 else 1))
+            norm = nn.utils.clip_grad_norm_(model.parameters(), 1e9) if name.endswith("grad_norm") else None
+            opt.step(loss=loss.detach() * (1000 if t == STEPS - 1 else 1), grad_norm=norm)
         else:
             opt.step()
     if hasattr(opt, "flush"):

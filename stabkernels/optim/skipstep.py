@@ -42,6 +42,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import backend as _backend
 from .. import distributed, update
 from .._checks import acc_dtype
 from ..spectral import sq_norms
@@ -60,10 +61,14 @@ def skip_decision_reference(history: list[float], x: float, sigma_factor: float)
 
 
 class SkipStepReport:
-    """``skipped``: this step's decision, a 0-d bool device tensor (read it when you log)."""
+    """``skipped``: this step's decision, a 0-d bool device tensor (read it when you log); ``keep`` its negation."""
 
-    def __init__(self, skipped: Tensor):
-        self.skipped = skipped
+    def __init__(self, keep: Tensor):
+        self.keep = keep
+
+    @property
+    def skipped(self) -> Tensor:
+        return ~self.keep
 
 
 class SkipStep(OptimizerWrapper):
@@ -74,12 +79,15 @@ class SkipStep(OptimizerWrapper):
 
     ``grad_norm=``: this step's global gradient norm if already computed (e.g. by ``clip_grad_norm_``, called
     before ``step``); else it is computed with ``sq_norms`` over the gradients. ``use_grad_norm=False`` tests the
-    loss alone. ``last.skipped`` (device) and :meth:`skipped_steps` (a device count; ``int()`` it to read)."""
+    loss alone. ``last.skipped`` (device) and :meth:`skipped_steps` (a device count; ``int()`` it to read).
+    The rule runs as one kernel (:func:`stabkernels.update.skip_rule_`; ``backend`` picks it, default the best
+    here)."""
 
     state_kind = "SkipStep"
 
     def __init__(self, optimizer: torch.optim.Optimizer, window: int = 128, sigma_factor: float = 6.0,
-                 warmup: int | None = None, *, use_grad_norm: bool = True, process_group=None):
+                 warmup: int | None = None, *, use_grad_norm: bool = True, process_group=None,
+                 backend: str = "auto"):
         super().__init__(optimizer)
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"SkipStep: window must be an int >= 2, got {window!r}")
@@ -90,6 +98,8 @@ class SkipStep(OptimizerWrapper):
             raise ValueError(f"SkipStep: warmup must be an int >= 3 (a std needs two earlier values), got {warmup!r}")
         self.window, self.sigma_factor, self.warmup = window, float(sigma_factor), warmup
         self.use_grad_norm, self.process_group = use_grad_norm, process_group
+        _backend.resolve("skip_rule_", backend, self._device())  # an unknown or unusable backend fails here
+        self.backend = backend
         self._count = 0  # values recorded so far (host: it depends on no data)
         self._hist: Tensor | None = None  # (2, window) float64 on the params' device: losses, grad norms
         self._skipped: Tensor | None = None  # int64 count of skipped steps
@@ -97,7 +107,7 @@ class SkipStep(OptimizerWrapper):
 
     # ------------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
-        return self.params()[0].device
+        return next(p for g in self.param_groups for p in g["params"]).device
 
     def _ensure(self, device) -> None:
         if self._hist is None:
@@ -106,43 +116,51 @@ class SkipStep(OptimizerWrapper):
 
     @staticmethod
     def _as_value(x, name: str, device) -> Tensor:
+        """``x`` as a one-element float tensor on ``device``, without a host-to-device copy (a CPU tensor beside
+        device parameters is read on the host, which does not synchronise the device, and filled there)."""
         if isinstance(x, Tensor):
             if x.numel() != 1:
                 raise ValueError(f"SkipStep: {name} must be a one-element tensor, got shape {tuple(x.shape)}")
-            if x.device != device and x.device.type != "cpu":
-                raise ValueError(f"SkipStep: {name} is on {x.device}, the parameters on {device}")
-            return x.detach().reshape(()).to(device=device, dtype=torch.float64)
+            if hasattr(x, "full_tensor"):  # a DTensor (clip_grad_norm_'s norm under FSDP2): its whole value
+                x = x.full_tensor()
+            if x.device != device:
+                if x.device.type != "cpu":
+                    raise ValueError(f"SkipStep: {name} is on {x.device}, the parameters on {device}")
+                return torch.full((), float(x), dtype=torch.float64, device=device)
+            return x if x.dtype.is_floating_point else x.double()
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise ValueError(f"SkipStep: {name} must be a number or a one-element tensor, got {type(x).__name__}")
         return torch.full((), float(x), dtype=torch.float64, device=device)
+
+    def _global_grad_norm(self) -> Tensor:
+        """The global gradient norm (``sq_norms`` sums the shards of DTensors): the same on every rank."""
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        if not grads:
+            raise ValueError("SkipStep: no parameter has a gradient (call backward() before step())")
+        return sq_norms(grads).double().sum().sqrt()
 
     @torch.compiler.disable
     def decide(self, loss, grad_norm=None) -> Tensor:
         """Records this step's loss (and gradient norm) and returns ``keep``, a 0-d bool device tensor."""
         device = self._device()
         self._ensure(device)
-        x = [distributed.mean(self._as_value(loss, "loss", device), self.process_group)]
+        loss = self._as_value(loss, "loss", device)
+        gn = None
         if self.use_grad_norm:
-            if grad_norm is None:
-                grads = [p.grad for p in self.params() if p.grad is not None]
-                if not grads:
-                    raise ValueError("SkipStep: no parameter has a gradient (call backward() before step())")
-                gn = sq_norms(grads).double().sum().sqrt()
-            else:
-                gn = distributed.mean(self._as_value(grad_norm, "grad_norm", device), self.process_group)
-            x.append(gn)
-        x = torch.stack(x)
-        n_prev = min(self._count, self.window)
-        if self._count + 1 >= self.warmup:
-            prev = self._hist[: len(x), :n_prev]
-            std, mean = torch.std_mean(prev, dim=1)
-            keep = ((x - mean).abs() / std <= self.sigma_factor).all()
-        else:
-            keep = torch.ones((), dtype=torch.bool, device=device)
-        self._hist[: len(x), self._count % self.window].copy_(x)
+            gn = self._global_grad_norm() if grad_norm is None else self._as_value(grad_norm, "grad_norm", device)
+        if distributed.group(self.process_group) is not None:
+            # the mean loss over ranks, and the mean of a given norm (a computed one is global already): one
+            # collective for both
+            given = grad_norm is not None and gn is not None
+            x = torch.stack([loss.reshape(()).double()] + ([gn.reshape(()).double()] if given else []))
+            x = distributed.mean(x, self.process_group)
+            loss, gn = x[0], (x[1] if given else gn)
+        # one kernel: the test against the window, the window's new column and the skip count (SPEC 7.1)
+        keep = update.skip_rule_(self._hist, self._skipped, loss, gn,
+                                 count=self._count, warmup=self.warmup, sigma_factor=self.sigma_factor,
+                                 backend=self.backend)
         self._count += 1
-        self._skipped += ~keep
-        self.last = SkipStepReport(~keep)
+        self.last = SkipStepReport(keep)
         return keep
 
     def skipped_steps(self) -> Tensor:

@@ -273,3 +273,47 @@ def apply_update_(params, updates, lr, weight_decay, step_scale, skip):
                                            consts, DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype),
                                            LR_PER_TENSOR=lr.numel() != 1, HAS_SCALE=step_scale is not None,
                                            HAS_SKIP=skip is not None, CHUNK=CHUNK, BLOCK=BLOCK)
+
+
+@triton.jit
+def _skip_rule_kernel(hist, skipped, loss, grad_norm, keep_out, consts, n_prev, slot, window,
+                      ACTIVE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """SkipStep's rule (SPEC 7.1) in one program: per row, mean and unbiased std of the previous n_prev values
+    (two passes, float64), this step's value tested against them, then written into column ``slot``."""
+    sigma = tl.load(consts)
+    ok = tl.full((), 1, tl.int32)
+    for r in tl.static_range(ROWS):
+        if r == 0:
+            x = tl.load(loss).to(tl.float64)
+        else:
+            x = tl.load(grad_norm).to(tl.float64)
+        row = hist + r * window
+        if ACTIVE:
+            nf = n_prev.to(tl.float64)
+            acc = tl.zeros((BLOCK,), tl.float64)
+            for off in range(0, n_prev, BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                acc += tl.load(row + idx, mask=idx < n_prev, other=0.0)
+            mean = tl.sum(acc, axis=0) / nf
+            acc = tl.zeros((BLOCK,), tl.float64)
+            for off in range(0, n_prev, BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                d = tl.where(idx < n_prev, tl.load(row + idx, mask=idx < n_prev, other=0.0) - mean, 0.0)
+                acc += d * d
+            std = tl.sqrt(tl.sum(acc, axis=0) / (nf - 1))  # float64: IEEE on a GPU
+            ok = ok & (tl.abs(x - mean) / std <= sigma).to(tl.int32)  # NaN fails
+        tl.store(row + slot, x)
+    tl.store(keep_out, ok != 0)
+    tl.store(skipped, tl.load(skipped) + (1 - ok).to(tl.int64))
+
+
+def skip_rule_(history, skipped, loss, grad_norm, count, warmup, sigma_factor):
+    device = history.device
+    window = history.shape[1]
+    keep = torch.empty((), dtype=torch.bool, device=device)
+    with plan.device_guard(device):
+        _skip_rule_kernel[(1,)](history, skipped, loss, loss if grad_norm is None else grad_norm, keep,
+                                plan.constants((sigma_factor,), device), min(count, window), count % window,
+                                window, ACTIVE=count + 1 >= warmup, ROWS=1 if grad_norm is None else 2,
+                                BLOCK=min(triton.next_power_of_2(window), 1024))
+    return keep
