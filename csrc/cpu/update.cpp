@@ -11,9 +11,9 @@
 // g^2 / max(v_hat / bc2, eps^2) per tensor (update clipping's RMS^2 * numel), returned as a second row; 2, a
 // pass that reads g and v (max v; p for coupled decay), writes nothing and returns those sums alone; 3, the
 // whole clipped step (StableAdamW): per block of whole tensors, that pass, then the step of each tensor at
-// lr / max(1, RMS) (as update.clip_lrs computes it), the second pass running each thread's chunks backwards so
-// that the g and v the first pass read last are still in cache (9 element-passes by count, about 7 from
-// memory). lr: one number or one per tensor.
+// lr / max(1, RMS) (as update.clip_lrs computes it), so that the second pass finds part of the block's g and v
+// still in cache (9 element-passes by count; reads, which bound these passes here, 6 against AdamW's 4, fewer
+// from memory). lr: one number or one per tensor.
 
 #include <algorithm>
 #include <array>
@@ -320,11 +320,11 @@ at::Tensor clipped_adam_cpu(const AdamLists& L, const AdamConsts& c, const Lrs& 
       const double rms = std::sqrt(s / static_cast<double>(sizes[i]));
       lr[i] = lrs[i] / (rms > 1.0 || std::isnan(rms) ? rms : 1.0);  // max(1, rms), NaN kept (torch's clamp_min)
     }
-    // backwards within each thread's range (the same range as above): the last chunks read are still cached
+    // the same range per thread as above, forwards: walking backwards (to meet the last-read chunks first) was
+    // slower on a 2-core Zen 4 VM (ResNet-18: 1.23-1.30x AdamW(fused) against 1.20-1.24x, same process)
     at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t ci = b1 - 1; ci >= b0; --ci) {
+      for (int64_t ci = b0; ci < b1; ++ci)
         partial[ci] = adam_chunk(L, chunks[ci], c, lr[chunks[ci].index], scale, false);
-      }
     });
     for (int64_t ci = c0; ci < c1; ++ci) total[chunks[ci].index] += partial[ci][0];
     c0 = c1;
