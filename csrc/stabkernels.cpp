@@ -105,6 +105,9 @@ TORCH_LIBRARY(stabkernels_C, m) {
   // Writes the values into column count % W and adds 1 - keep to skipped (0-d int64). No host read on CUDA.
   m.def("skip_rule_(Tensor(a!) history, Tensor(b!) skipped, Tensor loss, Tensor? grad_norm, int count, "
         "int warmup, float sigma_factor) -> Tensor");
+  // The optimizers' step counters (one-element float32/float64 tensors) advanced by 1, or by 0 where skip is
+  // nonzero (SPEC 7.1): CPU only, one call for what torch's _foreach_add_ does as one add_ per tensor on CPU.
+  m.def("advance_steps_(Tensor(a!)[] steps, Tensor? skip) -> ()");
   // attention (SPEC 8.1): per (batch, query head) the max of scale * q_i . k_j over keys j (<= i if causal), q
   // (B, H, T, D), k (B, Hk, Tk, D), H % Hk == 0 (query head h reads key head h / (H / Hk)); (B, H) in fp32
   // (fp64 for fp64), -inf without keys, NaN propagates; the (T x Tk) scores are never built.

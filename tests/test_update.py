@@ -648,3 +648,46 @@ def test_adam_clip_stats_only_writes_nothing_and_per_tensor_lr(backend, device, 
         update.adam_step_(ps, gs, state[0], state[1], lr=lrs[:2], max_exp_avg_sqs=state[2], **kw)
     with pytest.raises(ValueError, match="clip_stats must be"):
         update.adam_step_(ps, gs, state[0], state[1], lr=0.01, max_exp_avg_sqs=state[2], clip_stats=2, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# advance_steps_: the step counters (SPEC 7.1)
+
+@pytest.mark.parametrize("backend,device", backend_params("advance_steps_", devices=("cpu",)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advance_steps_equals_the_reference(dtype, backend, device):
+    """+1 per counter, +0 on a skipped step, on the counters' own values (a counter at 2^24 - 1 in float32
+    rounds as torch's add does); nothing else is touched."""
+    start = [0.0, 3.0, 2.0 ** 24 - 1, 17.0, 1e6]
+    for skip in (None, f64(0.0), f64(1.0), f64(-2.5)):
+        ours = [torch.tensor(v, dtype=dtype) for v in start]
+        ref = [torch.tensor(v, dtype=dtype) for v in start]
+        update.advance_steps_(ours, skip, backend=backend)
+        update.advance_steps_reference(ref, skip)
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+        moved = skip is None or float(skip) == 0
+        assert all(torch.equal(a, torch.tensor(v, dtype=dtype) + moved) for a, v in zip(ours, start))
+
+
+def test_advance_steps_backends():
+    """The optimizers' GPU backends take torch's one-launch _foreach_add_; a counter the C++ loop cannot hold
+    goes there too; a mixed list gets the worded error."""
+    calls = []
+    ref = update.advance_steps_reference
+
+    def spy(*args):
+        calls.append(1)
+        ref(*args)
+
+    try:
+        update._backend._impls["advance_steps_"]["torch"] = spy
+        for b in ("triton", "cuda", "torch"):
+            update.advance_steps_([torch.zeros(())], None, backend=b)
+        ints = [torch.zeros((), dtype=torch.int64)]
+        update.advance_steps_(ints, None)
+        assert len(calls) == 4 and int(ints[0]) == 1
+    finally:
+        update._backend._impls["advance_steps_"]["torch"] = ref
+    if update._backend.why_unavailable("cpp", "cpu", "advance_steps_") is None:
+        with pytest.raises(ValueError, match=r"steps\[1\] must be a one-element float32 or float64 CPU tensor"):
+            update.advance_steps_([torch.zeros(()), torch.zeros((), dtype=torch.int64)], None, backend="cpp")

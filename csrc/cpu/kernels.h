@@ -15,7 +15,7 @@ using at::TensorList;
 // X(op name) for every op with a CPU kernel; the schema of each is in csrc/stabkernels.cpp.
 #define STABKERNELS_CPU_OPS(X)                                                                             \
   X(row_spread) X(tangent_spread_linear) X(power_iteration_) X(sq_norms) X(adam_step_) X(sgd_step_)       \
-  X(apply_update_) X(skip_rule_) X(random_directions) X(perturb) X(directional_dots) X(orthograd_) X(shard_normals)      \
+  X(apply_update_) X(skip_rule_) X(advance_steps_) X(random_directions) X(perturb) X(directional_dots) X(orthograd_) X(shard_normals)      \
   X(cross_entropy_z_loss) X(stablemax_cross_entropy)                                                     \
   X(qk_max_logits)
 
@@ -39,6 +39,7 @@ struct CpuKernels {
   Tensor (*skip_rule_)(const Tensor& history, const Tensor& skipped, const Tensor& loss,
                        const std::optional<Tensor>& grad_norm, int64_t count, int64_t warmup,
                        double sigma_factor) = nullptr;
+  void (*advance_steps_)(TensorList steps, const std::optional<Tensor>& skip) = nullptr;
   std::vector<Tensor> (*random_directions)(TensorList like, const Tensor& keys) = nullptr;
   void (*perturb)(TensorList params, const Tensor& keys, double sigma, TensorList out) = nullptr;
   Tensor (*directional_dots)(TensorList grads, const Tensor& keys) = nullptr;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import update
+
 
 def adam_states(state, params, amsgrad: bool) -> list:
     """The Adam state of each parameter, created on first use: torch's layout (step, exp_avg, exp_avg_sq,
@@ -23,16 +25,12 @@ def adam_states(state, params, amsgrad: bool) -> list:
     return states
 
 
-def advance_steps(states, skip=None) -> None:
+def advance_steps(states, skip=None, backend: str = "auto") -> None:
     """Advances the step counters of ``states`` by one on their device, or by 0 where the skip flag ``skip`` (a
     0-d device tensor, SPEC 7.1) is nonzero: a skipped step leaves the counters, and so the next step's bias
-    corrections, as they were. No host read."""
-    steps = [s["step"] for s in states]
-    if skip is None:
-        torch._foreach_add_(steps, 1)
-    else:  # a list of 0-d tensors: the tensor-scalar overload reads its scalar on the host (measured on CPU)
-        keep = (skip == 0).to(steps[0].dtype)
-        torch._foreach_add_(steps, [keep] * len(steps))
+    corrections, as they were. No host read (:func:`stabkernels.update.advance_steps_`; ``backend``: the
+    optimizer's)."""
+    update.advance_steps_([s["step"] for s in states], skip, backend=backend)
 
 
 def sgd_buffers(state, params, momentum: float) -> tuple[list | None, bool]:

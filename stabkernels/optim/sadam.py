@@ -370,7 +370,7 @@ class SAdam(InputCapture, ExtraStateMixin, torch.optim.Optimizer):
         return [adam_states(self.state, params, amsgrad=False) for _, params in groups]
 
     def _adamw(self, group, params, alpha: Tensor, states, skip: Tensor | None = None) -> None:
-        advance_steps(states, skip)
+        advance_steps(states, skip, self.backend)
         # update_clip: lr / max(1, RMS) per tensor, the statistics pass fused with the step (SPEC 7.2)
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                           [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],

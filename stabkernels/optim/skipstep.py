@@ -317,7 +317,7 @@ class StableAdamW(torch.optim.Optimizer):
     def _step_group(self, group, params) -> None:
         states = self._states(params)
         skip = update.skip_tensor(self.skip_flag, params[0].device)
-        advance_steps(states, skip)
+        advance_steps(states, skip, self.backend)
         # tensor i at lr_i = lr / max(1, RMS_i), its decay too: the statistics pass and the step, fused
         update.adam_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                           [s["exp_avg_sq"] for s in states], step=states[0]["step"], lr=group["lr"],

@@ -23,7 +23,7 @@ def _adam_proposal(states, group, params, us, decoupled: bool, backend: str, ski
     clip statistics). The step counters live on the parameters' device (as torch's with capturable=True) and
     the kernels compute the bias corrections from them, so a step reads nothing back and a captured graph
     steps on. A nonzero ``skip`` advances nothing, counters included."""
-    advance_steps(states, skip)
+    advance_steps(states, skip, backend)
     return update.adam_step_(
         params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
         step=states[0]["step"], lr=1.0, betas=group["betas"], eps=group["eps"],
