@@ -275,7 +275,9 @@ def apply_update_(params, updates, lr, weight_decay, step_scale, skip):
                                            HAS_SKIP=skip is not None, CHUNK=CHUNK, BLOCK=BLOCK)
 
 
-@triton.jit
+# n_prev and slot change every step: specialising on them (== 1, divisible by 16) would compile new variants
+# during the first window
+@triton.jit(do_not_specialize=["n_prev", "slot"])
 def _skip_rule_kernel(hist, skipped, loss, grad_norm, keep_out, consts, n_prev, slot, window,
                       ACTIVE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """SkipStep's rule (SPEC 7.1) in one program: per row, mean and unbiased std of the previous n_prev values
