@@ -568,6 +568,17 @@ def loss_cases(device: str, quick: bool) -> Iterator[Case]:
                baseline=stable_composed, baseline_name="StableMax formula in torch ops, forward + backward",
                candidates={b: stable_fused(b) for b in kernel_backends("stablemax_cross_entropy", device)})
 
+    yield _linear_ce_case(device, quick, g)
+
+
+def _linear_ce_case(device: str, quick: bool, g: torch.Generator) -> Case:
+    """linear_cross_entropy's case of :func:`loss_cases`, in a function of its own: its n, v and y would
+    otherwise rebind the names the earlier cases' closures read when they run (pytest-benchmark collects every
+    case before timing any)."""
+    from torch.nn import functional as F
+
+    from .. import losses
+
     # linear_cross_entropy (SPEC 4.6): the head's logits never exist; the issue's ratios (8192 tokens x 4096
     # hidden x 32k vocabulary on GPU) scaled down on CPU
     n, d, v = (256, 128, 1024) if quick else ((8192, 4096, 32768) if device == "cuda" else (1024, 512, 16384))
@@ -598,7 +609,7 @@ def loss_cases(device: str, quick: bool) -> Iterator[Case]:
         case.peak_mb["baseline"] = peak_extra_mb(setup, "F.cross_entropy(F.linear(h, w), y).backward()")
         for b in backends:
             case.peak_mb[b] = peak_extra_mb(setup, f"stabkernels.linear_cross_entropy(h, w, y, backend='{b}')[0].backward()")
-    yield case
+    return case
 
 
 def hf_train_step_cases(device: str, quick: bool) -> Iterator[Case]:
