@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from stabkernels.benchmarks.cases import small_resnet
 from stabkernels.benchmarks.run import cpu_isa, machine_name
 from stabkernels.optim import RadiusAdamW, RadiusController
+from stabkernels._csv import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
@@ -185,10 +186,7 @@ def main(argv=None) -> int:
         if only:  # the other settings' rows of the last full run stay (each row is a ratio within its own run)
             from radius_survival import merged
             new = merged(out / f"radius-cost-{machine}-{name}.csv", new, "setting")
-        with open(out / f"radius-cost-{machine}-{name}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(new[0]))
-            w.writeheader()
-            w.writerows(new)
+        write_rows(out / f"radius-cost-{machine}-{name}.csv", new)
     rows = []  # every model measured so far on this machine (one run per model)
     for name in MODELS:
         path = out / f"radius-cost-{machine}-{name}.csv"

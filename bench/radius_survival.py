@@ -21,6 +21,7 @@ import torch
 from stabkernels.demo import digits, lm
 from stabkernels.benchmarks.run import cpu_isa, machine_name
 from stabkernels.optim import RadiusAdamW
+from stabkernels._csv import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,10 +136,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = merged(out / "radius-survival.csv", rows, "setting") if only else rows
-    with open(out / "radius-survival.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "radius-survival.csv", rows)
     (out / "radius-survival.json").write_text(json.dumps(summary))
     return rerender(out, args)
 

@@ -8,11 +8,11 @@ accuracy with its min-max over seeds and writes bench/results/radius_digits.csv.
     python bench/reproduce_radius_digits.py [--seeds 5] [--out bench/results]
 """
 import argparse
-import csv
 import os
 import time
 
 from stabkernels.demo import digits
+from stabkernels._csv import write_rows
 
 
 def main():
@@ -43,10 +43,7 @@ def main():
         print(f"| {method} | " + " | ".join(cells) + " |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "radius_digits.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     print(f"\nwrote {path}")
 
 

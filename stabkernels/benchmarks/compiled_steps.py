@@ -7,7 +7,6 @@ compiled call (compilation) is not timed. S-Adam's probe closure is a fixed-batc
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 import torch
@@ -16,6 +15,7 @@ from torch.nn import functional as F
 
 from .run import machine_name
 from .timing import measure
+from .._csv import write_rows
 
 
 def bench_model(device, width):
@@ -68,10 +68,7 @@ def measure_one(name, make, device, width, batch, min_time):
 
 
 def write(stem, rows, device, width) -> None:
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(stem + ".csv", rows)
     with open(stem + ".md", "w") as f:
         f.write(f"{machine_name()}, torch {torch.__version__}, {device}, MLP width {width} "
                 f"({rows[0]['params']} parameters), step() alone\n\n")

@@ -9,7 +9,6 @@ measured it."""
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import os
@@ -25,6 +24,7 @@ from torch.nn import functional as F
 
 from .compiled_steps import bench_model, optimizers
 from .run import cpu_isa, machine_name
+from .._csv import write_rows
 
 WRAPPERS = ("DDP", "FSDP2")
 
@@ -96,10 +96,7 @@ def _worker(rank, world, port, device, width, batch, rounds, out):
 
 
 def _write(stem: str, rows: list[dict]) -> None:
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(stem + ".csv", rows)
     r0 = rows[0]
     with open(stem + ".md", "w") as f:
         isa = f" (CPU kernels: {cpu_isa()})" if r0["device"] == "cpu" else ""

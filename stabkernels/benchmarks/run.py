@@ -3,7 +3,6 @@ machine; prints a table and writes ``<out>/<machine>.csv``."""
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import re
@@ -14,6 +13,7 @@ import torch
 
 from .cases import FAMILIES, Case
 from .timing import keep_freed_memory, measure
+from .._csv import write_rows
 
 COLUMNS = ["op", "backend", "shape", "dtype", "device", "time_ms", "statistic", "GB_per_s", "pct_of_copy",
            "speedup", "vs_best_peer", "peak_extra_MB", "baseline", "cpu_isa"]
@@ -176,10 +176,7 @@ def main(argv=None) -> int:
              f"{', malloc keeps freed memory' if kept else ''}{', quick shapes' if args.quick else ''}")
 
     def write(rows, final):
-        with open(stem + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(stem + ".csv", rows, COLUMNS)
         with open(stem + ".md", "w") as f:
             f.write(markdown(rows, title + ("" if final else ", INCOMPLETE: stopped early")))
 

@@ -36,7 +36,7 @@ import time
 import torch
 
 from . import digits
-from ._csv import write_rows
+from .._csv import write_rows
 from ..benchmarks.run import progress
 
 

@@ -316,7 +316,7 @@ def markdown(histories: list[History], settings: str) -> str:
 def write_outputs(out: str, histories: list[History], settings: str, spike_at: int) -> str:
     import csv
 
-    from ._csv import write_rows
+    from .._csv import write_rows
 
     os.makedirs(out, exist_ok=True)
     rows = summary_rows(histories)

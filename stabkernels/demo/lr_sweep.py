@@ -18,7 +18,7 @@ import statistics
 import time
 
 from . import lm
-from ._csv import write_rows
+from .._csv import write_rows
 
 GRID = tuple(10 ** (-3 + i / 2) for i in range(7))  # 1e-3 .. 1, half-decade steps: 7 values over 3 decades
 WIDTHS = (32, 64)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._csv import write_rows
+from .._csv import write_rows
 
 # --------------------------------------------------------------------------------------------------
 # tasks: a model, its batches, its outcome
