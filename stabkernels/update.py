@@ -547,12 +547,11 @@ def advance_steps_(steps: Sequence[Tensor], skip: Tensor | None = None, *, backe
     steps = list(steps)
     if not steps:
         return
-    if backend in ("triton", "cuda"):
-        backend = "torch"
-    b = _backend.resolve("advance_steps_", backend, steps[0].device)
-    if b == "cpp" and steps[0].dtype not in (torch.float32, torch.float64):
-        b = "torch"
-    _advance_op(steps, skip, b)
+    b = "torch" if backend in ("triton", "cuda") else _backend.resolve("advance_steps_", backend, steps[0].device)
+    if b == "cpp" and all(t.dtype in (torch.float32, torch.float64) for t in steps):
+        _advance_op(steps, skip, b)
+    else:  # called directly, not through the op: under torch.compile Inductor fuses the adds
+        advance_steps_reference(steps, skip)
 
 
 def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor | None = None, *, count: int,
@@ -563,7 +562,8 @@ def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor
     depends on no data). Once ``count + 1 >= warmup``, this step's ``loss`` (and ``grad_norm``, if given:
     one-element tensors of any float dtype on ``history``'s device) fails when it lies more than
     ``sigma_factor`` unbiased standard deviations from the mean of the previous min(count, window) values of its
-    row, or is NaN/inf (so does a window of equal values: its std is 0); keep is true when nothing fails. Then
+    row, or is NaN/inf (so does a window of equal values: its std is 0; and fewer than two earlier values, when
+    ``warmup`` < 3); keep is true when nothing fails. Then
     the values are written into column ``count % window`` and ``skipped`` (one-element int64) grows by 1 - keep.
     No host read on CUDA."""
     if not (isinstance(history, Tensor) and history.dtype == torch.float64 and history.dim() == 2
@@ -576,16 +576,20 @@ def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor
             and skipped.device == device):
         raise ValueError(f"skip_rule_: skipped must be a one-element int64 tensor on {device}")
     for name, t in (("loss", loss), ("grad_norm", grad_norm)):
-        if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.device == device
-                                  and t.dtype.is_floating_point):
+        if (t is not None or name == "loss") and not (isinstance(t, Tensor) and t.numel() == 1
+                                                      and t.device == device and t.dtype.is_floating_point):
             raise ValueError(f"skip_rule_: {name} must be a one-element float tensor on {device}, got "
                              + (f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor)
                                 else type(t).__name__))
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"skip_rule_: count must be an int >= 0, got {count!r}")
-    b = _backend.resolve("skip_rule_", backend, device)
+    for name, n, low in (("count", count, 0), ("warmup", warmup, 1)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < low:
+            raise ValueError(f"skip_rule_: {name} must be an int >= {low}, got {n!r}")
+    if isinstance(sigma_factor, bool) or not isinstance(sigma_factor, numbers.Real) or not sigma_factor > 0:
+        raise ValueError(f"skip_rule_: sigma_factor must be a number > 0, got {sigma_factor!r}")
+    # "cuda" (an optimizer's backend) runs the Triton kernel: the rule has no CUDA C++ kernel
+    b = _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend, device)
     return _skip_rule_op(history, skipped, loss.detach(), None if grad_norm is None else grad_norm.detach(),
-                         count, int(warmup), float(sigma_factor), b)
+                         count, warmup, float(sigma_factor), b)
 
 
 @torch.compiler.disable  # a cache lookup traced by dynamo would guard on the cache's contents: a recompile

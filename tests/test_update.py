@@ -578,7 +578,7 @@ def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(b
     rates: moments, max v, u and both rows of sums bit for bit, parameters to the rates' last place (the C++
     backend takes a correctly rounded square root for the rates; torch's CPU sqrt is 1 ulp off on about 1% of
     float64 inputs), over steps where clipping binds on some tensors and a skipped one. On the C++ backend, which
-    fuses the passes per block of about 2^20 elements (the second pass backwards), the tensors make several
+    fuses the passes per block of about 2^20 elements (the second finding part of the first's g and v in cache), the tensors make several
     blocks, one tensor larger than a block."""
     big = backend == "cpp" and dtype in (torch.float32, torch.float64)
     shapes = [(37,), (1031, 1100), (5, 9), (700, 999), (3, 4, 5), (129, 33)] if big else CLIP_SHAPES
@@ -669,9 +669,9 @@ def test_advance_steps_equals_the_reference(dtype, backend, device):
         assert all(torch.equal(a, torch.tensor(v, dtype=dtype) + moved) for a, v in zip(ours, start))
 
 
-def test_advance_steps_backends():
-    """The optimizers' GPU backends take torch's one-launch _foreach_add_; a counter the C++ loop cannot hold
-    goes there too; a mixed list gets the worded error."""
+def test_advance_steps_backends(monkeypatch):
+    """The optimizers' GPU backends take torch's one-launch _foreach_add_; a list with a counter the C++ loop
+    cannot hold goes there too (the C++ op itself words the error); opcheck of the op."""
     calls = []
     ref = update.advance_steps_reference
 
@@ -679,15 +679,19 @@ def test_advance_steps_backends():
         calls.append(1)
         ref(*args)
 
-    try:
-        update._backend._impls["advance_steps_"]["torch"] = spy
-        for b in ("triton", "cuda", "torch"):
-            update.advance_steps_([torch.zeros(())], None, backend=b)
-        ints = [torch.zeros((), dtype=torch.int64)]
-        update.advance_steps_(ints, None)
-        assert len(calls) == 4 and int(ints[0]) == 1
-    finally:
-        update._backend._impls["advance_steps_"]["torch"] = ref
+    monkeypatch.setattr(update, "advance_steps_reference", spy)
+    for b in ("triton", "cuda", "torch"):
+        update.advance_steps_([torch.zeros(())], None, backend=b)
+    ints = [torch.zeros((), dtype=torch.int64)]
+    update.advance_steps_(ints, None)
+    assert len(calls) == 4 and int(ints[0]) == 1
+    monkeypatch.undo()
+    mixed = [torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.float16)]
+    update.advance_steps_(mixed, None, backend="auto")
+    assert [float(t) for t in mixed] == [1.0, 1.0, 1.0]
     if update._backend.why_unavailable("cpp", "cpu", "advance_steps_") is None:
         with pytest.raises(ValueError, match=r"steps\[1\] must be a one-element float32 or float64 CPU tensor"):
-            update.advance_steps_([torch.zeros(()), torch.zeros((), dtype=torch.int64)], None, backend="cpp")
+            torch.ops.stabkernels_C.advance_steps_(mixed, None)
+        steps = [torch.zeros(()), torch.zeros((), dtype=torch.float64)]
+        for skip in (None, f64(1.0)):
+            torch.library.opcheck(torch.ops.stabkernels.advance_steps_, ([t.clone() for t in steps], skip, "cpp"))

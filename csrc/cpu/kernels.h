@@ -15,8 +15,8 @@ using at::TensorList;
 // X(op name) for every op with a CPU kernel; the schema of each is in csrc/stabkernels.cpp.
 #define STABKERNELS_CPU_OPS(X)                                                                             \
   X(row_spread) X(tangent_spread_linear) X(power_iteration_) X(sq_norms) X(adam_step_) X(sgd_step_)       \
-  X(apply_update_) X(skip_rule_) X(advance_steps_) X(random_directions) X(perturb) X(directional_dots) X(orthograd_) X(shard_normals)      \
-  X(cross_entropy_z_loss) X(stablemax_cross_entropy)                                                     \
+  X(apply_update_) X(skip_rule_) X(advance_steps_) X(random_directions) X(perturb) X(directional_dots)    \
+  X(orthograd_) X(shard_normals) X(cross_entropy_z_loss) X(stablemax_cross_entropy)                      \
   X(qk_max_logits)
 
 struct CpuKernels {

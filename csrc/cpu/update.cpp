@@ -453,8 +453,8 @@ at::Tensor skip_rule_cpu(const at::Tensor& history, const at::Tensor& skipped, c
       const double mean = sum / static_cast<double>(n);
       double sq = 0;
       for (int64_t j = 0; j < n; ++j) sq += (row[j] - mean) * (row[j] - mean);
-      const double std = std::sqrt(sq / static_cast<double>(n - 1));
-      keep = keep && std::abs(x[r] - mean) / std <= sigma_factor;  // NaN (a NaN value, std 0 at x = mean) fails
+      const double sd = std::sqrt(sq / static_cast<double>(n - 1));
+      keep = keep && std::abs(x[r] - mean) / sd <= sigma_factor;  // NaN (a NaN value, std 0 at x = mean) fails
     }
   }
   for (int r = 0; r < rows; ++r) h[r * window + count % window] = x[r];

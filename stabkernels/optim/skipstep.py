@@ -61,14 +61,10 @@ def skip_decision_reference(history: list[float], x: float, sigma_factor: float)
 
 
 class SkipStepReport:
-    """``skipped``: this step's decision, a 0-d bool device tensor (read it when you log); ``keep`` its negation."""
+    """``skipped``: this step's decision, a 0-d bool device tensor (read it when you log)."""
 
-    def __init__(self, keep: Tensor):
-        self.keep = keep
-
-    @property
-    def skipped(self) -> Tensor:
-        return ~self.keep
+    def __init__(self, skipped: Tensor):
+        self.skipped = skipped
 
 
 class SkipStep(OptimizerWrapper):
@@ -98,7 +94,8 @@ class SkipStep(OptimizerWrapper):
             raise ValueError(f"SkipStep: warmup must be an int >= 3 (a std needs two earlier values), got {warmup!r}")
         self.window, self.sigma_factor, self.warmup = window, float(sigma_factor), warmup
         self.use_grad_norm, self.process_group = use_grad_norm, process_group
-        _backend.resolve("skip_rule_", backend, self._device())  # an unknown or unusable backend fails here
+        # an unknown or unusable backend fails here ("cuda", an optimizer's backend, runs the rule's Triton kernel)
+        _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend, self._device())
         self.backend = backend
         self._count = 0  # values recorded so far (host: it depends on no data)
         self._hist: Tensor | None = None  # (2, window) float64 on the params' device: losses, grad norms
@@ -149,8 +146,8 @@ class SkipStep(OptimizerWrapper):
         if self.use_grad_norm:
             gn = self._global_grad_norm() if grad_norm is None else self._as_value(grad_norm, "grad_norm", device)
         if distributed.group(self.process_group) is not None:
-            # the mean loss over ranks, and the mean of a given norm (a computed one is global already): one
-            # collective for both
+            # the mean loss over ranks, and the mean of a given norm (a computed one is global already; a DTensor
+            # one was made whole above): one collective for both
             given = grad_norm is not None and gn is not None
             x = torch.stack([loss.reshape(()).double()] + ([gn.reshape(()).double()] if given else []))
             x = distributed.mean(x, self.process_group)
@@ -160,7 +157,7 @@ class SkipStep(OptimizerWrapper):
                                  count=self._count, warmup=self.warmup, sigma_factor=self.sigma_factor,
                                  backend=self.backend)
         self._count += 1
-        self.last = SkipStepReport(keep)
+        self.last = SkipStepReport(~keep)
         return keep
 
     def skipped_steps(self) -> Tensor:

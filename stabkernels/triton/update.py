@@ -281,16 +281,17 @@ def apply_update_(params, updates, lr, weight_decay, step_scale, skip):
 def _skip_rule_kernel(hist, skipped, loss, grad_norm, keep_out, consts, n_prev, slot, window,
                       ACTIVE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """SkipStep's rule (SPEC 7.1) in one program: per row, mean and unbiased std of the previous n_prev values
-    (two passes, float64), this step's value tested against them, then written into column ``slot``."""
+    (two passes, float64), this step's value tested against them; then, after a barrier (a full window's column
+    ``slot`` is among the values just read, by other threads), the values written into column ``slot``."""
     sigma = tl.load(consts)
     ok = tl.full((), 1, tl.int32)
-    for r in tl.static_range(ROWS):
-        if r == 0:
-            x = tl.load(loss).to(tl.float64)
-        else:
-            x = tl.load(grad_norm).to(tl.float64)
-        row = hist + r * window
-        if ACTIVE:
+    if ACTIVE:
+        for r in tl.static_range(ROWS):
+            if r == 0:
+                x = tl.load(loss).to(tl.float64)
+            else:
+                x = tl.load(grad_norm).to(tl.float64)
+            row = hist + r * window
             nf = n_prev.to(tl.float64)
             acc = tl.zeros((BLOCK,), tl.float64)
             for off in range(0, n_prev, BLOCK):
@@ -304,7 +305,10 @@ def _skip_rule_kernel(hist, skipped, loss, grad_norm, keep_out, consts, n_prev, 
                 acc += d * d
             std = tl.sqrt(tl.sum(acc, axis=0) / (nf - 1))  # float64: IEEE on a GPU
             ok = ok & (tl.abs(x - mean) / std <= sigma).to(tl.int32)  # NaN fails
-        tl.store(row + slot, x)
+        tl.debug_barrier()
+    tl.store(hist + slot, tl.load(loss).to(tl.float64))
+    if ROWS == 2:
+        tl.store(hist + window + slot, tl.load(grad_norm).to(tl.float64))
     tl.store(keep_out, ok != 0)
     tl.store(skipped, tl.load(skipped) + (1 - ok).to(tl.int64))
 
@@ -317,5 +321,5 @@ def skip_rule_(history, skipped, loss, grad_norm, count, warmup, sigma_factor):
         _skip_rule_kernel[(1,)](history, skipped, loss, loss if grad_norm is None else grad_norm, keep,
                                 plan.constants((sigma_factor,), device), min(count, window), count % window,
                                 window, ACTIVE=count + 1 >= warmup, ROWS=1 if grad_norm is None else 2,
-                                BLOCK=min(triton.next_power_of_2(window), 1024))
+                                BLOCK=min(triton.next_power_of_2(window), 1024), num_warps=1)
     return keep
