@@ -94,9 +94,11 @@ class SkipStep(OptimizerWrapper):
             raise ValueError(f"SkipStep: warmup must be an int >= 3 (a std needs two earlier values), got {warmup!r}")
         self.window, self.sigma_factor, self.warmup = window, float(sigma_factor), warmup
         self.use_grad_norm, self.process_group = use_grad_norm, process_group
-        # an unknown or unusable backend fails here ("cuda", an optimizer's backend, runs the rule's Triton kernel)
-        _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend, self._device())
+        # resolved once (an unknown or unusable backend fails here; "cuda", an optimizer's backend, runs the rule's
+        # Triton kernel): the rule's call below skips update.skip_rule_'s checks, which SkipStep's own inputs pass
         self.backend = backend
+        self._rule_backend = _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend,
+                                              self._device())
         self._count = 0  # values recorded so far (host: it depends on no data)
         self._hist: Tensor | None = None  # (2, window) float64 on the params' device: losses, grad norms
         self._skipped: Tensor | None = None  # int64 count of skipped steps
@@ -124,7 +126,7 @@ class SkipStep(OptimizerWrapper):
                 if x.device.type != "cpu":
                     raise ValueError(f"SkipStep: {name} is on {x.device}, the parameters on {device}")
                 return torch.full((), float(x), dtype=torch.float64, device=device)
-            return x if x.dtype.is_floating_point else x.double()
+            return x.detach() if x.dtype.is_floating_point else x.detach().double()
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise ValueError(f"SkipStep: {name} must be a number or a one-element tensor, got {type(x).__name__}")
         return torch.full((), float(x), dtype=torch.float64, device=device)
@@ -153,9 +155,8 @@ class SkipStep(OptimizerWrapper):
             x = distributed.mean(x, self.process_group)
             loss, gn = x[0], (x[1] if given else gn)
         # one kernel: the test against the window, the window's new column and the skip count (SPEC 7.1)
-        keep = update.skip_rule_(self._hist, self._skipped, loss, gn,
-                                 count=self._count, warmup=self.warmup, sigma_factor=self.sigma_factor,
-                                 backend=self.backend)
+        keep = torch.ops.stabkernels.skip_rule_(self._hist, self._skipped, loss, gn, self._count, self.warmup,
+                                                self.sigma_factor, self._rule_backend)
         self._count += 1
         self.last = SkipStepReport(~keep)
         return keep
