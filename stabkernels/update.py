@@ -554,6 +554,12 @@ def advance_steps_(steps: Sequence[Tensor], skip: Tensor | None = None, *, backe
         advance_steps_reference(steps, skip)
 
 
+def skip_rule_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs :func:`skip_rule_` for ``backend`` (an optimizer's backend name) on ``device``:
+    "cuda" runs the Triton kernel, the rule having no CUDA C++ kernel."""
+    return _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend, device)
+
+
 def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor | None = None, *, count: int,
                warmup: int, sigma_factor: float, backend: str = "auto") -> Tensor:
     """SkipStep's decision (OLMo-core's rule, SPEC 7.1) in one kernel, on the device: returns ``keep``, a 0-d bool
@@ -563,9 +569,8 @@ def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor
     one-element tensors of any float dtype on ``history``'s device) fails when it lies more than
     ``sigma_factor`` unbiased standard deviations from the mean of the previous min(count, window) values of its
     row, or is NaN/inf (so does a window of equal values: its std is 0; and fewer than two earlier values, when
-    ``warmup`` < 3); keep is true when nothing fails. Then
-    the values are written into column ``count % window`` and ``skipped`` (one-element int64) grows by 1 - keep.
-    No host read on CUDA."""
+    ``warmup`` < 3); keep is true when nothing fails. Then the values are written into column ``count % window``
+    and ``skipped`` (one-element int64) grows by 1 - keep. No host read on CUDA."""
     if not (isinstance(history, Tensor) and history.dtype == torch.float64 and history.dim() == 2
             and history.shape[0] == 2 and history.shape[1] >= 2 and history.is_contiguous()):
         raise ValueError("skip_rule_: history must be a contiguous (2, window >= 2) float64 tensor, got "
@@ -586,10 +591,8 @@ def skip_rule_(history: Tensor, skipped: Tensor, loss: Tensor, grad_norm: Tensor
             raise ValueError(f"skip_rule_: {name} must be an int >= {low}, got {n!r}")
     if isinstance(sigma_factor, bool) or not isinstance(sigma_factor, numbers.Real) or not sigma_factor > 0:
         raise ValueError(f"skip_rule_: sigma_factor must be a number > 0, got {sigma_factor!r}")
-    # "cuda" (an optimizer's backend) runs the Triton kernel: the rule has no CUDA C++ kernel
-    b = _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend, device)
     return _skip_rule_op(history, skipped, loss.detach(), None if grad_norm is None else grad_norm.detach(),
-                         count, warmup, float(sigma_factor), b)
+                         count, warmup, float(sigma_factor), skip_rule_backend(backend, device))
 
 
 @torch.compiler.disable  # a cache lookup traced by dynamo would guard on the cache's contents: a recompile

@@ -578,8 +578,8 @@ def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(b
     rates: moments, max v, u and both rows of sums bit for bit, parameters to the rates' last place (the C++
     backend takes a correctly rounded square root for the rates; torch's CPU sqrt is 1 ulp off on about 1% of
     float64 inputs), over steps where clipping binds on some tensors and a skipped one. On the C++ backend, which
-    fuses the passes per block of about 2^20 elements (the second finding part of the first's g and v in cache), the tensors make several
-    blocks, one tensor larger than a block."""
+    fuses the passes per block of about 2^20 elements (the second finding part of the first's g and v in cache),
+    the tensors make several blocks, one tensor larger than a block."""
     big = backend == "cpp" and dtype in (torch.float32, torch.float64)
     shapes = [(37,), (1031, 1100), (5, 9), (700, 999), (3, 4, 5), (129, 33)] if big else CLIP_SHAPES
     g0 = torch.Generator().manual_seed(6)

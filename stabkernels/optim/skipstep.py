@@ -42,7 +42,6 @@ import math
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from .. import distributed, update
 from .._checks import acc_dtype
 from ..spectral import sq_norms
@@ -94,11 +93,10 @@ class SkipStep(OptimizerWrapper):
             raise ValueError(f"SkipStep: warmup must be an int >= 3 (a std needs two earlier values), got {warmup!r}")
         self.window, self.sigma_factor, self.warmup = window, float(sigma_factor), warmup
         self.use_grad_norm, self.process_group = use_grad_norm, process_group
-        # resolved once (an unknown or unusable backend fails here; "cuda", an optimizer's backend, runs the rule's
-        # Triton kernel): the rule's call below skips update.skip_rule_'s checks, which SkipStep's own inputs pass
+        # resolved once (an unknown or unusable backend fails here): the rule's call below skips
+        # update.skip_rule_'s checks, which SkipStep's own inputs pass
         self.backend = backend
-        self._rule_backend = _backend.resolve("skip_rule_", "triton" if backend == "cuda" else backend,
-                                              self._device())
+        self._rule_backend = update.skip_rule_backend(backend, self._device())
         self._count = 0  # values recorded so far (host: it depends on no data)
         self._hist: Tensor | None = None  # (2, window) float64 on the params' device: losses, grad norms
         self._skipped: Tensor | None = None  # int64 count of skipped steps
