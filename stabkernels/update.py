@@ -78,7 +78,7 @@ def _finish_reference(p, pa, u, i, updates, apply, lr, step_scale, keep) -> Tens
 
 
 def _adam_fake(params, *args):
-    clip_stats = args[-2]  # (..., skip, clip_stats, backend): 0, 1 (also) or 2 (only)
+    clip_stats = args[-2]  # (..., skip, clip_stats, backend): 0, 1 (also), 2 (only) or 3 (clipped)
     shape = (2, len(params)) if clip_stats else (len(params),)
     return params[0].new_empty(shape, dtype=grouped_acc_dtype(params))
 
@@ -412,10 +412,12 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     ``"only"``: row 1 alone (row 0 zero) from a pass that reads g and v (max v; p for coupled decay) and writes
     nothing: the moments, u and p stay as they are, for the clipped step that follows. ``"clipped"``: the whole
     update-clipped step (StableAdamW): tensor i moves at ``lr_i / max(1, RMS_i)`` (:func:`clip_lrs`), returns
-    what True returns: the "only" pass, :func:`clip_lrs` and a step at those rates, which is how every backend
-    but the C++ one runs it. That one fuses the two passes per block of tensors, so that the second reads g and v
-    from cache, and takes a correctly rounded square root for the rates (torch's CPU sqrt is 1 ulp off on about
-    1% of float64 inputs, so the parameters may differ from the composite's in the last place).
+    what True returns: the "only" pass, :func:`clip_lrs` and a step at those rates, which is how the torch
+    reference runs it. The kernel backends make it one call: C++ per block of whole tensors of about 2^20
+    elements, so that the second pass reads g and v from cache; CUDA and Triton per dtype group, two launches
+    whose second forms each tensor's rate from the first's sums itself (clip_lrs' arithmetic in float64, no
+    device op between the passes). Their rates take a correctly rounded square root (torch's CPU sqrt is 1 ulp
+    off on about 1% of float64 inputs), so the parameters may differ from the composite's in the last place.
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""
@@ -463,7 +465,7 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     if stats is None:
         raise ValueError(f"adam_step_: clip_stats must be False, True, 'only' or 'clipped', got {clip_stats!r}")
     b = _backend.resolve("adam_step_", backend, device)
-    if stats == 3 and b != "cpp":
+    if stats == 3 and b == "torch":
         return clipped_in_two_calls()
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, _scale_tensor(step_scale, device),
             _lr_tensor(lr, len(params), device, "adam_step_"), scalar_tensor(step, "step", device), float(beta1),

@@ -615,6 +615,35 @@ def test_clipped_step_is_the_statistics_pass_clip_lrs_and_the_step_bit_for_bit(b
     assert clipped > 0
 
 
+@pytest.mark.parametrize("backend,device", [p for p in ADAM_BACKENDS if p.values[0] != "torch"])
+def test_the_clipped_step_is_one_op_on_every_kernel_backend(backend, device):
+    """clip_stats="clipped" is one call of the op on the kernel backends: on CUDA and Triton the statistics pass
+    and the step are two launches per dtype group whose step forms the clipped rates itself, where the composite
+    (the torch reference's way) adds ~10 small device ops between them (clip_lrs, the rows' select and stack),
+    each a launch on a GPU. Beside the op: only the lr and step_scale scalars made for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    ps = [torch.randn(s, device=device) for s in CLIP_SHAPES] + [torch.randn(7, dtype=torch.float64, device=device)]
+    gs = [torch.randn_like(p) * 10 for p in ps]
+    m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    step = torch.ones((), dtype=torch.float64, device=device)
+    for k in range(2):
+        with Ops() as ops:
+            sums = update.adam_step_(ps, gs, m, v, step=step, lr=0.01, clip_stats="clipped", backend=backend)
+        assert sums.shape == (2, len(ps))
+        assert ops.names.count("adam_step_") == 1 and set(ops.names) <= {"adam_step_", "ones", "full", "view"}, \
+            ops.names
+
+
 @pytest.mark.parametrize("backend,device", ADAM_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_adam_clip_stats_only_writes_nothing_and_per_tensor_lr(backend, device, dtype):

@@ -73,7 +73,8 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   // step is not checked (>= 1) here: that would read the device. The kernels compute the bias corrections.
   const at::Tensor scale_d = device_scalar(step_scale, device, at::kDouble, "adam_step_", "step_scale");
-  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 2, "adam_step_: clip_stats must be 0, 1 or 2, got ", clip_stats);
+  TORCH_CHECK_VALUE(clip_stats >= 0 && clip_stats <= 3, "adam_step_: clip_stats must be 0, 1, 2 or 3, got ",
+                    clip_stats);
   const at::Tensor lr_d = device_lrs(lr, params, device, "adam_step_");
   const at::Tensor step_d = device_scalar(step, device, at::kDouble, "adam_step_", "step");
   const at::Tensor skip_d = skip_flag(skip, device, "adam_step_");
@@ -82,17 +83,30 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                                : at::empty({n}, params[0].options().dtype(at::kDouble));
   const at::TensorList vm = amsgrad ? max_exp_avg_sqs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, exp_avgs, exp_avg_sqs, vm, updates});
-  for (const auto& g : plan.groups) {
+  const at::ScalarType out_dtype = grouped_acc(params);
+  // clip_stats 3 (update clipping's whole step, SPEC 7.2): per dtype group an "only" pass into `stats`, then the
+  // step, whose blocks form lr_i / max(1, RMS_i) from those sums themselves (update.clip_lrs' arithmetic): two
+  // launches and their two fixed-order reductions, no op between them, and the second pass meets the group's g
+  // and v in L2 where they fit
+  const at::Tensor stats = clip_stats == 3 ? at::empty({rows, n}, sums.options()) : at::Tensor();
+  const auto pass = [&](const UpdateGroup& g, double* out, bool only, const double* clip_sums) {
     at::Tensor partials = at::empty({rows * g.chunks}, sums.options());
+    AdamFlags flags{decoupled, amsgrad, maximize, apply, !updates.empty() && !only, eps_raw, clip_stats != 0, only,
+                    lr.numel() != 1, out_dtype == at::kFloat};
     check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
                     lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
-                    ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), n,
-                    AdamFlags{decoupled, amsgrad, maximize, apply, !updates.empty() && clip_stats != 2, eps_raw,
-                              clip_stats != 0, clip_stats == 2, lr.numel() != 1},
-                    stream),
+                    ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), out, n, flags, stream, clip_sums),
           "adam_step_");
+  };
+  for (const auto& g : plan.groups) {
+    if (clip_stats == 3) {
+      pass(g, stats.mutable_data_ptr<double>(), true, nullptr);
+      pass(g, sums.mutable_data_ptr<double>(), false, stats.const_data_ptr<double>() + n);
+    } else {
+      pass(g, sums.mutable_data_ptr<double>(), clip_stats == 2, nullptr);
+    }
   }
-  return converted(sums, grouped_acc(params));
+  return converted(sums, out_dtype);
 }
 
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList updates,

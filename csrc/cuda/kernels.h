@@ -95,6 +95,10 @@ struct AdamFlags {
   bool clip;           // update clipping's statistic too (SPEC 7.2)
   bool only;           // with clip: the statistic alone, from g and v (max v; p for coupled decay), no write
   bool lr_per_tensor;  // lr[index[i]] (one per tensor) rather than *lr
+  // update clipping's learning rate (SPEC 7.2, clip_stats "clipped"): lr_i / max(1, sqrt(s_i / numel_i)), s_i =
+  // clip_sums[index[i]] (an "only" pass's second row, float64), rounded to float first with clip_round_float
+  // (the dtype update.clip_lrs would have been given); clip_sums null: not clipped
+  bool clip_round_float;
 };
 struct SgdFlags {
   bool momentum, nesterov, maximize, first, apply, write_u;
@@ -119,7 +123,7 @@ struct SgdHyper {
 // sum(g^2 / max(v_hat / bc2, eps^2)) per tensor at sums_stride + index[i] (partials: 2 * num_chunks).
 cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
                       const double* step, const double* scale, const double* skip, double* partials, double* sums,
-                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream);
+                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream, const double* clip_sums = nullptr);
 cudaError_t sgd_step(DType dtype, const UpdateTables& t, int64_t num_chunks, SgdHyper hyper, const double* lr,
                      const double* scale, const double* skip, double* partials, double* sums, SgdFlags flags,
                      cudaStream_t stream);

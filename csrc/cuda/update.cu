@@ -44,7 +44,8 @@ __device__ __forceinline__ bool skipped(const double* skip) { return skip != nul
 
 template <typename T>
 __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, const double* step_p,
-                            const double* scale_p, const double* skip_p, double* partials, AdamFlags f) {
+                            const double* scale_p, const double* skip_p, double* partials, AdamFlags f,
+                            const double* clip_sums) {
   using A = typename Acc<T>::type;
   if (skipped(skip_p)) {
     if (threadIdx.x == 0) {
@@ -55,7 +56,14 @@ __global__ void adam_kernel(UpdateTables t, AdamHyper h, const double* lr_p, con
   }
   const auto [i, begin, end] = chunk_range(t);
   // The bias corrections, from the device step counter, in double as the CPU kernel computes them.
-  const double lr_d = f.lr_per_tensor ? lr_p[t.index[i]] : *lr_p, step_d = *step_p;
+  double lr_d = f.lr_per_tensor ? lr_p[t.index[i]] : *lr_p;
+  const double step_d = *step_p;
+  if (clip_sums != nullptr) {  // update.clip_lrs' arithmetic, per block (one load and a square root)
+    const double s = f.clip_round_float ? static_cast<double>(static_cast<float>(clip_sums[t.index[i]]))
+                                        : clip_sums[t.index[i]];
+    const double rms = sqrt(s / static_cast<double>(t.numel[i]));  // IEEE in double
+    lr_d = lr_d / (rms > 1.0 || rms != rms ? rms : 1.0);           // max(1, rms), NaN kept (torch's clamp_min)
+  }
   const double bc1_d = 1.0 - pow(h.beta1, step_d), bc2_d = 1.0 - pow(h.beta2, step_d), bc2s_d = sqrt(bc2_d);
   const A b1 = static_cast<A>(h.beta1), b2 = static_cast<A>(h.beta2), wd = static_cast<A>(h.weight_decay);
   const A eps = static_cast<A>(f.eps_raw ? h.eps / bc2s_d : h.eps);
@@ -166,11 +174,12 @@ __global__ void apply_kernel(UpdateTables t, const double* lr_p, bool lr_per_ten
 
 cudaError_t adam_step(DType dtype, const UpdateTables& t, int64_t num_chunks, AdamHyper hyper, const double* lr,
                       const double* step, const double* scale, const double* skip, double* partials, double* sums,
-                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream) {
+                      int64_t sums_stride, AdamFlags flags, cudaStream_t stream, const double* clip_sums) {
   if (num_chunks > 0) {
     const unsigned blocks = static_cast<unsigned>(num_chunks);
     const cudaError_t err = STABKERNELS_LAUNCH_TYPED(
-        dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, step, scale, skip, partials, flags));
+        dtype, adam_kernel<T><<<blocks, kThreads, 0, stream>>>(t, hyper, lr, step, scale, skip, partials, flags,
+                                                               clip_sums));
     if (err != cudaSuccess) return err;
   }
   return segmented_sums(partials, num_chunks, flags.clip ? 2 : 1, t.chunk_first, t.index, t.num_tensors, sums,

@@ -7,8 +7,10 @@ float32, too coarse for float64 parameters). Per-tensor sum(u^2) is reduced in a
 
 The optional skip flag (SPEC 7.1) is read by every program from device memory: a program of a skipped step
 writes its zero partials and returns before touching the tensors. Update clipping's statistic (SPEC 7.2) is a
-second per-program partial of the Adam pass; apply_update_ takes one lr or one per tensor (indexed by the
-tensor's position in the list, the group's cached index table)."""
+second per-program partial of the Adam pass; the clipped step (clip_stats 3) is that pass alone, then the step
+whose programs form each tensor's clipped rate from its sums (two launches and their reductions per dtype
+group, nothing between them). apply_update_ takes one lr or one per tensor (indexed by the tensor's position
+in the list, the group's cached index table)."""
 import torch
 import triton
 import triton.language as tl
@@ -45,13 +47,15 @@ def _bias_correction(beta, step):
 
 @triton.jit
 def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor, chunk_start, index, consts, lr_ptr,
-                 step_ptr, scale_ptr, skip_ptr, partials, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                 step_ptr, scale_ptr, skip_ptr, clip_sums, partials, DTYPE: tl.constexpr, ACC: tl.constexpr,
                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr,
                  WRITE_U: tl.constexpr, EPS_RAW: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr,
-                 ONLY: tl.constexpr, READ_P: tl.constexpr, LR_PER_TENSOR: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 ONLY: tl.constexpr, READ_P: tl.constexpr, LR_PER_TENSOR: tl.constexpr, CLIP_LR: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # partials: (programs,) sum(u^2), or with CLIP (programs, 2): sum(u^2), sum(g^2 / max(v_hat, eps^2)); ONLY
-    # (with CLIP): the second alone, from g and v (max v, p for coupled decay) read, nothing written
+    # (with CLIP): the second alone, from g and v (max v, p for coupled decay) read, nothing written. CLIP_LR:
+    # update clipping's rate lr / max(1, sqrt(s / numel)), s = clip_sums[member, 1] (an ONLY pass's sums over
+    # the group, (members, 2)), formed by every program as update.clip_lrs forms it
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:  # a skipped step: zero partials, nothing else written
             if CLIP:
@@ -69,6 +73,9 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
         lr = tl.load(lr_ptr + tl.load(index + i)).to(tl.float64)
     else:
         lr = tl.load(lr_ptr).to(tl.float64)
+    if CLIP_LR:  # float64: IEEE division and square root on a GPU
+        rms = tl.sqrt(tl.load(clip_sums + i * 2 + 1).to(tl.float64) / tl.load(numels + i).to(tl.float64))
+        lr = lr / tl.maximum(rms, 1.0, propagate_nan=tl.PropagateNan.ALL)  # max(1, rms), NaN kept (clamp_min)
     step = tl.load(step_ptr).to(tl.float64)
     bc1 = _bias_correction(beta1, step)
     bc2 = _bias_correction(beta2, step)
@@ -229,20 +236,28 @@ def _grouped(params, launch, width: int = 1):
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, step_scale, lr, step, beta1, beta2,
                eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip, clip_stats):
     consts = plan.constants((beta1, beta2, eps, weight_decay), params[0].device)
-    only = clip_stats == 2
-    apply = apply and not only
-    read_p = apply or (not decoupled and weight_decay != 0)
 
-    def launch(g, tab, partials):
+    def run(g, tab, partials, only, clip_sums):
+        apply_now = apply and not only
+        read_p = apply_now or (not decoupled and weight_decay != 0)
         _adam_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(exp_avgs), tab(exp_avg_sqs), tab(max_exp_avg_sqs),
                                       tab(updates), g.numels, g.chunk_tensor, g.chunk_start, g.index, consts, lr,
-                                      step, step_scale, lr if skip is None else skip, partials,
+                                      step, step_scale, lr if skip is None else skip,
+                                      partials if clip_sums is None else clip_sums, partials,
                                       DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), DECOUPLED=decoupled,
-                                      AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply,
+                                      AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply_now,
                                       WRITE_U=bool(updates) and not only, EPS_RAW=eps_raw,
                                       HAS_SKIP=skip is not None, CLIP=clip_stats != 0, ONLY=only, READ_P=read_p,
-                                      LR_PER_TENSOR=lr.numel() != 1, CHUNK=CHUNK,
+                                      LR_PER_TENSOR=lr.numel() != 1, CLIP_LR=clip_sums is not None, CHUNK=CHUNK,
                                       BLOCK=_adam_block(g.dtype))
+
+    def launch(g, tab, partials):
+        if clip_stats == 3:  # update clipping's whole step: per group the statistics pass, then the clipped step
+            stats = torch.empty_like(partials)
+            run(g, tab, stats, True, None)
+            run(g, tab, partials, False, segment_sums(stats, g))
+        else:
+            run(g, tab, partials, clip_stats == 2, None)
 
     return _grouped(params, launch, 2 if clip_stats else 1)
 
