@@ -416,14 +416,14 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     reference runs it. The kernel backends make it one call: C++ per block of whole tensors of about 2^20
     elements, so that the second pass reads g and v from cache; CUDA and Triton per dtype group, two launches
     whose second forms each tensor's rate from the first's sums itself (clip_lrs' arithmetic in float64, no
-    device op between the passes). Their rates take a correctly rounded square root (torch's CPU sqrt is 1 ulp
+    device op between the passes) and leaves row 1 as the first wrote it. Their rates take a correctly rounded square root (torch's CPU sqrt is 1 ulp
     off on about 1% of float64 inputs), so the parameters may differ from the composite's in the last place.
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""
     def clipped_in_two_calls() -> Tensor:
-        """clip_stats="clipped" where the C++ kernel does not fuse it: the statistics pass, the per-tensor rates
-        (over whole tensors: FSDP2 sums the shards) and the step."""
+        """clip_stats="clipped" where no kernel fuses it (the torch reference; DTensor shards, whose RMS needs
+        the whole tensors' sums: FSDP2 sums the shards): the statistics pass, the per-tensor rates and the step."""
         kw = dict(betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                   maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, eps_raw=eps_raw, skip=skip, backend=backend)
         clip_sums = adam_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=1.0, apply=False,

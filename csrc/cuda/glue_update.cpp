@@ -84,26 +84,26 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   const at::TensorList vm = amsgrad ? max_exp_avg_sqs : at::TensorList();
   const UpdatePlan plan = update_plan({params, grads, exp_avgs, exp_avg_sqs, vm, updates});
   const at::ScalarType out_dtype = grouped_acc(params);
-  // clip_stats 3 (update clipping's whole step, SPEC 7.2): per dtype group an "only" pass into `stats`, then the
-  // step, whose blocks form lr_i / max(1, RMS_i) from those sums themselves (update.clip_lrs' arithmetic): two
-  // launches and their two fixed-order reductions, no op between them, and the second pass meets the group's g
-  // and v in L2 where they fit
-  const at::Tensor stats = clip_stats == 3 ? at::empty({rows, n}, sums.options()) : at::Tensor();
-  const auto pass = [&](const UpdateGroup& g, double* out, bool only, const double* clip_sums) {
-    at::Tensor partials = at::empty({rows * g.chunks}, sums.options());
-    AdamFlags flags{decoupled, amsgrad, maximize, apply, !updates.empty() && !only, eps_raw, clip_stats != 0, only,
+  // clip_stats 3 (update clipping's whole step, SPEC 7.2): per dtype group the "only" pass (row 1 of `sums`, row 0
+  // zeros), then the step without the statistic, its blocks forming lr_i / max(1, RMS_i) from row 1 themselves
+  // (update.clip_lrs' arithmetic) and its sums of u^2 going to row 0: two launches and their fixed-order
+  // reductions, no op between them
+  const auto pass = [&](const UpdateGroup& g, bool only, bool clip, const double* clip_sums) {
+    at::Tensor partials = at::empty({(clip ? 2 : 1) * g.chunks}, sums.options());
+    AdamFlags flags{decoupled, amsgrad, maximize, apply, !updates.empty() && !only, eps_raw, clip, only,
                     lr.numel() != 1, out_dtype == at::kFloat};
     check(adam_step(dtype_of(g.dtype), g.t, g.chunks, AdamHyper{beta1, beta2, eps, weight_decay},
                     lr_d.const_data_ptr<double>(), step_d.const_data_ptr<double>(), scale_d.const_data_ptr<double>(),
-                    ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), out, n, flags, stream, clip_sums),
+                    ptr_or_null(skip_d), partials.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>(), n,
+                    flags, stream, clip_sums),
           "adam_step_");
   };
   for (const auto& g : plan.groups) {
     if (clip_stats == 3) {
-      pass(g, stats.mutable_data_ptr<double>(), true, nullptr);
-      pass(g, sums.mutable_data_ptr<double>(), false, stats.const_data_ptr<double>() + n);
+      pass(g, true, true, nullptr);
+      pass(g, false, false, sums.const_data_ptr<double>() + n);
     } else {
-      pass(g, sums.mutable_data_ptr<double>(), clip_stats == 2, nullptr);
+      pass(g, clip_stats == 2, clip_stats != 0, nullptr);
     }
   }
   return converted(sums, out_dtype);

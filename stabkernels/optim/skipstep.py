@@ -270,8 +270,8 @@ class StableAdamW(torch.optim.Optimizer):
     a pass that reads g and v and sums g^2 / max(v_hat, eps^2) per tensor (writing nothing), then one ordinary
     fused AdamW step at the learning rates lr / max(1, RMS). g and v are read twice: 9 element-passes against
     AdamW's 7, no extra buffer; on CPU the two passes run per block of about a million elements, so that the
-    second finds part of g and v in cache; on CUDA they are two launches whose second forms the rates itself.
-    State in torch's Adam layout (step, exp_avg, exp_avg_sq).
+    second finds part of g and v in cache; on CUDA (CUDA or Triton kernels) they are two launches whose second
+    forms the rates itself. State in torch's Adam layout (step, exp_avg, exp_avg_sq).
 
     Takes the skip flag (SPEC 7.1, ``accepts_skip``/``skip_flag``; :class:`SkipStep` sets it): a skipped step
     writes nothing, counters included. ``backend`` picks the fused kernels' backend (default: the best here)."""

@@ -51,17 +51,18 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, APPLY: tl.constexpr,
                  WRITE_U: tl.constexpr, EPS_RAW: tl.constexpr, HAS_SKIP: tl.constexpr, CLIP: tl.constexpr,
                  ONLY: tl.constexpr, READ_P: tl.constexpr, LR_PER_TENSOR: tl.constexpr, CLIP_LR: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 PARTIALS_STRIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # partials: (programs,) sum(u^2), or with CLIP (programs, 2): sum(u^2), sum(g^2 / max(v_hat, eps^2)); ONLY
     # (with CLIP): the second alone, from g and v (max v, p for coupled decay) read, nothing written. CLIP_LR:
     # update clipping's rate lr / max(1, sqrt(s / numel)), s = clip_sums[member, 1] (an ONLY pass's sums over
-    # the group, (members, 2)), formed by every program as update.clip_lrs forms it
+    # the group, (members, 2)), formed by every program as update.clip_lrs forms it. Without CLIP the partial
+    # goes to partials[program * PARTIALS_STRIDE] (2: column 0 of an ONLY pass's partials)
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:  # a skipped step: zero partials, nothing else written
             if CLIP:
                 tl.store(partials + tl.program_id(0) * 2 + tl.arange(0, 2), tl.zeros([2], ACC))
             else:
-                tl.store(partials + tl.program_id(0), tl.zeros([1], ACC).sum())
+                tl.store(partials + tl.program_id(0) * PARTIALS_STRIDE, tl.zeros([1], ACC).sum())
             return
     i, start, n = chunk_range(chunk_tensor, chunk_start, numels)
     # the constants in float64, each rounded once to the math type (as the CPU kernel does)
@@ -140,7 +141,7 @@ def _adam_kernel(p_tab, g_tab, m_tab, v_tab, vm_tab, u_tab, numels, chunk_tensor
         tl.store(partials + tl.program_id(0) * 2 + two,
                  tl.where(two == 0, tl.sum(acc, axis=0), tl.sum(acc_clip, axis=0)))
     else:
-        tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
+        tl.store(partials + tl.program_id(0) * PARTIALS_STRIDE, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -237,7 +238,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, s
                eps, weight_decay, decoupled, amsgrad, maximize, apply, eps_raw, skip, clip_stats):
     consts = plan.constants((beta1, beta2, eps, weight_decay), params[0].device)
 
-    def run(g, tab, partials, only, clip_sums):
+    def run(g, tab, partials, only, clip, clip_sums=None):
         apply_now = apply and not only
         read_p = apply_now or (not decoupled and weight_decay != 0)
         _adam_kernel[(g.num_chunks,)](tab(params), tab(grads), tab(exp_avgs), tab(exp_avg_sqs), tab(max_exp_avg_sqs),
@@ -247,17 +248,18 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, updates, s
                                       DTYPE=TL_STORAGE[g.dtype], ACC=tl_acc(g.dtype), DECOUPLED=decoupled,
                                       AMSGRAD=amsgrad, MAXIMIZE=maximize, APPLY=apply_now,
                                       WRITE_U=bool(updates) and not only, EPS_RAW=eps_raw,
-                                      HAS_SKIP=skip is not None, CLIP=clip_stats != 0, ONLY=only, READ_P=read_p,
-                                      LR_PER_TENSOR=lr.numel() != 1, CLIP_LR=clip_sums is not None, CHUNK=CHUNK,
-                                      BLOCK=_adam_block(g.dtype))
+                                      HAS_SKIP=skip is not None, CLIP=clip, ONLY=only, READ_P=read_p,
+                                      LR_PER_TENSOR=lr.numel() != 1, CLIP_LR=clip_sums is not None,
+                                      PARTIALS_STRIDE=partials.shape[-1] if partials.dim() == 2 else 1,
+                                      CHUNK=CHUNK, BLOCK=_adam_block(g.dtype))
 
     def launch(g, tab, partials):
-        if clip_stats == 3:  # update clipping's whole step: per group the statistics pass, then the clipped step
-            stats = torch.empty_like(partials)
-            run(g, tab, stats, True, None)
-            run(g, tab, partials, False, segment_sums(stats, g))
+        if clip_stats == 3:  # update clipping's whole step, per group: the statistics pass (partials' column 1,
+            # column 0 zeros), then the step at the clipped rates without the statistic, into column 0
+            run(g, tab, partials, True, True)
+            run(g, tab, partials, False, False, segment_sums(partials, g))
         else:
-            run(g, tab, partials, clip_stats == 2, None)
+            run(g, tab, partials, clip_stats == 2, clip_stats != 0)
 
     return _grouped(params, launch, 2 if clip_stats else 1)
 
