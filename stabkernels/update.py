@@ -416,8 +416,9 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     reference runs it. The kernel backends make it one call: C++ per block of whole tensors of about 2^20
     elements, so that the second pass reads g and v from cache; CUDA and Triton per dtype group, two launches
     whose second forms each tensor's rate from the first's sums itself (clip_lrs' arithmetic in float64, no
-    device op between the passes) and leaves row 1 as the first wrote it. Their rates take a correctly rounded square root (torch's CPU sqrt is 1 ulp
-    off on about 1% of float64 inputs), so the parameters may differ from the composite's in the last place.
+    device op between the passes) and leaves row 1 as the first wrote it. Their rates take a correctly rounded
+    square root (torch's CPU sqrt is 1 ulp off on about 1% of float64 inputs), so the parameters may differ
+    from the composite's in the last place.
 
     DTensor (FSDP2) lists: each rank steps its local shards; the sums are over the whole tensors (one
     all-reduce of T numbers, 2T with ``clip_stats``)."""

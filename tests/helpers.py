@@ -5,12 +5,26 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stabkernels import backend
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ODD_SHAPES = [(1, 1), (7, 100), (257, 33)]
 HAS_CUDA = torch.cuda.is_available()
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The ops dispatched while active, in order: ``names`` ("adam_step_") and ``qualified`` ("aten.full")."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.qualified = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        self.qualified.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from stabkernels.optim.skipstep import stable_adamw_reference
 
 from stabkernels import backend, update
 
-from .helpers import backend_params
+from .helpers import DispatchedOps, backend_params
 
 
 class OlmoRule:
@@ -173,23 +173,12 @@ def test_skip_rule_opcheck():
 def test_the_rule_is_one_kernel():
     """SkipStep's decision dispatches one op (the rule) beside detaching its inputs: the ~15 small torch ops it
     was cost ~0.25 ms a step on a CPU whose caches the step had just flushed (6% of a ResNet-18 AdamW step)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket.__name__))
-            return func(*args, **(kwargs or {}))
-
     m, opt = model_opt(lambda ps: SkipStep(torch.optim.SGD(ps, lr=0.1), window=8, warmup=3))
     opt.decide(torch.tensor(1.0), torch.tensor(2.0))  # the first call makes the window and the count
     for i in range(1, 12):
         grads_for(m, i)
         loss, gn = torch.tensor(1.0 + 0.01 * (i % 3)), torch.tensor(2.0 + 0.01 * (i % 5))
-        with Ops() as ops:
+        with DispatchedOps() as ops:
             keep = opt.decide(loss, gn)
         # the rule, its inputs detached, and last.skipped (~keep)
         assert ops.names.count("skip_rule_") == 1 and set(ops.names) <= {"skip_rule_", "detach", "bitwise_not"}, \

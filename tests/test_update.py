@@ -7,7 +7,7 @@ import torch
 from stabkernels import update
 from stabkernels.update import adam_step_reference, apply_update_reference, sgd_step_reference
 
-from .helpers import backend_params
+from .helpers import DispatchedOps, backend_params
 
 ADAM_BACKENDS = backend_params("adam_step_")
 SGD_BACKENDS = backend_params("sgd_step_")
@@ -344,27 +344,16 @@ def test_per_step_scalars_reach_the_device_without_a_host_copy():
     """Numbers become a fill on the params' device (torch.tensor(x, device=cuda) would be a blocking copy);
     tensors on the device are converted there; a CPU tensor for another device is read on the host (no GPU
     sync) and filled; any other device is refused. The meta device stands in for a GPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     meta = torch.device("meta")
     for x in (0.5, 3, torch.tensor(0.5), torch.tensor([2.0], dtype=torch.float64)):
-        with Ops() as rec:
+        with DispatchedOps() as rec:
             t = update.scalar_tensor(x, "lr", meta)
         assert t.device == meta and t.dtype == torch.float64 and t.shape == ()
-        assert all(op in ("aten.full", "aten._local_scalar_dense") for op in rec.ops), rec.ops
+        assert all(op in ("aten.full", "aten._local_scalar_dense") for op in rec.qualified), rec.qualified
     on_dev = torch.ones((), device=meta, dtype=torch.float32)
-    with Ops() as rec:
+    with DispatchedOps() as rec:
         t = update.scalar_tensor(on_dev, "lr", meta)
-    assert t.dtype == torch.float64 and "aten._to_copy" in rec.ops and "aten.full" not in rec.ops
+    assert t.dtype == torch.float64 and "aten._to_copy" in rec.qualified and "aten.full" not in rec.qualified
     t64 = torch.ones((1,), device="cpu", dtype=torch.float64)
     assert update.scalar_tensor(t64, "lr", torch.device("cpu")).data_ptr() == t64.data_ptr()  # no copy at all
     with pytest.raises(ValueError, match="lr must be a number or a one-element tensor on cpu"):
@@ -621,23 +610,12 @@ def test_the_clipped_step_is_one_op_on_every_kernel_backend(backend, device):
     and the step are two launches per dtype group whose step forms the clipped rates itself, where the composite
     (the torch reference's way) adds ~10 small device ops between them (clip_lrs, the rows' select and stack),
     each a launch on a GPU. Beside the op: only the lr and step_scale scalars made for the device."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket.__name__))
-            return func(*args, **(kwargs or {}))
-
     ps = [torch.randn(s, device=device) for s in CLIP_SHAPES] + [torch.randn(7, dtype=torch.float64, device=device)]
     gs = [torch.randn_like(p) * 10 for p in ps]
     m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
     step = torch.ones((), dtype=torch.float64, device=device)
     for k in range(2):
-        with Ops() as ops:
+        with DispatchedOps() as ops:
             sums = update.adam_step_(ps, gs, m, v, step=step, lr=0.01, clip_stats="clipped", backend=backend)
         assert sums.shape == (2, len(ps))
         assert ops.names.count("adam_step_") == 1 and set(ops.names) <= {"adam_step_", "ones", "full", "view"}, \
